@@ -1,0 +1,68 @@
+"""The settings of one audit, shared by the CLI, the gRPC service and the trainer's grid report."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from auditor.errors import AuditError
+
+DEVICES = ("auto", "cpu", "cuda")
+AGGREGATES = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Every knob of an audit, with the defaults SPEC.md prescribes.
+
+    Preprocessing: uint8 samples are divided by 255 unless ``scale`` is given; then
+    ``(x * scale - mean) / std`` is applied. ``alpha_range`` is the declared value range of
+    non-uint8 data for CNA's input entropy (SPEC §4); uint8 data always uses 0–255.
+    """
+
+    beta: float = 2.0
+    batch_size: int = 256
+    include_output_layer: bool = False
+    cna_include_output_layer: bool = True
+    aggregate: str = "sum"
+    margin_fraction: float = 0.1
+    margin_seed: int = 0
+    target_efficiency: float = 0.75
+    alpha_range: tuple[float, float] = (0.0, 1.0)
+    scale: float | None = None
+    mean: float = 0.0
+    std: float = 1.0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.beta > 0, f"beta must be > 0, got {self.beta}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.aggregate in AGGREGATES, f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}"),
+            (0 < self.margin_fraction <= 1, f"margin fraction must be in (0, 1], got {self.margin_fraction}"),
+            (0 < self.target_efficiency <= 1, f"target efficiency must be in (0, 1], got {self.target_efficiency}"),
+            (self.alpha_range[0] < self.alpha_range[1], f"alpha range must be increasing, got {self.alpha_range}"),
+            (self.std != 0, "std must not be 0"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AuditError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values (the report's ``config`` block)."""
+        out = asdict(self)
+        out["alpha_range"] = list(self.alpha_range)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AuditConfig:
+        """Settings from a ``to_dict`` result; unknown keys are refused, missing keys take defaults."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise AuditError(f"unknown audit setting(s) {unknown}; known settings are {sorted(known)}")
+        values = dict(values)
+        if "alpha_range" in values:
+            values["alpha_range"] = tuple(float(v) for v in values["alpha_range"])
+        return cls(**values)

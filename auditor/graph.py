@@ -1,0 +1,400 @@
+"""Finding the layers of an ONNX graph (SPEC §1) and exposing them on a rewritten copy.
+
+Pure functions over ``onnx.ModelProto``; nothing here runs a model. ``find_layers`` returns the
+pre-activation tensors in depth order, plus the output layer. ``expose`` returns a new model
+whose extra outputs carry, per layer, the firing bits packed into small integers and the
+per-sample sum of the pre-activations, so that only a few numbers per position leave the
+runtime (FIELD-NOTES: packing in the graph is what keeps the audit near inference speed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from auditor.errors import ModelError
+
+ACTIVATIONS = frozenset(
+    [
+        "Relu",
+        "LeakyRelu",
+        "PRelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Gelu",
+        "Sigmoid",
+        "Tanh",
+        "HardSigmoid",
+        "HardSwish",
+        "Softplus",
+        "Softsign",
+        "ThresholdedRelu",
+        "Mish",
+    ]
+)
+LINEAR = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum"})
+PASS_THROUGH = frozenset(
+    [
+        "Add",
+        "Sum",
+        "Sub",
+        "Mul",
+        "Div",
+        "BatchNormalization",
+        "Identity",
+        "Dropout",
+        "Cast",
+        "DequantizeLinear",
+        "QuantizeLinear",
+        "Transpose",
+    ]
+)
+TO_LOGITS = frozenset({"Softmax", "LogSoftmax", "Identity", "Flatten", "Reshape", "Squeeze"})
+CONV_FAMILY = frozenset({"Conv", "ConvTranspose"})
+
+GROUP_BITS = 24  # float32 sums of distinct powers of two stay exact below 2**24
+WORD_BITS = 64
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer: the tensor whose sign pattern is the layer's state (SPEC §1)."""
+
+    name: str
+    op: str
+    activation: str | None
+    role: str  # "hidden" or "output"
+    axis: int  # the neuron axis of the tensor (negative when counted from the end)
+    rank: int | None
+    neurons: int | None
+    positions: int | None
+    depth: int
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """The one data input of the model."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What the audit needs to know about a graph before running it."""
+
+    input: ModelInput
+    layers: list[Layer]
+    output: str
+    output_is_probability: bool
+    opset: int
+
+    @property
+    def output_layer(self) -> Layer | None:
+        return next((layer for layer in self.layers if layer.role == "output"), None)
+
+
+@dataclass(frozen=True)
+class Exposed:
+    """The rewritten model and the names of the outputs it adds for each layer."""
+
+    model: onnx.ModelProto
+    keys: list[str]
+    sums: list[str]
+    groups: list[list[tuple[int, int]]]
+    group_axes: list[int]
+
+
+def find_layers(model: onnx.ModelProto) -> list[Layer]:
+    """The model's layers in depth order, the output layer (if any) included with role "output"."""
+    return describe(model).layers
+
+
+def describe(model: onnx.ModelProto) -> Structure:
+    """Find the data input, the layers and the prediction output of a model; refuse unusable ones."""
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    shapes, _ = _infer(model)
+    constants = _constant_tensors(graph)
+    producers = {out: (i, node) for i, node in enumerate(graph.node) for out in node.output}
+    model_input = _data_input(graph, constants)
+
+    hidden: dict[str, Layer] = {}
+    for tensor, activation in _pre_activations(graph, producers, constants):
+        found = _walk_to_linear(tensor, producers, constants)
+        if found is not None and tensor not in hidden:
+            hidden[tensor] = _make_layer(tensor, activation, "hidden", found, producers, shapes)
+
+    output, logits, is_probability = _logits(graph, producers)
+    found = _walk_to_linear(logits, producers, constants) if logits else None
+    layers = [layer for name, layer in hidden.items() if name != logits]
+    if found is not None:
+        layers.append(_make_layer(logits, None, "output", found, producers, shapes))
+    if not any(layer.role == "hidden" for layer in layers):
+        raise ModelError(
+            "no layers the auditor can use: no activation (Relu, Elu, Sigmoid, …) follows a Conv, Gemm, "
+            "MatMul or Einsum; the auditor measures networks with hidden activation layers"
+        )
+    return Structure(
+        input=model_input,
+        layers=sorted(layers, key=lambda layer: layer.depth),
+        output=output,
+        output_is_probability=is_probability,
+        opset=opset,
+    )
+
+
+def expose(model: onnx.ModelProto, structure: Structure, aggregate: str = "sum") -> Exposed:
+    """A copy of ``model`` whose outputs add, per layer, packed firing bits and per-sample sums.
+
+    For a layer of N neurons the packed output holds ``ceil(N/24)`` int32 groups per position
+    (bit k of group g is neuron ``start_g + k``); the sum output is one float32 per sample
+    (``ReduceSum`` or ``ReduceMean`` over all units, SPEC §4). The original outputs stay first.
+    """
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    graph = exposed.graph
+    _, dtypes = _infer(model)
+    taken = {o.name for o in graph.output}
+    keys, sums, groups, group_axes = [], [], [], []
+    for index, layer in enumerate(structure.layers):
+        if layer.neurons is None or layer.rank is None:
+            raise ModelError(
+                f"the shape of layer {layer.name!r} is unknown before running; give the model static "
+                "channel/feature dimensions"
+            )
+        prefix = f"auditor/{index}"
+        layout = word_groups(layer.neurons)
+        nodes, inits, key_name, group_axis = _pack_nodes(layer, dtypes.get(layer.name), layout, prefix)
+        sum_nodes, sum_inits, sum_name = _sum_nodes(layer, dtypes.get(layer.name), aggregate, structure.opset, prefix)
+        graph.node.extend(nodes + sum_nodes)
+        graph.initializer.extend(inits + sum_inits)
+        graph.output.extend([_output(key_name), _output(sum_name)])
+        keys.append(key_name)
+        sums.append(sum_name)
+        groups.append(layout)
+        group_axes.append(group_axis)
+    logits = structure.output_layer
+    if logits is not None and logits.name not in taken:
+        graph.output.append(_output(logits.name))
+    return Exposed(model=exposed, keys=keys, sums=sums, groups=groups, group_axes=group_axes)
+
+
+def word_groups(neurons: int) -> list[tuple[int, int]]:
+    """Bit ranges [start, stop) of the packed groups: at most 24 bits, never straddling 64-bit words."""
+    return [
+        (start, min(start + GROUP_BITS, word + WORD_BITS, neurons))
+        for word in range(0, neurons, WORD_BITS)
+        for start in range(word, min(word + WORD_BITS, neurons), GROUP_BITS)
+    ]
+
+
+def _infer(model: onnx.ModelProto) -> tuple[dict[str, list[int | str | None]], dict[str, int]]:
+    """Static shapes and element types of every tensor that shape inference can type."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # shape inference "is not guaranteed to be complete"; the run still works
+        inferred = model
+    graph = inferred.graph
+    shapes: dict[str, list[int | str | None]] = {}
+    dtypes: dict[str, int] = {}
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        tensor_type = info.type.tensor_type
+        if tensor_type.elem_type:
+            dtypes[info.name] = tensor_type.elem_type
+        if tensor_type.HasField("shape"):
+            shapes[info.name] = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+            ]
+    for init in graph.initializer:
+        shapes[init.name] = list(init.dims)
+        dtypes[init.name] = init.data_type
+    return shapes, dtypes
+
+
+def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
+    """Tensors that do not depend on the data: initializers and everything computed from them alone."""
+    constants = {init.name for init in graph.initializer}
+    for node in graph.node:
+        if all(not name or name in constants for name in node.input):
+            constants.update(node.output)
+    return constants
+
+
+def _data_input(graph: onnx.GraphProto, constants: set[str]) -> ModelInput:
+    inputs = [i for i in graph.input if i.name not in constants]
+    if len(inputs) != 1:
+        names = [i.name for i in inputs]
+        raise ModelError(f"model has {len(inputs)} data inputs {names}; the auditor supports models with exactly one")
+    value = inputs[0]
+    tensor_type = value.type.tensor_type
+    if not tensor_type.elem_type:
+        raise ModelError(f"model input {value.name!r} is not a tensor; the auditor needs a tensor input")
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+    return ModelInput(value.name, helper.tensor_dtype_to_np_dtype(tensor_type.elem_type), dims)
+
+
+def _pre_activations(
+    graph: onnx.GraphProto, producers: dict[str, tuple[int, onnx.NodeProto]], constants: set[str]
+) -> Iterator[tuple[str, str]]:
+    """(pre-activation tensor, activation op) for every activation in the graph, in node order."""
+    for node in graph.node:
+        if node.op_type in ACTIVATIONS or (node.op_type == "Clip" and _clip_min(node, graph) <= 0):
+            yield node.input[0], node.op_type
+        elif node.op_type == "Erf":  # erf-GELU: Div(x, √2) → Erf → Add → Mul → Mul
+            _, scaled = producers.get(node.input[0], (None, None))
+            if scaled is not None and scaled.op_type in ("Div", "Mul"):
+                x = next((t for t in scaled.input if t not in constants), node.input[0])
+                yield x, "Gelu"
+
+
+def _clip_min(node: onnx.NodeProto, graph: onnx.GraphProto) -> float:
+    """Clip's lower bound (attribute before opset 11, input after); −inf when absent."""
+    for attr in node.attribute:
+        if attr.name == "min":
+            return attr.f
+    if len(node.input) > 1 and node.input[1]:
+        for init in graph.initializer:
+            if init.name == node.input[1]:
+                return float(numpy_helper.to_array(init))
+        for other in graph.node:
+            if other.op_type == "Constant" and other.output[0] == node.input[1]:
+                return float(numpy_helper.to_array(other.attribute[0].t))
+        return 0.0  # a data-dependent bound: treat it like ReLU6
+    return -math.inf
+
+
+def _walk_to_linear(
+    tensor: str, producers: dict[str, tuple[int, onnx.NodeProto]], constants: set[str]
+) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
+    """The linear op reached upward from ``tensor`` through pass-through ops, and the path taken.
+
+    The path lists the pass-through nodes from the linear op down to ``tensor``, so that
+    Transposes on it can be replayed to find the neuron axis (channels-last exports).
+    """
+    seen: set[str] = set()
+    stack: list[tuple[str, list[onnx.NodeProto]]] = [(tensor, [])]
+    while stack:
+        name, path = stack.pop()
+        if name in seen or name not in producers:
+            continue
+        seen.add(name)
+        _, node = producers[name]
+        if node.op_type in LINEAR:
+            return node, path
+        if node.op_type in PASS_THROUGH:
+            stack.extend((i, [node, *path]) for i in reversed(node.input) if i and i not in constants)
+    return None
+
+
+def _logits(graph: onnx.GraphProto, producers: dict[str, tuple[int, onnx.NodeProto]]) -> tuple[str, str | None, bool]:
+    """The prediction output, the tensor behind its Softmax/Flatten chain, and whether it is probabilities."""
+    output = graph.output[0].name
+    tensor, is_probability = output, False
+    while tensor in producers and producers[tensor][1].op_type in TO_LOGITS:
+        node = producers[tensor][1]
+        is_probability = is_probability or node.op_type == "Softmax"
+        tensor = node.input[0]
+    return output, tensor, is_probability
+
+
+def _make_layer(
+    tensor: str,
+    activation: str | None,
+    role: str,
+    found: tuple[onnx.NodeProto, list[onnx.NodeProto]],
+    producers: dict[str, tuple[int, onnx.NodeProto]],
+    shapes: dict[str, list[int | str | None]],
+) -> Layer:
+    linear, path = found
+    axis = 1 if linear.op_type in CONV_FAMILY else -1
+    for node in path:
+        if node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            rank = len(perm) if perm else len(shapes.get(node.input[0], []))
+            perm = perm or list(reversed(range(rank)))
+            axis = perm.index(axis % rank)
+    shape = shapes.get(tensor)
+    neurons = positions = rank = None
+    if shape and len(shape) >= 2:
+        rank = len(shape)
+        axis %= rank
+        width = shape[axis]
+        neurons = width if isinstance(width, int) and width > 0 else None
+        rest = [d for i, d in enumerate(shape) if i not in (0, axis)]
+        positions = math.prod(rest) if all(isinstance(d, int) and d > 0 for d in rest) else None
+    return Layer(tensor, linear.op_type, activation, role, axis, rank, neurons, positions, producers[tensor][0])
+
+
+def _output(name: str) -> onnx.ValueInfoProto:
+    value = onnx.ValueInfoProto()
+    value.name = name
+    return value
+
+
+def _pack_nodes(
+    layer: Layer, dtype: int | None, layout: list[tuple[int, int]], prefix: str
+) -> tuple[list[onnx.NodeProto], list[TensorProto], str, int]:
+    """Nodes that turn a pre-activation tensor into int32 groups of firing bits.
+
+    ``x > 0`` gives the bits; a block-diagonal 1×1 Conv (channel axis 1) or a MatMul (neuron
+    axis last) against powers of two sums each group exactly in float32.
+    """
+    nodes, inits = [], []
+    source = layer.name
+    if dtype is None:  # unknown element type: compare in float32
+        nodes.append(helper.make_node("Cast", [source], [f"{prefix}/as_float"], to=TensorProto.FLOAT))
+        source, dtype = f"{prefix}/as_float", TensorProto.FLOAT
+    zero = numpy_helper.from_array(np.zeros((), helper.tensor_dtype_to_np_dtype(dtype)), f"{prefix}/zero")
+    weights = np.zeros((layer.neurons, len(layout)), np.float32)
+    for g, (start, stop) in enumerate(layout):
+        weights[start:stop, g] = 2.0 ** np.arange(stop - start)
+    inits.append(zero)
+    nodes += [
+        helper.make_node("Greater", [source, zero.name], [f"{prefix}/fires"]),
+        helper.make_node("Cast", [f"{prefix}/fires"], [f"{prefix}/bits"], to=TensorProto.FLOAT),
+    ]
+    rank, axis = layer.rank, layer.axis % layer.rank
+    bits = f"{prefix}/bits"
+    if axis == 1 and rank >= 3:
+        kernel = weights.T.reshape(len(layout), layer.neurons, *([1] * (rank - 2)))
+        inits.append(numpy_helper.from_array(kernel, f"{prefix}/pack_w"))
+        nodes.append(helper.make_node("Conv", [bits, f"{prefix}/pack_w"], [f"{prefix}/packed"]))
+        group_axis = 1
+    else:
+        if axis != rank - 1:
+            perm = [i for i in range(rank) if i != axis] + [axis]
+            nodes.append(helper.make_node("Transpose", [bits], [f"{prefix}/bits_last"], perm=perm))
+            bits = f"{prefix}/bits_last"
+        inits.append(numpy_helper.from_array(weights, f"{prefix}/pack_w"))
+        nodes.append(helper.make_node("MatMul", [bits, f"{prefix}/pack_w"], [f"{prefix}/packed"]))
+        group_axis = -1
+    nodes.append(helper.make_node("Cast", [f"{prefix}/packed"], [f"{prefix}/keys"], to=TensorProto.INT32))
+    return nodes, inits, f"{prefix}/keys", group_axis
+
+
+def _sum_nodes(
+    layer: Layer, dtype: int | None, aggregate: str, opset: int, prefix: str
+) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
+    """Nodes computing φ, the per-sample sum (or mean) of the layer's pre-activations (SPEC §4)."""
+    nodes, inits = [], []
+    source = layer.name
+    if dtype != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", [source], [f"{prefix}/sum_in"], to=TensorProto.FLOAT))
+        source = f"{prefix}/sum_in"
+    nodes.append(helper.make_node("Flatten", [source], [f"{prefix}/flat"], axis=1))
+    op = "ReduceSum" if aggregate == "sum" else "ReduceMean"
+    axes_as_input = opset >= (13 if op == "ReduceSum" else 18)
+    if axes_as_input:
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axes"))
+        nodes.append(helper.make_node(op, [f"{prefix}/flat", f"{prefix}/axes"], [f"{prefix}/sum"], keepdims=0))
+    else:
+        nodes.append(helper.make_node(op, [f"{prefix}/flat"], [f"{prefix}/sum"], axes=[1], keepdims=0))
+    return nodes, inits, f"{prefix}/sum"
