@@ -25,7 +25,7 @@ from auditor.errors import AuditError, CancelledError, DataError
 from auditor.graph import Exposed, Layer, ModelInput, Structure, describe, expose
 from auditor.modelfile import LoadedModel, load_model
 from auditor.report import CnaMargin, LayerInfo, LayerStats, ModelInfo, Report, SplitReport
-from auditor.run import create_session, prefetch
+from auditor.run import create_session, ordered_map, requested_providers, workers_for
 
 CNA_WINDOW = 25
 CNA_POINTS = 100
@@ -73,7 +73,8 @@ def prepare(model: ModelSource | LoadedModel, *, device: str = "auto", aggregate
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     structure = describe(loaded.proto)
     exposed = expose(loaded.proto, structure, aggregate)
-    session = create_session(exposed.model, device)
+    on_cpu = requested_providers(device) == ["CPUExecutionProvider"]
+    session = create_session(exposed.model, device, threads=1 if on_cpu else 0)
     return Prepared(loaded, structure, exposed, session, aggregate)
 
 
@@ -100,7 +101,10 @@ def audit(
             f"{config.aggregate!r}; prepare it again with the same setting"
         )
     splits: dict[str, _SplitTally] = {}
-    steps = prefetch(_infer_batches(prepared, batches, config))
+    names = _output_names(prepared)
+    steps = ordered_map(
+        lambda item: _infer(prepared, names, config, *item), _numbered(batches), workers_for(prepared.session)
+    )
     try:
         for step in steps:
             if cancelled is not None and cancelled():
@@ -129,17 +133,22 @@ class _Step:
     outputs: list[np.ndarray]
 
 
-def _infer_batches(prepared: Prepared, batches: Iterable[tuple[str, Batch]], config: AuditConfig) -> Iterator[_Step]:
-    """Check, preprocess and run every batch; runs in the prefetch thread."""
-    names = _output_names(prepared)
+def _numbered(batches: Iterable[tuple[str, Batch]]) -> Iterator[tuple[str, int, Batch]]:
+    """Tag each batch with the position of its first sample in its split."""
     seen: dict[str, int] = {}
     for split, batch in batches:
-        x, labels = _check_batch(batch, split, seen.get(split, 0))
-        alpha, clipped = _input_entropy(x, config)
-        feed = _to_model_input(x, prepared.structure.input, config)
-        outputs = _run(prepared.session, names, prepared.structure.input, feed)
-        yield _Step(split, seen.get(split, 0), labels, alpha, clipped, outputs)
-        seen[split] = seen.get(split, 0) + len(x)
+        start = seen.get(split, 0)
+        seen[split] = start + len(batch.x)
+        yield split, start, batch
+
+
+def _infer(prepared: Prepared, names: list[str], config: AuditConfig, split: str, start: int, batch: Batch) -> _Step:
+    """Check, preprocess and run one batch; runs on a worker thread."""
+    x, labels = _check_batch(batch, split, start)
+    alpha, clipped = _input_entropy(x, config)
+    feed = _to_model_input(x, prepared.structure.input, config)
+    outputs = _run(prepared.session, names, prepared.structure.input, feed)
+    return _Step(split, start, labels, alpha, clipped, outputs)
 
 
 def _output_names(prepared: Prepared) -> list[str]:

@@ -176,14 +176,14 @@ def expose(model: onnx.ModelProto, structure: Structure, aggregate: str = "sum")
         sum_nodes, sum_inits, sum_name = _sum_nodes(layer, dtypes.get(layer.name), aggregate, structure.opset, prefix)
         graph.node.extend(nodes + sum_nodes)
         graph.initializer.extend(inits + sum_inits)
-        graph.output.extend([_output(key_name), _output(sum_name)])
+        graph.output.extend([_output(key_name, TensorProto.INT32, layer.rank), _output(sum_name, TensorProto.FLOAT, 1)])
         keys.append(key_name)
         sums.append(sum_name)
         groups.append(layout)
         group_axes.append(group_axis)
     logits = structure.output_layer
     if logits is not None and logits.name not in taken:
-        graph.output.append(_output(logits.name))
+        graph.output.append(_output(logits.name, dtypes.get(logits.name), logits.rank))
     return Exposed(model=exposed, keys=keys, sums=sums, groups=groups, group_axes=group_axes)
 
 
@@ -333,10 +333,13 @@ def _make_layer(
     return Layer(tensor, linear.op_type, activation, role, axis, rank, neurons, positions, producers[tensor][0])
 
 
-def _output(name: str) -> onnx.ValueInfoProto:
-    value = onnx.ValueInfoProto()
-    value.name = name
-    return value
+def _output(name: str, elem_type: int | None, rank: int | None) -> onnx.ValueInfoProto:
+    """A graph output typed as ``onnx.checker`` requires (element type and rank, dims unknown)."""
+    if elem_type is None or rank is None:  # not inferable: leave it untyped, onnxruntime still runs it
+        value = onnx.ValueInfoProto()
+        value.name = name
+        return value
+    return helper.make_tensor_value_info(name, elem_type, [None] * rank)
 
 
 def _pack_nodes(
@@ -344,8 +347,9 @@ def _pack_nodes(
 ) -> tuple[list[onnx.NodeProto], list[TensorProto], str, int]:
     """Nodes that turn a pre-activation tensor into int32 groups of firing bits.
 
-    ``x > 0`` gives the bits; a block-diagonal 1×1 Conv (channel axis 1) or a MatMul (neuron
-    axis last) against powers of two sums each group exactly in float32.
+    ``x > 0`` gives the bits; a MatMul against a block-diagonal matrix of powers of two sums each
+    group exactly in float32: bits × W when neurons are the last axis, else W × bits viewed as
+    (batch, neurons, positions). A MatMul, unlike a 1×1 Conv, needs no layout reorders.
     """
     nodes, inits = [], []
     source = layer.name
@@ -363,19 +367,24 @@ def _pack_nodes(
     ]
     rank, axis = layer.rank, layer.axis % layer.rank
     bits = f"{prefix}/bits"
-    if axis == 1 and rank >= 3:
-        kernel = weights.T.reshape(len(layout), layer.neurons, *([1] * (rank - 2)))
-        inits.append(numpy_helper.from_array(kernel, f"{prefix}/pack_w"))
-        nodes.append(helper.make_node("Conv", [bits, f"{prefix}/pack_w"], [f"{prefix}/packed"]))
-        group_axis = 1
-    else:
-        if axis != rank - 1:
-            perm = [i for i in range(rank) if i != axis] + [axis]
-            nodes.append(helper.make_node("Transpose", [bits], [f"{prefix}/bits_last"], perm=perm))
-            bits = f"{prefix}/bits_last"
+    if axis == rank - 1:
         inits.append(numpy_helper.from_array(weights, f"{prefix}/pack_w"))
         nodes.append(helper.make_node("MatMul", [bits, f"{prefix}/pack_w"], [f"{prefix}/packed"]))
         group_axis = -1
+    else:
+        if axis != 1:
+            perm = [0, axis, *(i for i in range(1, rank) if i != axis)]
+            nodes.append(helper.make_node("Transpose", [bits], [f"{prefix}/bits_t"], perm=perm))
+            bits = f"{prefix}/bits_t"
+        inits += [
+            numpy_helper.from_array(np.array([0, layer.neurons, -1], np.int64), f"{prefix}/rows"),
+            numpy_helper.from_array(np.ascontiguousarray(weights.T), f"{prefix}/pack_w"),
+        ]
+        nodes += [
+            helper.make_node("Reshape", [bits, f"{prefix}/rows"], [f"{prefix}/bits_rows"]),
+            helper.make_node("MatMul", [f"{prefix}/pack_w", f"{prefix}/bits_rows"], [f"{prefix}/packed"]),
+        ]
+        group_axis = 1
     nodes.append(helper.make_node("Cast", [f"{prefix}/packed"], [f"{prefix}/keys"], to=TensorProto.INT32))
     return nodes, inits, f"{prefix}/keys", group_axis
 

@@ -7,10 +7,10 @@ report records.
 
 from __future__ import annotations
 
-import contextlib
-import queue
-import threading
-from collections.abc import Iterable, Iterator
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import onnx
@@ -19,6 +19,7 @@ import onnxruntime as ort
 from auditor.errors import AuditError, ModelError
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 # onnxruntime-gpu on a machine without CUDA logs an error line per session before falling back;
 # the fallback is expected, and the report shows which provider ran.
@@ -36,6 +37,7 @@ def create_session(model: onnx.ModelProto, device: str = "auto", threads: int = 
     """An onnxruntime session for ``model``; refuses models onnxruntime cannot load.
 
     ``device="cuda"`` insists on CUDA and says so when it cannot start; ``"auto"`` falls back.
+    ``threads`` is onnxruntime's intra-op thread count (0: one per core).
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -53,38 +55,34 @@ def create_session(model: onnx.ModelProto, device: str = "auto", threads: int = 
     return session
 
 
-def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
-    """Iterate ``items`` in a background thread, ``depth`` ahead, so producing overlaps consuming.
+def workers_for(session: ort.InferenceSession) -> int:
+    """How many batches to run at once: one per core on the CPU, one on a GPU.
 
-    onnxruntime and numpy release the GIL, so inference of the next batch runs while the
-    caller counts the current one. Exceptions reach the caller; closing the iterator stops
-    the producer.
+    Small networks gain more from batches side by side on single-threaded runs than from one
+    run split across threads (FIELD-NOTES), and counts merge by adding, so order is free.
     """
-    box: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    if "CUDAExecutionProvider" in session.get_providers():
+        return 1
+    return max(1, min(os.cpu_count() or 1, 8))
 
-    def produce() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                box.put(("item", item))
-            box.put(("done", None))
-        except BaseException as exc:
-            box.put(("error", exc))
 
-    worker = threading.Thread(target=produce, name="auditor-prefetch", daemon=True)
-    worker.start()
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """``map(fn, items)`` on ``workers`` threads, results in input order, a bounded number ahead.
+
+    onnxruntime and numpy release the GIL, so while the caller consumes one result the next
+    ones are computed. At most ``2 * workers`` items are in flight; an exception reaches the
+    caller, and closing the iterator cancels what has not started.
+    """
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="auditor-run")
+    pending: deque[Future[R]] = deque()
     try:
-        while True:
-            kind, value = box.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise value  # type: ignore[misc]
-            yield value  # type: ignore[misc]
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
     finally:
-        stop.set()
-        while worker.is_alive():
-            with contextlib.suppress(queue.Empty):
-                box.get(timeout=0.05)
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
