@@ -10,8 +10,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AUDITOR_SHARED_DIR", REPO.parent / "shared"))
 
-# Tests read the real MNIST files from ../shared/data unless the caller points elsewhere.
-os.environ.setdefault("AUDITOR_DATA_DIR", str(SHARED / "data"))
+# Tests read the real MNIST files from ../shared/data unless the caller points elsewhere; the path
+# is made absolute because some tests change the working directory.
+os.environ["AUDITOR_DATA_DIR"] = str(Path(os.environ.get("AUDITOR_DATA_DIR", SHARED / "data")).resolve())
 
 
 @pytest.fixture(scope="session")
