@@ -7,6 +7,7 @@ report records.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -15,21 +16,40 @@ from typing import TypeVar
 
 import onnx
 import onnxruntime as ort
+from onnx import helper
 
 from auditor.errors import AuditError, ModelError
 
 T = TypeVar("T")
 R = TypeVar("R")
+GPU_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 # onnxruntime-gpu on a machine without CUDA logs an error line per session before falling back;
 # the fallback is expected, and the report shows which provider ran.
 ort.set_default_logger_severity(4)
 
 
+@functools.cache
+def cuda_usable() -> bool:
+    """Whether onnxruntime can really run on CUDA here: a one-node probe session, run once.
+
+    ``get_available_providers()`` lists CUDA whenever onnxruntime-gpu is installed, even on a
+    machine without a GPU (FIELD-NOTES); only a session's ``get_providers()`` tells the truth.
+    """
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    node = helper.make_node("Identity", ["x"], ["y"])
+    value = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    graph = helper.make_graph([node], "probe", [value], [helper.make_tensor_value_info("y", 1, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=GPU_PROVIDERS)
+    return "CUDAExecutionProvider" in session.get_providers()
+
+
 def requested_providers(device: str) -> list[str]:
-    """Providers to ask for: CUDA first when wanted and built in, the CPU always as fallback."""
-    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    """Providers to ask for: CUDA first when wanted and able to run, the CPU always as fallback."""
+    if device != "cpu" and cuda_usable():
+        return GPU_PROVIDERS
     return ["CPUExecutionProvider"]
 
 
@@ -39,6 +59,11 @@ def create_session(model: onnx.ModelProto, device: str = "auto", threads: int = 
     ``device="cuda"`` insists on CUDA and says so when it cannot start; ``"auto"`` falls back.
     ``threads`` is onnxruntime's intra-op thread count (0: one per core).
     """
+    if device == "cuda" and not cuda_usable():
+        raise AuditError(
+            "CUDA was requested but onnxruntime cannot start it (no GPU, or CUDA/cuDNN libraries "
+            "missing); use --device auto or --device cpu"
+        )
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
@@ -47,11 +72,6 @@ def create_session(model: onnx.ModelProto, device: str = "auto", threads: int = 
     except Exception as exc:  # onnxruntime raises its own unexported exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"onnxruntime cannot load the model: {first}; re-export it with a supported opset") from None
-    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        raise AuditError(
-            "CUDA was requested but onnxruntime could not start it (no GPU, or CUDA/cuDNN libraries "
-            "missing); use --device auto or --device cpu"
-        )
     return session
 
 
