@@ -407,8 +407,15 @@ def _cna_margin(
     except ValueError as exc:
         warnings.append(f"CNA-Margin is null: {exc}")
         return None
-    margin_max = float(np.concatenate(train.probability_margins).max())
-    margin_p5 = metrics.margin_p5(np.concatenate(train.logit_margins)) if train.logit_margins else None
+    margins = np.concatenate(train.probability_margins)
+    logit_margins = np.concatenate(train.logit_margins) if train.logit_margins else None
+    bad = int(np.count_nonzero(~np.isfinite(margins)))
+    bad += 0 if logit_margins is None else int(np.count_nonzero(~np.isfinite(logit_margins)))
+    if bad:  # NaN/inf outputs give NaN margins, which are not numbers a report (or JSON) can carry
+        warnings.append(f"CNA-Margin is null: {bad} training margins are NaN/inf, from NaN/inf model outputs")
+        return None
+    margin_max = float(margins.max())
+    margin_p5 = metrics.margin_p5(logit_margins) if logit_margins is not None else None
     if margin_p5 is None:
         warnings.append("margin_p5 is null: the model has no output layer whose logits the auditor can read")
     return CnaMargin(

@@ -28,6 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AuditError as exc:
         print(f"auditor: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:  # a file named on the command line (--json, --junit) cannot be written
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"auditor: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("auditor: interrupted", file=sys.stderr)
         return EXIT_BAD_INPUT

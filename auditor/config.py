@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -35,6 +36,11 @@ class AuditConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        finite = [("beta", self.beta), ("mean", self.mean), ("std", self.std), ("alpha range", self.alpha_range[0]),
+                  ("alpha range", self.alpha_range[1]), ("scale", 0.0 if self.scale is None else self.scale)]
+        for name, value in finite:  # nan and inf pass the comparisons below but make every figure meaningless
+            if not math.isfinite(value):
+                raise AuditError(f"{name} must be a finite number, got {value}")
         checks = [
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),

@@ -1,0 +1,875 @@
+"""auditor.audit end to end: real onnxruntime sessions on hand-built models, real MNIST, real
+third-party models. Every expected number is worked out here, by hand or by an independent
+numpy computation of SPEC.md, never by calling the auditor's own math."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from auditor import AuditConfig, Prepared, Report, audit, prepare
+from auditor.data import Batch, open_splits, tagged
+from auditor.errors import AuditError, CancelledError, DataError, ModelError, NotFoundError
+
+OPSET = 17
+IR_VERSION = 8  # onnx 1.23 defaults to IR 14, which onnxruntime 1.31 rejects (FIELD-NOTES)
+CPU = AuditConfig(device="cpu")
+
+
+# --- Model builders ---------------------------------------------------------------------------
+
+
+def _model(nodes, inits, inputs, outputs, name: str = "test") -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    onnx.checker.check_model(model)
+    return model
+
+
+def dense_model(
+    layers: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    batch: int | str = "N",
+    softmax: bool = False,
+    name: str = "dense",
+) -> onnx.ModelProto:
+    """x → Gemm → Relu → … → Gemm (→ Softmax). ``layers`` holds (W of shape (in, out), b) per Gemm.
+
+    Pre-activations are named ``h1``, ``h2``, …; the last Gemm gives ``logits``.
+    """
+    nodes, inits = [], []
+    current = "x"
+    for i, (w, b) in enumerate(layers, 1):
+        last = i == len(layers)
+        w_name, b_name = f"W{i}", f"B{i}"
+        inits += [
+            numpy_helper.from_array(np.asarray(w, np.float32), w_name),
+            numpy_helper.from_array(np.asarray(b, np.float32), b_name),
+        ]
+        out = "logits" if last else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [current, w_name, b_name], [out]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [out], [f"a{i}"]))
+            current = f"a{i}"
+    final = "logits"
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
+        final = "probs"
+    n_in = np.asarray(layers[0][0]).shape[0]
+    n_out = np.asarray(layers[-1][0]).shape[1]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, n_in])]
+    outputs = [helper.make_tensor_value_info(final, TensorProto.FLOAT, [batch, n_out])]
+    return _model(nodes, inits, inputs, outputs, name)
+
+
+def lenet_model(batch: int | str = "N", seed: int = 0) -> onnx.ModelProto:
+    """A LeNet-5-shaped model with random weights: Conv(4,5×5) → Relu → MaxPool → Conv(8,5×5) → Relu →
+    MaxPool → Flatten → Gemm(16) → Relu → Gemm(10). Input (N, 1, 28, 28) float32."""
+    rng = np.random.default_rng(seed)
+
+    def init(name: str, *shape: int, scale: float = 0.3) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    inits = [
+        init("c1w", 4, 1, 5, 5), init("c1b", 4, scale=0.1),
+        init("c2w", 8, 4, 5, 5, scale=0.1), init("c2b", 8, scale=0.1),
+        init("f1w", 128, 16, scale=0.1), init("f1b", 16, scale=0.1),
+        init("f2w", 16, 10), init("f2b", 10, scale=0.1),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "c1w", "c1b"], ["c1"]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "c2w", "c2b"], ["c2"]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p2"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "f1w", "f1b"], ["f1"]),
+        helper.make_node("Relu", ["f1"], ["r3"]),
+        helper.make_node("Gemm", ["r3", "f2w", "f2b"], ["logits"]),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, 28, 28])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])]
+    return _model(nodes, inits, inputs, outputs, "lenet")
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+# The hand model: two identity hidden layers of 2 neurons, then logits [s - 0.5, 0.5 - s], s = a2₁ + a2₂.
+EYE2 = np.eye(2)
+HAND_LAYERS = [
+    (EYE2, np.zeros(2)),
+    (EYE2, np.zeros(2)),
+    (np.array([[1.0, -1.0], [1.0, -1.0]]), np.array([-0.5, 0.5])),
+]
+HAND_X = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]], np.float32)
+HAND_Y = np.array([0, 0, 1, 1])
+
+
+def entropy(counts: Sequence[int]) -> float:
+    p = np.asarray(counts, np.float64) / sum(counts)
+    return float(-(p * np.log2(p)).sum())
+
+
+def refused(kind: type[AuditError], call: Callable[[], object], *fragments: str) -> str:
+    """Run ``call``; expect a one-line refusal of ``kind`` containing every fragment."""
+    with pytest.raises(kind) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message and message.strip() == message and message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def run_audit(model, x, y=None, config: AuditConfig = CPU, split: str = "test") -> Report:
+    return audit(model, [(split, Batch(np.asarray(x), None if y is None else np.asarray(y)))], config)
+
+
+# --- §2 and §3 by hand ------------------------------------------------------------------------
+
+
+def test_hand_model_every_figure_by_hand() -> None:
+    report = run_audit(dense_model(HAND_LAYERS), HAND_X, HAND_Y)
+    split = report.splits["test"]
+    assert split.samples == 4
+    assert [s.name for s in split.layers] == ["h1", "h2"]  # the output layer is left out by default
+    for stats in split.layers:
+        # h1 = x and h2 = relu(x): both give the four states 11, 10, 01, 00 once each.
+        assert (stats.neurons, stats.positions) == (2, 1)
+        assert (stats.states_total, stats.states_distinct) == (4, 4)
+        assert stats.entropy_bits == pytest.approx(2.0, abs=1e-12)
+        assert stats.efficiency == pytest.approx(1.0, abs=1e-12)
+        assert stats.max_entropy_bits == pytest.approx(math.log2(4))
+        assert stats.suggested_neurons == 2  # ceil(2 / 0.75) = 3, clamped to N = 2
+        assert stats.wider_than_data is False  # N = 2 = ceil(log2 4)
+    assert split.network_efficiency == pytest.approx(1.0, abs=1e-12)
+    # logits: s = 2, 1, 1, 0 → predictions 0, 0, 0, 1 against labels 0, 0, 1, 1.
+    assert split.accuracy == 0.75
+    assert split.beta == 2.0
+    assert split.aiq == pytest.approx((0.75**2 * 1.0) ** (1 / 3), abs=1e-12)
+    # α = 0, 1, 1, 0 (the −1s clip to 0); β = (φ3 − φ1)/2 with φ1 = 2, 0, 0, −2 and φ3 = 0:
+    # β = −1, 0, 0, 1, uncorrelated with α.
+    assert split.cna == pytest.approx(0.0, abs=1e-12)
+    assert report.cna_margin is None
+    # four −1 values fell outside the default alpha_range [0, 1]
+    assert any("4 input values fell outside alpha_range" in w for w in report.warnings), report.warnings
+
+
+def test_hand_model_other_beta_and_alpha_range() -> None:
+    config = AuditConfig(device="cpu", beta=0.5, alpha_range=(-1.0, 1.0))
+    report = run_audit(dense_model(HAND_LAYERS), HAND_X, HAND_Y, config)
+    split = report.splits["test"]
+    assert split.beta == 0.5
+    assert split.aiq == pytest.approx((0.75**0.5) ** (1 / 1.5), abs=1e-12)
+    assert not any("clipped" in w for w in report.warnings), report.warnings
+    assert split.cna == pytest.approx(0.0, abs=1e-12)
+
+
+def test_include_output_layer_adds_it_to_efficiency() -> None:
+    config = AuditConfig(device="cpu", include_output_layer=True)
+    split = run_audit(dense_model(HAND_LAYERS), HAND_X, HAND_Y, config).splits["test"]
+    assert [s.name for s in split.layers] == ["h1", "h2", "logits"]
+    out = split.layers[2]
+    # logit bits: 10, 10, 10, 01 → H(3/4, 1/4)
+    e_out = entropy([3, 1])
+    assert (out.states_total, out.states_distinct) == (4, 2)
+    assert out.entropy_bits == pytest.approx(e_out, abs=1e-12)
+    assert out.efficiency == pytest.approx(e_out / 2, abs=1e-12)
+    assert out.suggested_neurons == 2  # ceil(0.811 / 0.75) = 2
+    assert split.network_efficiency == pytest.approx((1.0 * 1.0 * e_out / 2) ** (1 / 3), abs=1e-12)
+    assert split.aiq == pytest.approx((0.75**2 * split.network_efficiency) ** (1 / 3), abs=1e-12)
+
+    tight = AuditConfig(device="cpu", include_output_layer=True, target_efficiency=0.9)
+    out = run_audit(dense_model(HAND_LAYERS), HAND_X, HAND_Y, tight).splits["test"].layers[2]
+    assert out.suggested_neurons == 1  # ceil(0.811 / 0.9) = 1
+
+
+def test_repeated_states_entropy_by_hand() -> None:
+    # states 11 ×4, 10 ×2, 01 ×1, 00 ×1 → E = 1.75 bits in both hidden layers
+    x = np.array([[1, 1]] * 4 + [[2, -1]] * 2 + [[-1, 3]] + [[-2, -2]], np.float32)
+    y = np.zeros(8, np.int64)
+    split = run_audit(dense_model(HAND_LAYERS), x, y).splits["test"]
+    for stats in split.layers:
+        assert (stats.states_total, stats.states_distinct) == (8, 4)
+        assert stats.entropy_bits == pytest.approx(1.75, abs=1e-12)
+        assert stats.efficiency == pytest.approx(0.875, abs=1e-12)
+        assert stats.max_entropy_bits == pytest.approx(3.0)
+        assert stats.suggested_neurons == 2  # ceil(1.75 / 0.75) = 3, clamped
+    assert split.network_efficiency == pytest.approx(0.875, abs=1e-12)
+
+
+def test_wide_layer_suggestion_and_single_layer_cna() -> None:
+    # one hidden layer of 6 neurons that repeats the 2 input signs three times
+    wide = dense_model([(np.hstack([EYE2] * 3), np.zeros(6)), (np.ones((6, 2)), np.zeros(2))])
+    config = AuditConfig(device="cpu", cna_include_output_layer=False)
+    report = run_audit(wide, HAND_X, HAND_Y, config)
+    split = report.splits["test"]
+    (stats,) = split.layers
+    assert (stats.neurons, stats.states_total, stats.states_distinct) == (6, 4, 4)
+    assert stats.entropy_bits == pytest.approx(2.0, abs=1e-12)
+    assert stats.efficiency == pytest.approx(1 / 3, abs=1e-12)
+    assert stats.suggested_neurons == 3  # ceil(2 / 0.75), below N
+    assert stats.wider_than_data is True  # 6 > ceil(log2 4) = 2
+    assert split.network_efficiency == pytest.approx(1 / 3, abs=1e-12)
+    # L = 1 without the output layer: no slope, so no CNA, and the report says why
+    assert split.cna is None
+    assert any("CNA needs at least 2 layers, found 1" in w for w in report.warnings), report.warnings
+    # with the output layer back in, L = 2 and CNA is defined (or null for a stated reason)
+    report = run_audit(wide, HAND_X, HAND_Y)
+    assert not any("at least 2 layers" in w for w in report.warnings)
+
+
+def test_conv_layer_positions_by_hand() -> None:
+    # 1×1 conv with channels (x, −x) over a 2×2 image [[1, −1], [0, 2]]:
+    # position bits 10, 01, 00, 10 → counts 2, 1, 1 → E = 1.5 bits, T = 4 positions
+    inits = [
+        numpy_helper.from_array(np.array([1, -1], np.float32).reshape(2, 1, 1, 1), "cw"),
+        numpy_helper.from_array(np.ones((8, 3), np.float32), "fw"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "cw"], ["c"]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"], axis=1),
+        helper.make_node("MatMul", ["f", "fw"], ["logits"]),
+    ]
+    model = _model(
+        nodes, inits,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 2, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+    )
+    x = np.array([[[1, -1], [0, 2]]], np.float32)  # (1, 2, 2): reshaped to (1, 1, 2, 2) by the engine
+    (stats,) = run_audit(model, x).splits["test"].layers
+    assert (stats.name, stats.neurons, stats.positions) == ("c", 2, 4)
+    assert (stats.states_total, stats.states_distinct) == (4, 3)
+    assert stats.entropy_bits == pytest.approx(1.5, abs=1e-12)
+    assert stats.efficiency == pytest.approx(0.75, abs=1e-12)
+    assert stats.max_entropy_bits == pytest.approx(2.0)
+    assert stats.suggested_neurons == 2
+
+
+def _hidden_values(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> list[np.ndarray]:
+    """The named tensors, from a plain onnxruntime run of the model with them added as outputs."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend([onnx.ValueInfoProto(name=name) for name in names])
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(names, {"x": x})
+
+
+def _reference_states(values: np.ndarray, axis: int) -> tuple[int, float]:
+    """(distinct states, entropy) with states as whole rows of firing bits, counted by np.unique."""
+    bits = np.moveaxis(values > 0, axis, -1).reshape(-1, values.shape[axis])
+    _, counts = np.unique(bits, axis=0, return_counts=True)
+    return len(counts), entropy(counts)
+
+
+def test_state_counts_match_an_exact_reference() -> None:
+    # widths 100 and 70 cross the 24-bit groups and the 64-bit words the counter packs states into
+    rng = np.random.default_rng(4)
+    layers = [
+        (rng.standard_normal((784, 100)) * 0.05, rng.standard_normal(100) * 0.1),
+        (rng.standard_normal((100, 70)) * 0.1, rng.standard_normal(70) * 0.1),
+        (rng.standard_normal((70, 10)) * 0.1, np.zeros(10)),
+    ]
+    x = next(open_splits("mnist", "test", limit=400)[0].batches(400)).x
+    xf = (x.reshape(400, 784) / np.float32(255)).astype(np.float32)
+    model = dense_model(layers)
+    split = run_audit(model, x, config=AuditConfig(device="cpu", include_output_layer=True)).splits["test"]
+    for stats, values in zip(split.layers, _hidden_values(model, ["h1", "h2", "logits"], xf), strict=True):
+        distinct, bits = _reference_states(values, -1)
+        assert (stats.states_total, stats.states_distinct) == (400, distinct)
+        assert stats.entropy_bits == pytest.approx(bits, abs=1e-12)
+
+    lenet = lenet_model()
+    xl = xf.reshape(400, 1, 28, 28)
+    split = run_audit(lenet, x, config=CPU).splits["test"]
+    reference = zip(_hidden_values(lenet, ["c1", "c2", "f1"], xl), (1, 1, -1), strict=True)
+    for stats, (values, axis) in zip(split.layers, reference, strict=True):
+        distinct, bits = _reference_states(values, axis)
+        assert stats.states_total == values.size // values.shape[axis]
+        assert stats.states_distinct == distinct
+        assert stats.entropy_bits == pytest.approx(bits, abs=1e-12)
+
+
+# --- §4 CNA by hand ---------------------------------------------------------------------------
+
+# x (4 values) → Gemm(ones 4×2) → h1 = (s, s) → Relu → Gemm(0.5·ones 2×3, −1) → h2 = 3 × (s − 1) → Relu →
+# Gemm(ones 3×2) → logits = 2 × 3·max(s − 1, 0). So φ1 = 2s, φ2 = 3(s − 1), φ3 = 6·max(s − 1, 0).
+CNA_LAYERS = [
+    (np.ones((4, 2)), np.zeros(2)),
+    (np.full((2, 3), 0.5), np.full(3, -1.0)),
+    (np.ones((3, 2)), np.zeros(2)),
+]
+CNA_X = np.array(
+    [
+        [0.25, 0.25, 0.25, 0.25],  # 1 distinct value  → α = 0, s = 1
+        [0.5, 0.5, 0.5, 0.5],  # α = 0, s = 2
+        [0.25, 0.25, 0.75, 0.75],  # 2 values, twice each → α = 1, s = 2
+        [0.125, 0.125, 0.375, 0.375],  # α = 1, s = 1
+        [0.125, 0.375, 0.625, 0.875],  # 4 distinct values → α = 2, s = 2
+        [0.0625, 0.1875, 0.3125, 0.4375],  # α = 2, s = 1
+        [0.875, 0.875, 0.875, 0.875],  # α = 0, s = 3.5
+    ],
+    np.float32,
+)
+CNA_ALPHA = np.array([0, 0, 1, 1, 2, 2, 0], np.float64)
+
+
+def _alpha_by_histogram(x: np.ndarray) -> np.ndarray:
+    out = []
+    for row in x.reshape(len(x), -1).astype(np.float64):
+        hist, _ = np.histogram(row, bins=1000, range=(0.0, 1.0))
+        p = hist[hist > 0] / row.size
+        out.append(float(-(p * np.log2(p)).sum()))
+    return np.array(out)
+
+
+def _phi(x: np.ndarray) -> np.ndarray:
+    s = x.astype(np.float64).sum(axis=1)
+    return np.stack([2 * s, 3 * (s - 1), 6 * np.maximum(s - 1, 0)], axis=1)
+
+
+def _slope(phi: np.ndarray) -> np.ndarray:
+    depth = np.arange(1, phi.shape[1] + 1)
+    return np.polyfit(depth, phi.T, 1)[0]
+
+
+def test_cna_inputs_are_what_the_test_claims() -> None:
+    assert np.allclose(_alpha_by_histogram(CNA_X), CNA_ALPHA, atol=1e-12)
+    assert CNA_X.sum(axis=1).tolist() == [1, 2, 2, 1, 2, 1, 3.5]
+
+
+@pytest.mark.parametrize("include_output", [True, False])
+def test_cna_is_the_pearson_correlation_computed_by_hand(include_output: bool) -> None:
+    config = AuditConfig(device="cpu", cna_include_output_layer=include_output)
+    phi = _phi(CNA_X) if include_output else _phi(CNA_X)[:, :2]
+    beta = _slope(phi)
+    if not include_output:
+        assert np.allclose(beta, CNA_X.sum(axis=1) - 3)  # φ2 − φ1 = s − 3
+    expected = np.corrcoef(CNA_ALPHA, beta)[0, 1]
+    report = run_audit(dense_model(CNA_LAYERS), CNA_X, config=config)
+    assert report.splits["test"].cna == pytest.approx(expected, abs=1e-9)
+    assert not any("clipped" in w or "outside alpha_range" in w for w in report.warnings)
+
+
+def test_cna_with_mean_aggregate() -> None:
+    # mean: φ1 = s, φ2 = s − 1, φ3 = 3·max(s − 1, 0). With the output layer β is half the sum-β,
+    # so CNA is unchanged; without it β = φ2 − φ1 = −1 for every sample: zero variance, CNA null.
+    with_output = AuditConfig(device="cpu", aggregate="mean")
+    expected = np.corrcoef(CNA_ALPHA, _slope(_phi(CNA_X)))[0, 1]
+    assert run_audit(dense_model(CNA_LAYERS), CNA_X, config=with_output).splits["test"].cna == pytest.approx(
+        expected, abs=1e-9
+    )
+    hidden_only = AuditConfig(device="cpu", aggregate="mean", cna_include_output_layer=False)
+    report = run_audit(dense_model(CNA_LAYERS), CNA_X, config=hidden_only)
+    assert report.splits["test"].cna is None
+    assert any("CNA is null" in w and "slope β has zero variance" in w for w in report.warnings), report.warnings
+
+
+def test_cna_null_when_alpha_has_zero_variance() -> None:
+    # every sample is one repeated value: α = 0 for all, while β still varies
+    x = np.repeat(np.array([[0.1], [0.3], [0.6], [0.9]], np.float32), 4, axis=1)
+    report = run_audit(dense_model(CNA_LAYERS), x)
+    assert report.splits["test"].cna is None
+    assert any("input entropy α has zero variance" in w for w in report.warnings), report.warnings
+
+
+def test_prepared_model_with_other_aggregate_is_refused() -> None:
+    prepared = prepare(dense_model(CNA_LAYERS), device="cpu")
+    refused(
+        AuditError,
+        lambda: audit(prepared, [("test", Batch(CNA_X))], AuditConfig(device="cpu", aggregate="mean")),
+        "aggregate",
+    )
+
+
+# --- §5 CNA-Margin ----------------------------------------------------------------------------
+
+
+def _random_mlp(seed: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.standard_normal((784, 16)) * 0.1, rng.standard_normal(16) * 0.1),
+        (rng.standard_normal((16, 12)) * 0.5, rng.standard_normal(12) * 0.1),
+        (rng.standard_normal((12, 10)) * 0.5, rng.standard_normal(10) * 0.1),
+    ]
+
+
+def _forward(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> list[np.ndarray]:
+    """Pre-activations of every Gemm, in float64: h1, h2, …, logits."""
+    out, current = [], x.reshape(len(x), -1).astype(np.float64) / 255
+    for i, (w, b) in enumerate(layers):
+        pre = current @ w.astype(np.float32).astype(np.float64) + b.astype(np.float32)
+        out.append(pre)
+        current = np.maximum(pre, 0) if i < len(layers) - 1 else pre
+    return out
+
+
+def _uint8_alpha(x: np.ndarray) -> np.ndarray:
+    # every byte value has its own 1000-bin bin, so α is the entropy of the byte-value counts
+    return np.array([entropy(np.unique(row, return_counts=True)[1]) for row in x.reshape(len(x), -1)])
+
+
+def _reference_area(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> float:
+    """SPEC §5.1–5.2 spelled out directly."""
+    curves = []
+    for alpha, beta in (train, test):
+        order = np.argsort(alpha, kind="stable")
+        kernel = np.ones(25) / 25
+        curves.append((np.convolve(alpha[order], kernel, "valid"), np.convolve(beta[order], kernel, "valid")))
+    (a1, b1), (a2, b2) = curves
+    a_lo, a_hi = min(a1.min(), a2.min()), max(a1.max(), a2.max())
+    b_lo, b_hi = min(b1.min(), b2.min()), max(b1.max(), b2.max())
+    a1, a2 = (a1 - a_lo) / (a_hi - a_lo), (a2 - a_lo) / (a_hi - a_lo)
+    b1, b2 = (b1 - b_lo) / (b_hi - b_lo), (b2 - b_lo) / (b_hi - b_lo)
+    grid = np.linspace(max(a1[0], a2[0]), min(a1[-1], a2[-1]), 100)
+    gap = np.abs(np.interp(grid, a1, b1) - np.interp(grid, a2, b2))
+    return float(np.sum((gap[1:] + gap[:-1]) / 2 * np.diff(grid)))
+
+
+def test_cna_margin_matches_spec_reference_on_mnist() -> None:
+    layers = _random_mlp()
+    model = dense_model(layers, softmax=True)
+    datasets = open_splits("mnist", "both", limit=100)
+    config = AuditConfig(device="cpu", margin_fraction=1.0)
+    report = audit(model, tagged(datasets, 32), config)
+    assert list(report.splits) == ["train", "test"]
+    margin = report.cna_margin
+    assert margin is not None, report.warnings
+    assert (margin.window, margin.points) == (25, 100)
+
+    points, logit_margins, prob_margins = {}, None, None
+    for dataset in datasets:
+        x, y = next(dataset.batches(dataset.count)).x, next(dataset.batches(dataset.count)).y
+        pre = _forward(layers, x)
+        alpha = _uint8_alpha(x)
+        gaps = np.diff(np.sort(alpha))
+        assert gaps.min() > 1e-9  # no near-ties, so the auditor's α sorts the same way as ours
+        beta = _slope(np.stack([p.sum(axis=1) for p in pre], axis=1))
+        points[dataset.split] = (alpha, beta)
+        split = report.splits[dataset.split]
+        assert split.cna == pytest.approx(np.corrcoef(alpha, beta)[0, 1], abs=1e-5)
+        z = pre[-1]
+        assert split.accuracy == np.mean(z.argmax(axis=1) == y)
+        if dataset.split == "train":
+            rows = np.arange(len(y))
+            others = np.where(np.arange(10) == y[:, None], -np.inf, z)
+            logit_margins = z[rows, y] - others.max(axis=1)
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            others = np.where(np.arange(10) == y[:, None], -np.inf, p)
+            prob_margins = p[rows, y] - others.max(axis=1)
+
+    area = _reference_area(points["train"], points["test"])
+    assert margin.area == pytest.approx(area, rel=1e-4, abs=1e-7)
+    assert margin.margin_max == pytest.approx(prob_margins.max(), abs=1e-5)
+    assert margin.margin_p5 == pytest.approx(np.percentile(logit_margins, 5), abs=1e-4)
+    assert margin.cna_margin_max == margin.margin_max * margin.area
+    assert margin.cna_margin_p5 == margin.margin_p5 * margin.area
+
+
+def test_cna_margin_default_fraction_takes_a_subset() -> None:
+    datasets = open_splits("mnist", "both", limit=60)
+    report = audit(dense_model(_random_mlp()), tagged(datasets, 25), CPU)
+    margin = report.cna_margin
+    assert margin is not None, report.warnings
+    assert -1.0 <= margin.margin_max <= 1.0
+    assert margin.cna_margin_max == margin.margin_max * margin.area
+    assert margin.cna_margin_p5 == margin.margin_p5 * margin.area
+
+
+def test_cna_margin_null_below_the_window() -> None:
+    datasets = open_splits("mnist", "both", limit=24)
+    report = audit(dense_model(_random_mlp()), tagged(datasets, 10), CPU)
+    assert report.cna_margin is None
+    assert report.splits["train"].cna is not None  # CNA itself needs only 2 samples
+    assert any("CNA-Margin is null" in w and "24 samples" in w and "25" in w for w in report.warnings), (
+        report.warnings
+    )
+
+
+def test_no_labels_gives_null_accuracy_aiq_and_margin() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    model = dense_model(_random_mlp())
+    report = audit(model, [("train", Batch(x)), ("test", Batch(x[::-1].copy()))], CPU)
+    for name in ("train", "test"):
+        split = report.splits[name]
+        assert split.accuracy is None and split.aiq is None
+        assert split.network_efficiency is not None and split.cna is not None
+        assert f"{name}: no labels, so accuracy and aIQ are null" in report.warnings
+    assert report.cna_margin is None
+    assert any("CNA-Margin is null" in w and "label" in w for w in report.warnings), report.warnings
+
+
+# --- Report JSON contract ---------------------------------------------------------------------
+
+
+def test_report_json_contract(tmp_path: Path) -> None:
+    path = save(dense_model(_random_mlp(), softmax=True), tmp_path / "mlp.onnx")
+    report = audit(str(path), tagged(open_splits("mnist", "both", limit=40), 16), CPU)
+    data = _strict_json(report.to_json())
+    assert list(data) == ["schema", "model", "providers", "splits", "cna_margin", "config", "warnings"]
+    assert data["schema"] == "auditor.report/v1"
+    assert data["model"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert data["model"]["name"] == "mlp.onnx"
+    assert data["model"]["input_name"] == "x" and data["model"]["input_shape"] == ["N", 784]
+    assert [layer["name"] for layer in data["model"]["layers"]] == ["h1", "h2", "logits"]
+    assert [layer["role"] for layer in data["model"]["layers"]] == ["hidden", "hidden", "output"]
+    assert data["providers"] == ["CPUExecutionProvider"]
+    assert data["config"] == CPU.to_dict()
+    assert AuditConfig.from_dict(data["config"]) == CPU
+    assert set(data["splits"]) == {"train", "test"}
+    for split in data["splits"].values():
+        assert set(split) == {"samples", "accuracy", "layers", "network_efficiency", "aiq", "beta", "cna"}
+        assert split["samples"] == 40
+        for layer in split["layers"]:
+            assert {
+                "neurons", "positions", "states_total", "states_distinct", "entropy_bits", "efficiency",
+                "max_entropy_bits", "suggested_neurons",
+            } <= set(layer)
+            assert layer["max_entropy_bits"] == pytest.approx(math.log2(layer["states_total"]))
+            assert 1 <= layer["suggested_neurons"] <= layer["neurons"]
+            assert 0 <= layer["efficiency"] <= 1
+    assert set(data["cna_margin"]) >= {"area", "margin_max", "margin_p5", "cna_margin_max", "cna_margin_p5"}
+    assert isinstance(data["warnings"], list)
+
+    again = Report.from_json(report.to_json())
+    assert again == report
+    assert again.to_dict() == data
+    assert Report.from_json(report.to_json(indent=None)).to_dict() == data
+    with pytest.raises(ValueError):
+        Report.from_dict({**data, "schema": "other/v9"})
+
+
+def test_auto_device_reports_the_providers_that_ran() -> None:
+    report = run_audit(dense_model(HAND_LAYERS), HAND_X, HAND_Y, AuditConfig())
+    assert report.providers[-1] == "CPUExecutionProvider"
+    assert set(report.providers) <= {"CUDAExecutionProvider", "CPUExecutionProvider"}
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert report.providers == ["CPUExecutionProvider"]
+
+
+# --- Real third-party models on real MNIST ----------------------------------------------------
+
+MNIST_MODELS = {
+    "mnist-8_cntk_opset8.onnx": (AuditConfig(device="cpu"), 0.9),
+    "cnn_pytorch25_opset17.onnx": (AuditConfig(device="cpu", mean=0.1307, std=0.3081), 0.9),
+    "qdq_int8_pytorch21_opset17.onnx": (AuditConfig(device="cpu", mean=0.1307, std=0.3081), 0.8),
+}
+IMAGENET_MODELS = ["squeezenet1.0_fp16_opset7.onnx", "light_resnet50_opset9.onnx"]
+
+
+@pytest.mark.parametrize("name", list(MNIST_MODELS))
+def test_real_mnist_models_audit_on_mnist(shared_models: Path, name: str) -> None:
+    config, min_accuracy = MNIST_MODELS[name]
+    path = shared_models / name
+    report = audit(str(path), tagged(open_splits("mnist", "test", limit=500), 128), config)
+    split = report.splits["test"]
+    assert split.samples == 500
+    assert split.accuracy > min_accuracy
+    assert split.layers and all(0 <= s.efficiency <= 1 for s in split.layers)
+    assert all(s.states_total == 500 * s.positions for s in split.layers)
+    assert 0 < split.network_efficiency <= 1
+    assert split.aiq == pytest.approx((split.accuracy**2 * split.network_efficiency) ** (1 / 3))
+    assert split.cna is not None
+    assert report.model.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", IMAGENET_MODELS)
+def test_imagenet_models_refuse_mnist_with_the_expected_shape(shared_models: Path, name: str) -> None:
+    prepared = prepare(shared_models / name, device="cpu")
+    refused(
+        DataError,
+        lambda: audit(prepared, tagged(open_splits("mnist", "test", limit=8), 8), CPU),
+        "28×28", "3×224×224",
+    )
+
+
+@pytest.mark.parametrize("name", IMAGENET_MODELS)
+def test_imagenet_models_audit_on_right_shaped_data(shared_models: Path, name: str) -> None:
+    x = np.random.default_rng(0).random((3, 3, 224, 224), dtype=np.float32)
+    report = audit(str(shared_models / name), [("test", Batch(x, np.array([0, 1, 2])))], CPU)
+    split = report.splits["test"]
+    assert split.samples == 3
+    assert len(split.layers) >= 20
+    assert all(0 <= s.efficiency <= 1 for s in split.layers)
+    assert split.accuracy is not None and 0 <= split.accuracy <= 1
+
+
+# --- Batching never changes the result --------------------------------------------------------
+
+
+def assert_same_splits(got: dict, expected: dict) -> None:
+    """Every count-derived figure bit-identical; CNA (a float sum from onnxruntime) to 1e-9."""
+    assert set(got) == set(expected)
+    for name in expected:
+        a, b = dict(got[name]), dict(expected[name])
+        assert a.pop("cna") == pytest.approx(b.pop("cna"), rel=1e-9, abs=1e-12)
+        assert a == b, name
+
+
+@pytest.fixture(scope="module")
+def lenet_prepared() -> Prepared:
+    return prepare(lenet_model(), device="cpu")
+
+
+def test_batch_size_invariance_on_mnist(lenet_prepared: Prepared) -> None:
+    datasets = open_splits("mnist", "test", limit=600)
+    results = [audit(lenet_prepared, tagged(datasets, size), CPU).to_dict() for size in (600, 64, 7)]
+    assert results[0]["splits"]["test"]["samples"] == 600
+    assert [layer["positions"] for layer in results[0]["splits"]["test"]["layers"]] == [576, 64, 1]
+    assert results[1]["splits"] == results[0]["splits"]  # batch starts keep their memory alignment
+    for other in results[1:]:
+        assert_same_splits(other["splits"], results[0]["splits"])
+        assert other["warnings"] == results[0]["warnings"]
+
+
+def test_interleaved_splits_merge_like_one_pass(lenet_prepared: Prepared) -> None:
+    train, test = open_splits("mnist", "both", limit=90)
+    one = audit(lenet_prepared, tagged([train, test], 90), CPU).to_dict()
+    pieces = zip(train.batches(20), test.batches(20), strict=True)
+    interleaved = [item for a, b in pieces for item in (("train", a), ("test", b))]
+    two = audit(lenet_prepared, interleaved, CPU).to_dict()
+    assert_same_splits(two["splits"], one["splits"])
+    assert two["cna_margin"] == pytest.approx(one["cna_margin"], rel=1e-9)
+
+
+def test_fixed_batch_model_is_padded_and_matches_dynamic(lenet_prepared: Prepared) -> None:
+    fixed = prepare(lenet_model(batch=4), device="cpu")
+    assert fixed.structure.input.shape[0] == 4
+    datasets = open_splits("mnist", "test", limit=50)
+    expected = audit(lenet_prepared, tagged(datasets, 50), CPU).to_dict()["splits"]
+    for size in (10, 4, 3, 50):  # chunks with and without a zero-padded tail
+        assert_same_splits(audit(fixed, tagged(datasets, size), CPU).to_dict()["splits"], expected)
+
+
+# --- Refusals: one line, the right kind -------------------------------------------------------
+
+
+def test_missing_model_path(tmp_path: Path) -> None:
+    refused(ModelError, lambda: prepare(tmp_path / "nope.onnx"), "not found", "nope.onnx")
+
+
+def test_empty_model_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    refused(ModelError, lambda: prepare(tmp_path / "empty.onnx"), "empty")
+
+
+def test_truncated_real_model(tmp_path: Path, shared_models: Path) -> None:
+    raw = (shared_models / "cnn_pytorch25_opset17.onnx").read_bytes()
+    path = tmp_path / "half.onnx"
+    path.write_bytes(raw[: len(raw) // 2])
+    refused(ModelError, lambda: prepare(path), "half.onnx")
+
+
+def test_random_bytes_model(tmp_path: Path) -> None:
+    path = tmp_path / "noise.onnx"
+    path.write_bytes(np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    refused(ModelError, lambda: prepare(path), "noise.onnx")
+    refused(ModelError, lambda: prepare(path.read_bytes()))
+
+
+def test_model_failing_the_checker(tmp_path: Path) -> None:
+    model = dense_model(HAND_LAYERS)
+    model.graph.node.insert(0, helper.make_node("Relu", ["undefined_tensor"], ["dangling"]))
+    path = save(model, tmp_path / "broken.onnx")
+    refused(ModelError, lambda: prepare(path), "onnx.checker", "broken.onnx")
+
+
+def test_external_data_outside_the_folder(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.ones(4, np.float32).tobytes())
+    folder = tmp_path / "model"
+    folder.mkdir()
+    model = dense_model(HAND_LAYERS)
+    tensor = model.graph.initializer[0]
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+    tensor.raw_data = numpy_helper.to_array(tensor).tobytes()
+    tensor.ClearField("float_data")
+    onnx.external_data_helper.set_external_data(tensor, location="../secret.bin", offset=0, length=16)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    path = save(model, folder / "escape.onnx")
+    refused(ModelError, lambda: prepare(path), "outside", "../secret.bin")
+    # and from bytes there is no folder at all to resolve it against
+    refused(ModelError, lambda: prepare(path.read_bytes()), "external data")
+
+
+def test_data_shape_that_cannot_match() -> None:
+    refused(
+        DataError,
+        lambda: run_audit(dense_model(HAND_LAYERS), np.zeros((3, 5), np.float32)),
+        "5 values", "expects 2",
+    )
+
+
+def test_empty_dataset(tmp_path: Path) -> None:
+    path = tmp_path / "empty.npz"
+    np.savez(path, x=np.zeros((0, 2), np.float32), y=np.zeros(0, np.int64))
+    refused(DataError, lambda: open_splits(str(path), "test"), "no samples")
+    refused(DataError, lambda: audit(dense_model(HAND_LAYERS), [], CPU), "empty")
+    refused(DataError, lambda: run_audit(dense_model(HAND_LAYERS), np.zeros((0, 2), np.float32)), "empty")
+
+
+def test_unknown_dataset_name() -> None:
+    refused(NotFoundError, lambda: open_splits("cifar-11", "test"), "unknown dataset", "cifar-11")
+
+
+def test_labels_out_of_range() -> None:
+    model = dense_model(_random_mlp())
+    x = np.zeros((4, 784), np.uint8)
+    refused(DataError, lambda: run_audit(model, x, np.array([0, 1, 10, 2])), "10", "10 classes")
+    refused(DataError, lambda: run_audit(model, x, np.array([0, -1, 3, 2])), "-1")
+
+
+def test_non_integer_labels(tmp_path: Path) -> None:
+    refused(DataError, lambda: run_audit(dense_model(HAND_LAYERS), HAND_X, HAND_Y.astype(np.float64)), "float64")
+    path = tmp_path / "floaty.npz"
+    np.savez(path, x=HAND_X, y=HAND_Y.astype(np.float32))
+    refused(DataError, lambda: open_splits(str(path), "test"), "integers")
+    refused(DataError, lambda: run_audit(dense_model(HAND_LAYERS), HAND_X, HAND_Y[:3]), "label")
+
+
+def test_nan_in_data_is_refused_with_a_count() -> None:
+    x = np.ones((5, 2), np.float32)
+    x[1, 0] = x[3, 1] = np.nan
+    x[4, 0] = np.inf
+    refused(DataError, lambda: run_audit(dense_model(HAND_LAYERS), x), "3 NaN/inf")
+
+
+def test_nan_inside_the_model_is_reported_not_hidden() -> None:
+    # pre-activation of the first layer = Gemm(x) + Log(x): NaN wherever x < 0
+    inits = [
+        numpy_helper.from_array(np.eye(2, dtype=np.float32), "W1"),
+        numpy_helper.from_array(np.eye(2, dtype=np.float32), "W2"),
+        numpy_helper.from_array(np.ones((2, 2), np.float32), "W3"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1"], ["g1"]),
+        helper.make_node("Log", ["x"], ["logx"]),
+        helper.make_node("Add", ["g1", "logx"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("Gemm", ["a1", "W2"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["a2"]),
+        helper.make_node("Gemm", ["a2", "W3"], ["logits"]),
+    ]
+    model = _model(
+        nodes, inits,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+    )
+    x = np.array([[0.5, 0.5], [0.25, -0.5], [0.75, 0.75], [0.5, 0.25], [-0.25, 0.5]], np.float32)
+    report = run_audit(model, x, np.zeros(5, np.int64))
+    assert report.splits["test"].layers[0].name == "h1"
+    text = " ".join(report.warnings)
+    assert "NaN" in text
+    assert any("'h1'" in w and "NaN" in w and "2 samples" in w for w in report.warnings), report.warnings
+
+
+def _strict_json(text: str) -> dict:
+    """Parse JSON as RFC 8259 does: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"report JSON holds {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_outputs_leave_cna_margin_null_and_the_json_valid() -> None:
+    # hidden layers stay finite; the logits get + Log(x₀), NaN for the samples with x₀ < 0
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.standard_normal((6, 5)).astype(np.float32), "W2"),
+        numpy_helper.from_array(rng.standard_normal((5, 3)).astype(np.float32), "W3"),
+        numpy_helper.from_array(np.array([0, 0, 0], np.int64), "first"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("Gemm", ["a1", "W2"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["a2"]),
+        helper.make_node("Gemm", ["a2", "W3"], ["g3"]),
+        helper.make_node("Gather", ["x", "first"], ["x0"], axis=1),
+        helper.make_node("Log", ["x0"], ["log_x0"]),
+        helper.make_node("Add", ["g3", "log_x0"], ["logits"]),
+    ]
+    model = _model(
+        nodes, inits,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+    )
+    x = rng.random((40, 4)).astype(np.float32)
+    x[::8, 0] = -0.5  # 5 samples per split
+    y = rng.integers(0, 3, 40)
+    config = AuditConfig(device="cpu", cna_include_output_layer=False, margin_fraction=1.0)
+    report = audit(model, [("train", Batch(x, y)), ("test", Batch(x[::-1].copy(), y[::-1].copy()))], config)
+    assert report.splits["train"].cna is not None  # β comes from the finite hidden layers only
+    assert report.cna_margin is None
+    assert "train: the model output held 15 NaN/inf values" in report.warnings
+    assert any("'logits'" in w and "5 samples" in w for w in report.warnings), report.warnings
+    assert any(w.startswith("CNA-Margin is null") and "NaN" in w for w in report.warnings), report.warnings
+    _strict_json(report.to_json())
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"beta": math.inf}, {"beta": math.nan}, {"mean": math.nan}, {"std": math.inf}, {"scale": math.nan},
+     {"alpha_range": (0.0, math.inf)}],
+)
+def test_non_finite_settings_are_refused(setting: dict) -> None:
+    refused(AuditError, lambda: AuditConfig(**setting), "finite")
+
+
+# --- Progress and cancellation ----------------------------------------------------------------
+
+
+def test_cancelled_audit_raises() -> None:
+    datasets = open_splits("mnist", "test", limit=64)
+    refused(
+        CancelledError,
+        lambda: audit(dense_model(_random_mlp()), tagged(datasets, 16), CPU, cancelled=lambda: True),
+        "cancelled",
+    )
+
+
+def test_cancelled_midway_stops_the_audit() -> None:
+    calls = Counter()
+
+    def cancelled() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    datasets = open_splits("mnist", "test", limit=200)
+    message = refused(
+        CancelledError,
+        lambda: audit(dense_model(_random_mlp()), tagged(datasets, 20), CPU, cancelled=cancelled),
+    )
+    assert "after 40 samples" in message
+
+
+def test_progress_counts_increase_per_split() -> None:
+    seen: list[tuple[str, int]] = []
+    datasets = open_splits("mnist", "both", limit=50)
+    report = audit(
+        dense_model(_random_mlp()), tagged(datasets, 16), CPU, progress=lambda s, n: seen.append((s, n))
+    )
+    for name in ("train", "test"):
+        counts = [n for s, n in seen if s == name]
+        assert counts == [16, 32, 48, 50]
+        assert report.splits[name].samples == 50

@@ -1,0 +1,409 @@
+"""The ``auditor`` command: exit codes 0/1/2, what goes to stdout and stderr, JSON and JUnit files.
+
+Most runs call ``auditor.cli.main`` in-process (it returns the exit code); a few run
+``python -m auditor.cli`` as a real subprocess where the process boundary itself matters.
+Everything runs on the real MNIST files and real onnxruntime sessions.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from auditor.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "lenet300_11_4.onnx"
+SCHEMA_KEYS = ["schema", "model", "providers", "splits", "cna_margin", "config", "warnings"]
+SPLIT_KEYS = {"samples", "accuracy", "layers", "network_efficiency", "aiq", "beta", "cna"}
+PROGRESS_MARKS = ("\r", "█", "it/s", "sample/s", "%|")
+
+
+def _build_mlp(path: Path) -> Path:
+    """A small MLP for MNIST with random weights: 784 → 16 → Relu → 8 → Relu → 10."""
+    rng = np.random.default_rng(0)
+    sizes = [784, 16, 8, 10]
+    nodes, inits, current = [], [], "flat"
+    nodes.append(helper.make_node("Flatten", ["input"], ["flat"], axis=1))
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes), 1):
+        inits += [
+            numpy_helper.from_array((rng.standard_normal((n_in, n_out)) * 0.2).astype(np.float32), f"W{i}"),
+            numpy_helper.from_array((rng.standard_normal(n_out) * 0.1).astype(np.float32), f"B{i}"),
+        ]
+        out = "logits" if n_out == 10 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [current, f"W{i}", f"B{i}"], [out]))
+        if out != "logits":
+            nodes.append(helper.make_node("Relu", [out], [f"a{i}"]))
+            current = f"a{i}"
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small trained example model when it is in the checkout, else a built one."""
+    if EXAMPLE.is_file():
+        return EXAMPLE
+    return _build_mlp(tmp_path_factory.mktemp("cli") / "mlp.onnx")
+
+
+@pytest.fixture(scope="module")
+def both_report(model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The JSON report of ``auditor audit MODEL --data mnist --split both --limit 300``."""
+    out = tmp_path_factory.mktemp("report") / "out.json"
+    assert main(["audit", str(model), "--data", "mnist", "--split", "both", "--limit", "300", "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], code: int, *fragments: str) -> str:
+    """Exit 2 with one line on stderr, no traceback, nothing on stdout."""
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("auditor: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def cli(*args: str, stderr: int | None = subprocess.PIPE, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m auditor.cli ARGS`` as a real subprocess (stdout and stderr piped, so not TTYs)."""
+    return subprocess.run(
+        [sys.executable, "-m", "auditor.cli", *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=timeout, env=dict(os.environ),
+    )
+
+
+# --- auditor layers ---------------------------------------------------------------------------
+
+
+def test_layers_table(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["layers", str(model), "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert main(["layers", str(model)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out[0].split()
+    assert header[0] == "#"
+    assert header[2:] == ["op", "activation", "role", "neurons", "positions"]
+    rows = [line.split() for line in out[1:]]
+    assert rows == [
+        [str(i), layer["name"], layer["op"], layer["activation"] or "-", layer["role"], str(layer["neurons"]),
+         str(layer["positions"])]
+        for i, layer in enumerate(layers, 1)
+    ]
+    assert [r[4] for r in rows] == ["hidden", "hidden", "output"]
+
+
+def test_layers_json(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["layers", str(model), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["input"] == "input"
+    assert [layer["role"] for layer in data["layers"]] == ["hidden", "hidden", "output"]
+    assert all(layer["op"] == "Gemm" and layer["positions"] == 1 for layer in data["layers"])
+    assert data["layers"][-1]["neurons"] == 10 and data["layers"][-1]["activation"] is None
+
+
+# --- auditor audit ----------------------------------------------------------------------------
+
+
+def test_audit_writes_json_and_prints_the_table(model: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out.json"
+    code = main(["audit", str(model), "--data", "mnist", "--split", "both", "--limit", "300", "--json", str(out)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "train: 300 samples" in stdout and "test: 300 samples" in stdout
+    assert "aIQ (beta=2, 0-1 scale)" in stdout and "CNA-Margin" in stdout
+    data = json.loads(out.read_text())
+    assert list(data) == SCHEMA_KEYS
+    assert data["schema"] == "auditor.report/v1"
+    assert data["model"]["name"] == model.name
+    assert data["providers"][-1] == "CPUExecutionProvider"
+    assert set(data["splits"]) == {"train", "test"}
+    for split in data["splits"].values():
+        assert set(split) == SPLIT_KEYS
+        assert split["samples"] == 300
+        assert len(split["layers"]) == 2  # the output layer is left out of efficiency by default
+        assert 0 <= split["accuracy"] <= 1
+    assert data["cna_margin"]["cna_margin_max"] == data["cna_margin"]["margin_max"] * data["cna_margin"]["area"]
+    assert data["config"]["beta"] == 2.0 and data["config"]["include_output_layer"] is False
+
+
+def test_audit_options_reach_the_config(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    args = [
+        "audit", str(model), "--data", "mnist", "--limit", "60", "--json", str(out), "--beta", "0.5",
+        "--include-output-layer", "--cna-exclude-output-layer", "--aggregate", "mean", "--batch-size", "7",
+        "--target-efficiency", "0.5", "--margin-fraction", "0.2", "--device", "cpu",
+    ]
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    config = data["config"]
+    assert (config["beta"], config["aggregate"], config["batch_size"]) == (0.5, "mean", 7)
+    assert (config["include_output_layer"], config["cna_include_output_layer"]) == (True, False)
+    assert (config["target_efficiency"], config["margin_fraction"], config["device"]) == (0.5, 0.2, "cpu")
+    (split,) = data["splits"].values()
+    assert len(split["layers"]) == 3 and split["beta"] == 0.5
+    assert list(data["splits"]) == ["test"]  # the default split
+    assert data["providers"] == ["CPUExecutionProvider"]
+
+
+def test_audit_json_to_stdout_prints_only_json(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", str(model), "--data", "mnist", "--limit", "50", "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(out)  # the whole of stdout is the one JSON document
+    assert list(data) == SCHEMA_KEYS
+    assert data["splits"]["test"]["samples"] == 50
+    assert err == ""
+
+
+# --- auditor gate -----------------------------------------------------------------------------
+
+
+def _gate(model: Path, *thresholds: str) -> list[str]:
+    return ["gate", str(model), "--data", "mnist", "--split", "both", "--limit", "300", *thresholds]
+
+
+def test_gate_passes(model: Path, both_report: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    test = both_report["splits"]["test"]
+    code = main(_gate(
+        model, "--min-aiq", f"{test['aiq'] - 0.01}", "--min-accuracy", f"{test['accuracy'] - 0.01}",
+        "--min-efficiency", "0", "--max-cna-margin", f"{both_report['cna_margin']['cna_margin_max'] + 0.01}",
+    ))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "gate passed: 4/4 thresholds met" in out
+    assert "FAIL" not in out
+
+
+def test_gate_fails_and_names_the_metric(model: Path, both_report: dict, capsys) -> None:
+    aiq = both_report["splits"]["test"]["aiq"]
+    assert aiq < 0.99
+    assert main(_gate(model, "--min-aiq", "0.99")) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL aiq on test: {aiq:.4f} (needs >= 0.99)" in out
+    assert "gate FAILED: 0/1 thresholds met" in out
+
+
+def test_gate_on_the_train_split(model: Path, both_report: dict, capsys) -> None:
+    accuracy = both_report["splits"]["train"]["accuracy"]
+    assert main(_gate(model, "--gate-split", "train", "--min-accuracy", "1.01")) == 1
+    assert f"FAIL accuracy on train: {accuracy:.4f} (needs >= 1.01)" in capsys.readouterr().out
+
+
+def test_gate_junit(model: Path, both_report: dict, tmp_path: Path, capsys) -> None:
+    junit = tmp_path / "gate.xml"
+    accuracy = both_report["splits"]["test"]["accuracy"]
+    code = main(_gate(
+        model, "--min-aiq", "0.99", "--min-accuracy", f"{accuracy - 0.05}", "--max-cna-margin", "1000",
+        "--junit", str(junit),
+    ))
+    assert code == 1
+    capsys.readouterr()
+    root = ET.parse(junit).getroot()
+    assert root.tag == "testsuites"
+    assert (root.get("tests"), root.get("failures")) == ("3", "1")
+    (suite,) = root.findall("testsuite")
+    assert (suite.get("tests"), suite.get("failures")) == ("3", "1")
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == [
+        "aiq >= 0.99", f"accuracy >= {accuracy - 0.05:g}", "cna_margin_max <= 1000",
+    ]
+    failed = [c for c in cases if c.find("failure") is not None]
+    assert [c.get("name") for c in failed] == ["aiq >= 0.99"]
+    assert "FAIL aiq on test" in failed[0].find("failure").get("message")
+    assert "test: 300 samples" in suite.find("system-out").text
+
+
+def test_gate_json_to_stdout_moves_the_verdict_to_stderr(model: Path, capsys) -> None:
+    assert main(["gate", str(model), "--data", "mnist", "--limit", "50", "--min-aiq", "0.99", "--json", "-"]) == 1
+    out, err = capsys.readouterr()
+    assert list(json.loads(out)) == SCHEMA_KEYS
+    assert "FAIL aiq on test" in err and "gate FAILED" in err
+
+
+def test_gate_without_thresholds(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["gate", str(model), "--data", "mnist", "--limit", "50"])
+    one_line_error(capsys, code, "at least one threshold")
+
+
+def test_gate_on_a_split_not_audited(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["gate", str(model), "--data", "mnist", "--limit", "50", "--min-aiq", "0.1", "--gate-split", "train"])
+    one_line_error(capsys, code, "'train'", "--gate-split")
+
+
+# --- Bad input: exit 2, one line on stderr ----------------------------------------------------
+
+
+def test_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["audit", str(tmp_path / "nope.onnx"), "--data", "mnist", "--limit", "10"])
+    one_line_error(capsys, code, "not found", "nope.onnx")
+    one_line_error(capsys, main(["layers", str(tmp_path / "nope.onnx")]), "not found")
+
+
+def test_random_bytes_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "noise.onnx"
+    path.write_bytes(np.random.default_rng(5).integers(0, 256, 2048, dtype=np.uint8).tobytes())
+    one_line_error(capsys, main(["audit", str(path), "--data", "mnist", "--limit", "10"]), "noise.onnx")
+    one_line_error(capsys, main(["layers", str(path)]), "noise.onnx")
+
+
+def test_unknown_dataset(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    one_line_error(capsys, main(["audit", str(model), "--data", "imagenet-22k"]), "unknown dataset", "imagenet-22k")
+
+
+@pytest.mark.parametrize(
+    ("option", "fragment"),
+    [(["--limit", "0"], "--limit"), (["--limit", "-3"], "--limit"), (["--beta", "-1"], "beta"),
+     (["--beta", "0"], "beta"), (["--batch-size", "0"], "batch size"), (["--std", "0"], "std"),
+     (["--margin-fraction", "0"], "margin fraction"), (["--alpha-range", "1", "0"], "alpha range"),
+     (["--beta", "inf"], "beta must be a finite number"), (["--mean", "nan"], "mean must be a finite number"),
+     (["--std", "inf"], "std"), (["--scale", "nan"], "scale"), (["--alpha-range", "0", "inf"], "alpha range")],
+)
+def test_bad_option_values(model: Path, capsys, option: list[str], fragment: str) -> None:
+    one_line_error(capsys, main(["audit", str(model), "--data", "mnist", *option]), fragment)
+
+
+def test_wrong_shape_data(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "wide.npz"
+    np.savez(data, x=np.zeros((6, 5), np.float32), y=np.arange(6) % 10)
+    one_line_error(capsys, main(["audit", str(model), "--data", str(data)]), "expects 1×28×28")
+
+
+def test_labels_out_of_range_in_a_file(model: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "bad_labels.npz"
+    np.savez(data, x=np.zeros((6, 28, 28), np.uint8), y=np.array([0, 1, 2, 10, 4, 5]))
+    one_line_error(capsys, main(["audit", str(model), "--data", str(data)]), "10 classes")
+
+
+def test_npz_data_audits(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "two.npz"
+    rng = np.random.default_rng(2)
+    np.savez(
+        data, x_train=rng.integers(0, 256, (30, 28, 28), dtype=np.uint8), y_train=rng.integers(0, 10, 30),
+        x_test=rng.integers(0, 256, (26, 28, 28), dtype=np.uint8), y_test=rng.integers(0, 10, 26),
+    )
+    assert main(["audit", str(model), "--data", str(data), "--split", "both", "--json", "-"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["splits"]["train"]["samples"], report["splits"]["test"]["samples"]) == (30, 26)
+    assert report["cna_margin"] is not None
+
+
+def test_unwritable_output_files(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no" / "such" / "folder"
+    code = main(["audit", str(model), "--data", "mnist", "--limit", "20", "--json", str(missing / "out.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "out.json" in err and "Traceback" not in err
+    code = main(["gate", str(model), "--data", "mnist", "--limit", "20", "--min-aiq", "0", "--junit",
+                 str(missing / "gate.xml")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "gate.xml" in err
+
+
+def test_reports_needs_a_server(capsys: pytest.CaptureFixture[str]) -> None:
+    one_line_error(capsys, main(["reports"]), "--server")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["frobnicate"], ["audit"], ["audit", "m.onnx"], ["audit", "m.onnx", "--data", "mnist", "--limit", "ten"],
+     ["audit", "m.onnx", "--data", "mnist", "--split", "validation"], ["gate", "m.onnx", "--data", "mnist",
+     "--min-aiq", "high"]],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: auditor" in err and "Traceback" not in err
+
+
+# --- Real subprocesses ------------------------------------------------------------------------
+
+
+def test_subprocess_audit_has_no_progress_bar_without_a_tty(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    run = cli("audit", str(model), "--data", "mnist", "--split", "both", "--limit", "300", "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""
+    assert not any(mark in run.stderr for mark in PROGRESS_MARKS)
+    assert "test: 300 samples" in run.stdout
+    assert json.loads(out.read_text())["schema"] == "auditor.report/v1"
+
+
+def _run_with_terminal_stderr(*args: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Run the CLI with stderr on a pseudo-terminal of 24×100 (tqdm draws nothing 0 columns wide)."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO once the child has exited and the terminal is closed
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        run = cli(*args, stderr=follower)
+    finally:
+        os.close(follower)
+        reader.join(timeout=10)
+        os.close(leader)
+    return run, b"".join(chunks).decode(errors="replace")
+
+
+def test_subprocess_progress_bar_only_on_a_terminal(model: Path) -> None:
+    args = ("audit", str(model), "--data", "mnist", "--limit", "300", "--batch-size", "100")
+    run, err = _run_with_terminal_stderr(*args)
+    assert run.returncode == 0, err
+    assert "%|" in err and "300/300" in err
+    assert "%|" not in run.stdout and "\r" not in run.stdout and "test: 300 samples" in run.stdout
+    run, err = _run_with_terminal_stderr(*args, "--no-progress")
+    assert run.returncode == 0, err
+    assert not any(mark in err for mark in PROGRESS_MARKS if mark != "\r"), err
+
+
+def test_subprocess_exit_codes(model: Path, tmp_path: Path) -> None:
+    missing = cli("audit", str(tmp_path / "nope.onnx"), "--data", "mnist")
+    assert missing.returncode == 2
+    assert missing.stdout == ""
+    assert missing.stderr.count("\n") == 1 and "not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    usage = cli("audit", str(model))
+    assert usage.returncode == 2 and "usage: auditor" in usage.stderr and "--data" in usage.stderr
+
+    failed = cli("gate", str(model), "--data", "mnist", "--limit", "100", "--min-aiq", "0.99")
+    assert failed.returncode == 1, failed.stderr
+    assert "FAIL aiq on test" in failed.stdout
