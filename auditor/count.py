@@ -86,6 +86,8 @@ class SortedStore:
 
     def _combine(self, keys: np.ndarray, counts: np.ndarray) -> None:
         """Add distinct keys with counts to those held, summing the counts of equal keys."""
+        if not len(keys):  # an empty store: nothing to add (its 1-D uint64 stub must not meet 2-D rows)
+            return
         if self.keys is None:
             self.keys, self.counts = keys, counts
             return

@@ -176,7 +176,12 @@ def expose(model: onnx.ModelProto, structure: Structure, aggregate: str = "sum")
         sum_nodes, sum_inits, sum_name = _sum_nodes(layer, dtypes.get(layer.name), aggregate, structure.opset, prefix)
         graph.node.extend(nodes + sum_nodes)
         graph.initializer.extend(inits + sum_inits)
-        graph.output.extend([_output(key_name, TensorProto.INT32, layer.rank), _output(sum_name, TensorProto.FLOAT, 1)])
+        if exposed.ir_version < 4:  # IR 3 requires every initializer to be listed among the inputs
+            graph.input.extend(
+                helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits + sum_inits
+            )
+        key_rank = layer.rank if group_axis == -1 else 3  # (batch, groups, positions) when not last
+        graph.output.extend([_output(key_name, TensorProto.INT32, key_rank), _output(sum_name, TensorProto.FLOAT, 1)])
         keys.append(key_name)
         sums.append(sum_name)
         groups.append(layout)

@@ -1,0 +1,165 @@
+"""Small real ONNX models built with ``onnx.helper`` for the graph and counting tests.
+
+Every model here passes ``onnx.checker`` and runs in onnxruntime; weights are fixed by a seed so
+that a test's numbers never change between runs. The reference helpers compute layer states the
+slow, obvious way (SPEC §2) from tensors that onnxruntime itself produced.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+FLOAT = TensorProto.FLOAT
+FLOAT16 = TensorProto.FLOAT16
+IR_VERSION = 8  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 would write 14 (FIELD-NOTES)
+
+
+class Net:
+    """A graph under construction: each method adds nodes and returns the name of their output.
+
+    ``dtype`` is the element type of the input and of every weight (FLOAT or FLOAT16).
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int | str | None] = ("batch", 4),
+        *,
+        input_name: str = "x",
+        dtype: int = FLOAT,
+        opset: int = 13,
+        seed: int = 0,
+    ) -> None:
+        self.dtype = dtype
+        self.np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+        self.opset = opset
+        self.inputs = [helper.make_tensor_value_info(input_name, dtype, list(shape))]
+        self.input = input_name
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.rng = np.random.default_rng(seed)
+        self.count = 0
+
+    def _name(self, stem: str) -> str:
+        self.count += 1
+        return f"{stem}{self.count}"
+
+    def const(self, value: object, stem: str = "w", *, dtype: object = None) -> str:
+        """An initializer holding ``value`` (in the net's dtype unless ``dtype`` says otherwise)."""
+        name = self._name(stem)
+        array = np.asarray(value, dtype=dtype or self.np_dtype)
+        self.inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs: object) -> str:
+        """One node; its single output is named ``out`` or after the op."""
+        name = out or self._name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], **attrs))
+        return name
+
+    def random(self, *shape: int) -> np.ndarray:
+        return self.rng.standard_normal(shape).astype(self.np_dtype)
+
+    def dense(
+        self, x: str, n_in: int, n_out: int, *, weight: object = None, bias: bool = True, out: str | None = None
+    ) -> str:
+        """``Gemm(x, W, b)`` with ``W`` of shape (n_in, n_out): random unless ``weight`` is given."""
+        w = self.const(self.random(n_in, n_out) if weight is None else weight)
+        inputs = [x, w, self.const(self.random(n_out) * 0.5, "b")] if bias else [x, w]
+        return self.op("Gemm", *inputs, out=out)
+
+    def matmul(self, x: str, n_in: int, n_out: int, *, out: str | None = None) -> str:
+        """``Add(MatMul(x, W), b)``: a dense layer as PyTorch and Keras often export it."""
+        product = self.op("MatMul", x, self.const(self.random(n_in, n_out)))
+        return self.op("Add", product, self.const(self.random(n_out) * 0.5, "b"), out=out)
+
+    def conv(self, x: str, c_in: int, c_out: int, *, kernel: int = 3, bias: bool = True, out: str | None = None) -> str:
+        """A same-padded ``Conv`` with a random ``kernel``×``kernel`` filter bank."""
+        w = self.const(self.random(c_out, c_in, kernel, kernel) / kernel)
+        inputs = [x, w, self.const(self.random(c_out) * 0.5, "b")] if bias else [x, w]
+        pad = kernel // 2
+        return self.op("Conv", *inputs, out=out, pads=[pad] * 4)
+
+    def build(self, *outputs: str, ir_version: int = IR_VERSION, inits_as_inputs: bool = False) -> onnx.ModelProto:
+        """The finished, checked model with ``outputs`` as its graph outputs.
+
+        ``inits_as_inputs`` also lists every initializer as a graph input, as IR 3 requires.
+        """
+        inputs = list(self.inputs)
+        if inits_as_inputs:
+            inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in self.inits]
+        graph = helper.make_graph(
+            self.nodes,
+            "test",
+            inputs,
+            [helper.make_tensor_value_info(name, self.dtype, None) for name in outputs],
+            self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], ir_version=ir_version)
+        # The checker wants a shape on every graph output: let shape inference fill them in.
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        del model.graph.value_info[:]
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def mlp(
+    widths: Sequence[int], *, activation: str = "Relu", head: str | None = None, seed: int = 0, opset: int = 13
+) -> onnx.ModelProto:
+    """``Gemm → activation → … → Gemm`` with layer widths ``widths`` (input first, logits last)."""
+    net = Net(("batch", widths[0]), seed=seed, opset=opset)
+    x = net.input
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+        last = i == len(widths) - 2
+        x = net.dense(x, n_in, n_out, out="logits" if last else f"pre{i + 1}")
+        if not last:
+            x = net.op(activation, x, out=f"act{i + 1}")
+    if head is not None:
+        x = net.op(head, x, out="probs", axis=-1)
+    return net.build(x)
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+    """Run ``model`` on ``x`` in onnxruntime and return the tensors ``names``, intermediate or not.
+
+    Intermediate tensors are made graph outputs on a copy, which also blocks the fusions that
+    would otherwise hide them (FIELD-NOTES).
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output}
+    dtypes = _dtypes(copy)
+    for name in names:
+        if name not in present:
+            copy.graph.output.append(helper.make_tensor_value_info(name, dtypes.get(name, FLOAT), None))
+    session = ort.InferenceSession(copy.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(list(names), {session.get_inputs()[0].name: x})
+
+
+def _dtypes(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    return {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type}
+
+
+def state_rows(pre_activation: np.ndarray, axis: int) -> np.ndarray:
+    """SPEC §2: one row of N firing bits (``> 0``) per (sample, position)."""
+    bits = np.moveaxis(np.asarray(pre_activation) > 0, axis, -1)
+    return bits.reshape(-1, bits.shape[-1])
+
+
+def reference_counts(pre_activation: np.ndarray, axis: int) -> np.ndarray:
+    """The sorted count of each distinct state, by ``np.unique`` over whole bit rows."""
+    rows = state_rows(pre_activation, axis)
+    return np.sort(np.unique(rows, axis=0, return_counts=True)[1])
+
+
+def reference_entropy(counts: np.ndarray) -> float:
+    """``−Σ p log2 p`` in bits, straight from the definition."""
+    p = np.asarray(counts, np.float64) / np.sum(counts)
+    return float(-(p * np.log2(p)).sum())

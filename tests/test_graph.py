@@ -1,0 +1,751 @@
+"""SPEC §1 (which tensors are layers) on hand-built graphs, exported models and real models.
+
+Every model is a real ONNX graph; where a test audits one, it runs in a real onnxruntime
+session and the figures are checked against states counted from onnxruntime's own tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from models import (
+    FLOAT,
+    FLOAT16,
+    Net,
+    mlp,
+    reference_counts,
+    reference_entropy,
+    run,
+)
+from onnx import external_data_helper, helper, numpy_helper
+
+from auditor.audit import audit, prepare
+from auditor.config import AuditConfig
+from auditor.data import Batch
+from auditor.errors import ModelError
+from auditor.graph import Layer, describe, expose, find_layers, word_groups
+from auditor.modelfile import load_model
+
+SHARED_MODELS = (
+    "mnist-8_cntk_opset8",
+    "cnn_pytorch25_opset17",
+    "qdq_int8_pytorch21_opset17",
+    "squeezenet1.0_fp16_opset7",
+    "light_resnet50_opset9",
+)
+
+
+def summary(layers: list[Layer]) -> list[tuple[object, ...]]:
+    """What SPEC §1 decides about each layer, in depth order."""
+    return [(lay.name, lay.op, lay.activation, lay.role, lay.axis, lay.neurons, lay.positions) for lay in layers]
+
+
+def audited(model: onnx.ModelProto | str | Path, x: np.ndarray, **config: object):
+    """The report's layer figures for one split of data ``x``."""
+    report = audit(model, [("test", Batch(x))], AuditConfig(**config))  # type: ignore[arg-type]
+    return report.splits["test"].layers
+
+
+def assert_states(stats, pre_activation: np.ndarray, axis: int) -> None:
+    """The report's figures for one layer equal the states counted by np.unique."""
+    counts = reference_counts(pre_activation, axis)
+    assert stats.states_total == counts.sum()
+    assert stats.states_distinct == len(counts)
+    assert stats.entropy_bits == pytest.approx(reference_entropy(counts), rel=1e-12, abs=1e-12)
+
+
+def refusal(call, *fragments: str) -> str:
+    """Run ``call``; it must raise a one-line ModelError holding every fragment."""
+    with pytest.raises(ModelError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- Hidden layers and the output layer ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("head", "probability"), [(None, False), ("Softmax", True), ("LogSoftmax", False)])
+def test_gemm_relu_gemm_has_one_hidden_layer_and_the_output_layer(head: str | None, probability: bool) -> None:
+    """The last Gemm is the output layer, directly or behind (Log)Softmax; it is never hidden."""
+    model = mlp([4, 5, 3], head=head)
+    structure = describe(model)
+    assert summary(structure.layers) == [
+        ("pre1", "Gemm", "Relu", "hidden", 1, 5, 1),
+        ("logits", "Gemm", None, "output", 1, 3, 1),
+    ]
+    assert structure.output == ("probs" if head else "logits")
+    assert structure.output_layer is not None and structure.output_layer.name == "logits"
+    assert structure.output_is_probability is probability
+    assert structure.input.name == "x" and structure.input.dtype == np.float32
+    assert [lay.depth for lay in structure.layers] == sorted(lay.depth for lay in structure.layers)
+
+
+def test_output_layer_is_left_out_of_efficiency_unless_asked() -> None:
+    model = mlp([4, 5, 6, 3])
+    x = np.random.default_rng(1).standard_normal((50, 4)).astype(np.float32)
+    assert [s.name for s in audited(model, x)] == ["pre1", "pre2"]
+    assert [s.name for s in audited(model, x, include_output_layer=True)] == ["pre1", "pre2", "logits"]
+
+
+def test_depth_order_follows_the_node_list() -> None:
+    model = mlp([3, 4, 5, 6, 7, 2])
+    layers = find_layers(model)
+    assert [lay.name for lay in layers] == ["pre1", "pre2", "pre3", "pre4", "logits"]
+    assert [lay.neurons for lay in layers] == [4, 5, 6, 7, 2]
+    depths = [lay.depth for lay in layers]
+    assert depths == sorted(depths) and len(set(depths)) == len(depths)
+
+
+def test_matmul_add_relu_walks_through_the_bias_add() -> None:
+    net = Net(("batch", 4))
+    h = net.matmul(net.input, 4, 6, out="pre")
+    logits = net.matmul(net.op("Relu", h), 6, 3, out="logits")
+    assert summary(find_layers(net.build(logits))) == [
+        ("pre", "MatMul", "Relu", "hidden", 1, 6, 1),
+        ("logits", "MatMul", None, "output", 1, 3, 1),
+    ]
+
+
+# (op, opset, attributes); PRelu also gets a slope initializer.
+ACTIVATION_CASES = [
+    ("Relu", 13, {}),
+    ("LeakyRelu", 13, {"alpha": 0.1}),
+    ("PRelu", 13, {}),
+    ("Elu", 13, {}),
+    ("Selu", 13, {}),
+    ("Celu", 13, {}),
+    ("Sigmoid", 13, {}),
+    ("Tanh", 13, {}),
+    ("HardSigmoid", 13, {}),
+    ("Softplus", 13, {}),
+    ("Softsign", 13, {}),
+    ("ThresholdedRelu", 13, {"alpha": 0.5}),
+    ("Mish", 18, {}),
+    ("Gelu", 20, {}),
+    ("HardSwish", 14, {}),
+]
+
+
+@pytest.mark.parametrize(("activation", "opset", "attrs"), ACTIVATION_CASES, ids=[c[0] for c in ACTIVATION_CASES])
+def test_every_listed_activation_marks_a_layer(activation: str, opset: int, attrs: dict) -> None:
+    """Each SPEC activation makes its input a layer, and the exposed model runs and counts it."""
+    net = Net(("batch", 4), opset=opset)
+    h = net.dense(net.input, 4, 6, out="pre")
+    slope = [net.const(np.full(6, 0.25, np.float32), "slope")] if activation == "PRelu" else []
+    logits = net.dense(net.op(activation, h, *slope, **attrs), 6, 3, out="logits")
+    model = net.build(logits)
+    assert summary(find_layers(model)) == [
+        ("pre", "Gemm", activation, "hidden", 1, 6, 1),
+        ("logits", "Gemm", None, "output", 1, 3, 1),
+    ]
+    x = np.random.default_rng(2).standard_normal((40, 4)).astype(np.float32)
+    (pre,) = run(model, x, ["pre"])
+    (stats,) = audited(model, x)
+    assert_states(stats, pre, 1)
+
+
+def clip_model(low: float, *, opset: int = 13, as_constant_node: bool = False) -> onnx.ModelProto:
+    """``Gemm → Relu → Gemm → Clip(low, 6) → Gemm``: the second Gemm is a layer only if low ≤ 0."""
+    net = Net(("batch", 4), opset=opset)
+    h1 = net.dense(net.input, 4, 5, out="pre1")
+    h2 = net.dense(net.op("Relu", h1), 5, 5, out="pre2")
+    if opset < 11:
+        clipped = net.op("Clip", h2, min=low, max=6.0)
+    elif as_constant_node:
+        bounds = [net.op("Constant", value=numpy_helper.from_array(np.array(v, np.float32))) for v in (low, 6.0)]
+        clipped = net.op("Clip", h2, *bounds)
+    else:
+        clipped = net.op("Clip", h2, net.const(np.float32(low)), net.const(np.float32(6.0)))
+    return net.build(net.dense(clipped, 5, 3, out="logits"))
+
+
+@pytest.mark.parametrize(
+    ("opset", "as_constant_node"), [(13, False), (13, True), (6, False)], ids=["inputs", "constant-nodes", "attrs"]
+)
+def test_clip_counts_as_an_activation_only_when_its_minimum_is_at_most_zero(opset: int, as_constant_node: bool) -> None:
+    relu6 = find_layers(clip_model(0.0, opset=opset, as_constant_node=as_constant_node))
+    assert [(lay.name, lay.activation, lay.role) for lay in relu6] == [
+        ("pre1", "Relu", "hidden"),
+        ("pre2", "Clip", "hidden"),
+        ("logits", None, "output"),
+    ]
+    shifted = find_layers(clip_model(1.0, opset=opset, as_constant_node=as_constant_node))
+    assert [(lay.name, lay.role) for lay in shifted] == [("pre1", "hidden"), ("logits", "output")]
+
+
+@pytest.mark.parametrize("sigmoid_first", [False, True])
+def test_silu_is_one_layer(sigmoid_first: bool) -> None:
+    """``Mul(x, Sigmoid(x))`` marks x once, whichever input order the Mul has."""
+    net = Net(("batch", 4), opset=13)
+    h = net.dense(net.input, 4, 6, out="pre")
+    gate = net.op("Sigmoid", h)
+    silu = net.op("Mul", gate, h) if sigmoid_first else net.op("Mul", h, gate)
+    model = net.build(net.dense(silu, 6, 3, out="logits"))
+    layers = find_layers(model)
+    assert [(lay.name, lay.op, lay.role) for lay in layers] == [("pre", "Gemm", "hidden"), ("logits", "Gemm", "output")]
+    x = np.random.default_rng(3).standard_normal((30, 4)).astype(np.float32)
+    (pre,) = run(model, x, ["pre"])
+    assert_states(audited(model, x)[0], pre, 1)
+
+
+def erf_gelu(net: Net, x: str) -> str:
+    """The erf-GELU that exporters write: ``0.5 · x · (1 + erf(x / √2))``."""
+    scaled = net.op("Div", x, net.const(np.float32(math.sqrt(2))))
+    plus_one = net.op("Add", net.op("Erf", scaled), net.const(np.float32(1)))
+    return net.op("Mul", net.op("Mul", x, plus_one), net.const(np.float32(0.5)))
+
+
+def test_erf_gelu_marks_its_input_as_a_gelu_layer() -> None:
+    net = Net(("batch", 4), opset=13)
+    h = net.dense(net.input, 4, 6, out="pre")
+    model = net.build(net.dense(erf_gelu(net, h), 6, 3, out="logits"))
+    assert summary(find_layers(model)) == [
+        ("pre", "Gemm", "Gelu", "hidden", 1, 6, 1),
+        ("logits", "Gemm", None, "output", 1, 3, 1),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_pytorch_export_of_gelu_and_silu_is_found() -> None:
+    """The TorchScript exporter's own decompositions of GELU (erf) and SiLU (Sigmoid·x)."""
+    torch = pytest.importorskip("torch")
+    import io
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.GELU(), torch.nn.Linear(6, 5), torch.nn.SiLU(), torch.nn.Linear(5, 3)
+    ).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        net,
+        (torch.zeros(1, 4),),
+        buffer,
+        opset_version=13,
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+    )
+    model = onnx.load_from_string(buffer.getvalue())
+    layers = find_layers(model)
+    assert [(lay.op, lay.role, lay.neurons) for lay in layers] == [
+        ("Gemm", "hidden", 6),
+        ("Gemm", "hidden", 5),
+        ("Gemm", "output", 3),
+    ]
+    assert layers[0].activation == "Gelu"
+
+
+# --- Residuals, normalisation, layouts -------------------------------------------------------
+
+
+@pytest.mark.parametrize("merge", ["Add", "Sum"])
+@pytest.mark.parametrize("skip_first", [False, True])
+def test_residual_merge_feeding_relu_is_a_layer(merge: str, skip_first: bool) -> None:
+    """``Conv → Relu → Conv → Add/Sum(·, skip) → Relu``: the merged tensor is the second layer."""
+    net = Net(("batch", 3, 5, 5))
+    r1 = net.op("Relu", net.conv(net.input, 3, 4, out="c1"))
+    c2 = net.conv(r1, 4, 4, out="c2")
+    merged = net.op(merge, *((r1, c2) if skip_first else (c2, r1)), out="res")
+    model = net.build(net.op("Relu", merged))
+    layers = find_layers(model)
+    assert summary(layers) == [
+        ("c1", "Conv", "Relu", "hidden", 1, 4, 25),
+        ("res", "Conv", "Relu", "hidden", 1, 4, 25),
+    ]
+    x = np.random.default_rng(4).standard_normal((12, 3, 5, 5)).astype(np.float32)
+    c1, res = run(model, x, ["c1", "res"])
+    first, second = audited(model, x)
+    assert_states(first, c1, 1)
+    assert_states(second, res, 1)
+
+
+def test_batch_normalization_between_conv_and_relu() -> None:
+    net = Net(("batch", 2, 4, 4))
+    conv = net.conv(net.input, 2, 5, out="conv")
+    params = [
+        net.const(v, s)
+        for v, s in (
+            (np.ones(5), "scale"),
+            (np.full(5, 0.1), "shift"),
+            (np.full(5, 0.2), "mean"),
+            (np.full(5, 2.0), "var"),
+        )
+    ]
+    bn = net.op("BatchNormalization", conv, *params, out="bn")
+    model = net.build(net.op("Relu", bn))
+    assert summary(find_layers(model)) == [("bn", "Conv", "Relu", "hidden", 1, 5, 16)]
+
+
+def test_channels_last_conv_has_its_neurons_on_the_last_axis() -> None:
+    """Keras-style NHWC export: Transpose → Conv → Transpose → Add(bias) → Relu (SPEC §1)."""
+    net = Net(("batch", 5, 5, 3))
+    nchw = net.op("Transpose", net.input, perm=[0, 3, 1, 2])
+    conv = net.conv(nchw, 3, 6, bias=False)
+    nhwc = net.op("Transpose", conv, perm=[0, 2, 3, 1])
+    pre = net.op("Add", nhwc, net.const(net.random(6) * 0.5, "bias"), out="pre")
+    model = net.build(net.op("Relu", pre))
+    assert summary(find_layers(model)) == [("pre", "Conv", "Relu", "hidden", 3, 6, 25)]
+
+    x = np.random.default_rng(5).standard_normal((40, 5, 5, 3)).astype(np.float32)
+    (tensor,) = run(model, x, ["pre"])
+    (stats,) = audited(model, x)
+    assert (stats.neurons, stats.positions) == (6, 25)
+    assert_states(stats, tensor, 3)
+    # Counting along the wrong axis would give other numbers: the check above has teeth.
+    assert len(reference_counts(tensor, 3)) != len(reference_counts(tensor, 1))
+
+
+def other_linear(kind: str) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    """One layer of another linear op or layout, and the shape of one sample."""
+    if kind == "convtranspose":
+        net = Net(("batch", 3, 4, 4))
+        pre = net.op("ConvTranspose", net.input, net.const(net.random(3, 5, 3, 3)), out="pre")
+        shape: tuple[int, ...] = (3, 4, 4)
+    elif kind == "einsum":
+        net = Net(("batch", 4), opset=13)
+        pre = net.op("Einsum", net.input, net.const(net.random(4, 6)), out="pre", equation="bi,ij->bj")
+        shape = (4,)
+    elif kind == "tokens":
+        net = Net(("batch", 7, 4))
+        pre = net.matmul(net.input, 4, 6, out="pre")
+        shape = (7, 4)
+    else:  # conv1d
+        net = Net(("batch", 3, 9))
+        pre = net.op("Conv", net.input, net.const(net.random(5, 3, 3)), out="pre", pads=[1, 1])
+        shape = (3, 9)
+    return net.build(net.op("Relu", pre)), shape
+
+
+@pytest.mark.parametrize(
+    ("kind", "op", "axis", "neurons", "positions"),
+    [
+        ("convtranspose", "ConvTranspose", 1, 5, 36),
+        ("einsum", "Einsum", 1, 6, 1),
+        ("tokens", "MatMul", 2, 6, 7),
+        ("conv1d", "Conv", 1, 5, 9),
+    ],
+)
+def test_other_linear_ops_and_layouts(kind: str, op: str, axis: int, neurons: int, positions: int) -> None:
+    """ConvTranspose and 1-D Conv count channels; Einsum and token MatMuls count the last axis."""
+    model, shape = other_linear(kind)
+    assert summary(find_layers(model)) == [("pre", op, "Relu", "hidden", axis, neurons, positions)]
+    x = np.random.default_rng(16).standard_normal((25, *shape)).astype(np.float32)
+    (pre,) = run(model, x, ["pre"])
+    (stats,) = audited(model, x)
+    assert (stats.neurons, stats.positions) == (neurons, positions)
+    assert_states(stats, pre, axis)
+
+
+# --- How weights and inputs are stored --------------------------------------------------------
+
+
+def test_initializers_listed_as_inputs_in_old_ir() -> None:
+    """IR 3 / opset 8 models list every initializer among the graph inputs; only x is data."""
+    net = Net(("batch", 4), opset=8)
+    logits = net.dense(net.op("Relu", net.dense(net.input, 4, 5, out="pre")), 5, 3, out="logits")
+    model = net.build(logits, ir_version=3, inits_as_inputs=True)
+    assert len(model.graph.input) == 5
+    structure = describe(model)
+    assert structure.input.name == "x" and structure.input.shape == ("batch", 4)
+    assert summary(structure.layers) == [
+        ("pre", "Gemm", "Relu", "hidden", 1, 5, 1),
+        ("logits", "Gemm", None, "output", 1, 3, 1),
+    ]
+    x = np.random.default_rng(6).standard_normal((30, 4)).astype(np.float32)
+    (pre,) = run(model, x, ["pre"])
+    assert_states(audited(model, x)[0], pre, 1)
+
+
+def test_weights_in_constant_nodes() -> None:
+    net = Net(("batch", 4))
+
+    def constant(array: np.ndarray) -> str:
+        return net.op("Constant", value=numpy_helper.from_array(array.astype(np.float32)))
+
+    product = net.op("MatMul", net.input, constant(net.random(4, 6)))
+    pre = net.op("Add", product, constant(net.random(6)), out="pre")
+    logits = net.op("MatMul", net.op("Relu", pre), constant(net.random(6, 3)), out="logits")
+    model = net.build(logits)
+    assert not model.graph.initializer
+    structure = describe(model)
+    assert structure.input.name == "x"
+    assert summary(structure.layers) == [
+        ("pre", "MatMul", "Relu", "hidden", 1, 6, 1),
+        ("logits", "MatMul", None, "output", 1, 3, 1),
+    ]
+    x = np.random.default_rng(7).standard_normal((30, 4)).astype(np.float32)
+    (tensor,) = run(model, x, ["pre"])
+    assert_states(audited(model, x)[0], tensor, 1)
+
+
+def test_real_qdq_model_layers_are_found_through_the_wrappers(shared_models: Path) -> None:
+    path = shared_models / "qdq_int8_pytorch21_opset17.onnx"
+    layers = find_layers(onnx.load(path))
+    assert [(lay.op, lay.activation, lay.role, lay.neurons, lay.positions) for lay in layers] == [
+        ("Conv", "Relu", "hidden", 1, 729),
+        ("Gemm", "Relu", "hidden", 12, 1),
+        ("Gemm", "Relu", "hidden", 5, 1),
+        ("Gemm", None, "output", 10, 1),
+    ]
+    x = np.random.default_rng(8).random((6, 1, 28, 28)).astype(np.float32)
+    stats = audited(path, x)
+    assert [s.states_total for s in stats] == [6 * 729, 6, 6]
+
+
+def test_own_static_quantization_in_qdq_format(tmp_path: Path) -> None:
+    """A model quantized by onnxruntime's ``quantize_static`` (QDQ) keeps its layers."""
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    net = Net(("batch", 3, 4, 4))
+    r1 = net.op("Relu", net.conv(net.input, 3, 6))
+    flat = net.op("Flatten", r1)
+    r2 = net.op("Relu", net.op("MatMul", flat, net.const(net.random(96, 5))))
+    logits = net.op("MatMul", r2, net.const(net.random(5, 3)), out="logits")
+    net.build(logits)
+    onnx.save(net.build(logits), tmp_path / "float.onnx")
+    rng = np.random.default_rng(9)
+
+    class Calibration(quantization.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": rng.standard_normal((8, 3, 4, 4)).astype(np.float32)} for _ in range(3)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    quantization.quantize_static(
+        tmp_path / "float.onnx",
+        tmp_path / "qdq.onnx",
+        Calibration(),
+        quant_format=quantization.QuantFormat.QDQ,
+        extra_options={"QDQKeepRemovableActivations": True},  # by default the quantizer drops each Relu
+    )
+    model = onnx.load(tmp_path / "qdq.onnx")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
+    layers = find_layers(model)
+    assert [(lay.op, lay.activation, lay.role, lay.neurons, lay.positions) for lay in layers] == [
+        ("Conv", "Relu", "hidden", 6, 16),
+        ("MatMul", "Relu", "hidden", 5, 1),
+        ("MatMul", None, "output", 3, 1),
+    ]
+    x = rng.standard_normal((20, 3, 4, 4)).astype(np.float32)
+    tensors = run(model, x, [lay.name for lay in layers[:2]])
+    stats = audited(tmp_path / "qdq.onnx", x)
+    assert_states(stats[0], tensors[0], 1)
+    assert_states(stats[1], tensors[1], 1)
+
+
+def test_float16_model_audits_with_float32_data() -> None:
+    """Data is cast to the input's float16; states match the fp16 model's own tensor."""
+    net = Net(("batch", 4), dtype=FLOAT16)
+    pre = net.dense(net.input, 4, 6, out="pre")
+    model = net.build(net.dense(net.op("Relu", pre), 6, 3, out="logits"))
+    structure = describe(model)
+    assert structure.input.dtype == np.float16
+    assert summary(structure.layers)[0] == ("pre", "Gemm", "Relu", "hidden", 1, 6, 1)
+    x = np.random.default_rng(10).standard_normal((50, 4)).astype(np.float32)
+    (tensor,) = run(model, x.astype(np.float16), ["pre"])
+    assert tensor.dtype == np.float16
+    assert_states(audited(model, x)[0], tensor, 1)
+
+
+def test_real_float16_squeezenet_audits(shared_models: Path) -> None:
+    path = shared_models / "squeezenet1.0_fp16_opset7.onnx"
+    x = np.random.default_rng(11).random((1, 3, 224, 224)).astype(np.float32)
+    stats = audited(path, x)
+    assert len(stats) == 26
+    assert stats[0].neurons == 64 and stats[0].states_total == 12321
+    assert all(0.0 <= s.efficiency <= 1.0 for s in stats)
+
+
+# --- External data ---------------------------------------------------------------------------
+
+
+def external_model(folder: Path) -> tuple[Path, onnx.ModelProto]:
+    """A model saved with all its weights in ``folder/weights.bin``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = mlp([4, 5, 3])
+    path = folder / "model.onnx"
+    copy = onnx.ModelProto.FromString(model.SerializeToString())  # saving rewrites the proto it is given
+    onnx.save_model(
+        copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0
+    )
+    return path, model
+
+
+def relocate(path: Path, location: str) -> None:
+    """Rewrite the model file so every external tensor points at ``location`` (data not read)."""
+    proto = onnx.load(path, load_external_data=False)
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if external_data_helper.uses_external_data(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+    path.write_bytes(proto.SerializeToString())
+
+
+def test_external_data_beside_the_model_loads(tmp_path: Path) -> None:
+    path, original = external_model(tmp_path / "m")
+    assert (tmp_path / "m" / "weights.bin").stat().st_size > 0
+    loaded = load_model(path).proto
+    for mine, theirs in zip(original.graph.initializer, loaded.graph.initializer, strict=True):
+        np.testing.assert_array_equal(numpy_helper.to_array(mine), numpy_helper.to_array(theirs))
+    assert [lay.name for lay in find_layers(loaded)] == ["pre1", "logits"]
+    x = np.random.default_rng(12).standard_normal((10, 4)).astype(np.float32)
+    assert audited(path, x)[0].states_total == 10
+
+
+def test_external_data_given_as_bytes_is_refused(tmp_path: Path) -> None:
+    path, _ = external_model(tmp_path / "m")
+    refusal(lambda: load_model(path.read_bytes()), "external data", "by path")
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
+def test_external_data_outside_the_model_folder_is_refused(tmp_path: Path, where: str) -> None:
+    """The outside file holds valid weights, so only a refusal before reading explains the error."""
+    path, _ = external_model(tmp_path / "m")
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes((tmp_path / "m" / "weights.bin").read_bytes())
+    (tmp_path / "m" / "weights.bin").unlink()
+    if where == "parent":
+        location = "../outside.bin"
+    elif where == "absolute":
+        location = str(outside)
+    else:
+        os.symlink(outside, tmp_path / "m" / "link.bin")
+        location = "link.bin"
+    relocate(path, location)
+    refusal(lambda: load_model(path), "outside")
+    refusal(lambda: prepare(path), "outside")
+
+
+def test_relocated_external_data_inside_the_folder_still_loads(tmp_path: Path) -> None:
+    """Control for the refusals above: the same rewrite with an inside location works."""
+    path, _ = external_model(tmp_path / "m")
+    (tmp_path / "m" / "weights.bin").rename(tmp_path / "m" / "inside.bin")
+    relocate(path, "inside.bin")
+    assert [lay.name for lay in find_layers(load_model(path).proto)] == ["pre1", "logits"]
+
+
+# --- Models the auditor cannot use -----------------------------------------------------------
+
+
+def test_sklearn_logistic_regression_has_no_layers() -> None:
+    skl2onnx = pytest.importorskip("skl2onnx")
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((60, 4)).astype(np.float32)
+    clf = LogisticRegression(max_iter=200).fit(x, rng.integers(0, 3, 60))
+    model = skl2onnx.to_onnx(clf, x[:1], target_opset={"": 13, "ai.onnx.ml": 3})
+    message = refusal(lambda: prepare(model))
+    assert message.startswith("no layers the auditor can use")
+
+
+def test_sklearn_mlp_hidden_layer_is_found() -> None:
+    """A real exporter's MatMul → Add → Relu (skl2onnx MLPClassifier)."""
+    skl2onnx = pytest.importorskip("skl2onnx")
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((60, 4)).astype(np.float32)
+    with pytest.warns(ConvergenceWarning):
+        clf = MLPClassifier((7,), max_iter=5, random_state=0).fit(x, rng.integers(0, 3, 60))
+    model = skl2onnx.to_onnx(clf, x[:1], target_opset={"": 13, "ai.onnx.ml": 3}, options={"zipmap": False})
+    hidden = [lay for lay in find_layers(model) if lay.role == "hidden"]
+    assert [(lay.op, lay.activation, lay.neurons) for lay in hidden] == [("MatMul", "Relu", 7)]
+
+
+def test_linear_only_network_has_no_layers() -> None:
+    net = Net(("batch", 4))
+    model = net.build(net.dense(net.dense(net.input, 4, 5), 5, 3))
+    message = refusal(lambda: describe(model))
+    assert message.startswith("no layers the auditor can use")
+
+
+def test_activation_without_a_linear_op_is_no_layer() -> None:
+    """A Relu straight on the input (nothing linear above it) is not a layer."""
+    net = Net(("batch", 4))
+    model = net.build(net.dense(net.op("Relu", net.input), 4, 3))
+    assert refusal(lambda: describe(model)).startswith("no layers the auditor can use")
+
+
+def test_two_data_inputs_are_refused() -> None:
+    net = Net(("batch", 4))
+    net.inputs.append(helper.make_tensor_value_info("z", FLOAT, ["batch", 4]))
+    both = net.op("Add", net.input, "z")
+    model = net.build(net.dense(net.op("Relu", net.dense(both, 4, 5)), 5, 3))
+    refusal(lambda: describe(model), "2 data inputs", "'x'", "'z'")
+
+
+# --- Real models from other tools ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SHARED_MODELS)
+def test_real_models_have_hidden_layers(shared_models: Path, name: str) -> None:
+    structure = describe(onnx.load(shared_models / f"{name}.onnx"))
+    hidden = [lay for lay in structure.layers if lay.role == "hidden"]
+    assert hidden
+    assert all(lay.neurons and lay.positions for lay in hidden)
+    depths = [lay.depth for lay in structure.layers]
+    assert depths == sorted(depths) and len(set(depths)) == len(depths)
+    assert len({lay.name for lay in structure.layers}) == len(structure.layers)
+    assert [lay.role for lay in structure.layers].count("output") <= 1
+
+
+def test_mnist8_layers(shared_models: Path) -> None:
+    structure = describe(onnx.load(shared_models / "mnist-8_cntk_opset8.onnx"))
+    assert [(lay.op, lay.role, lay.neurons, lay.positions) for lay in structure.layers] == [
+        ("Conv", "hidden", 8, 784),
+        ("Conv", "hidden", 16, 196),
+        ("MatMul", "output", 10, 1),
+    ]
+    assert structure.output == "Plus214_Output_0" == structure.layers[-1].name
+    assert structure.output_is_probability is False
+
+
+def test_light_resnet50_layers(shared_models: Path) -> None:
+    model = onnx.load(shared_models / "light_resnet50_opset9.onnx")
+    structure = describe(model)
+    hidden = [lay for lay in structure.layers if lay.role == "hidden"]
+    assert len(hidden) == 49 and all(lay.op == "Conv" for lay in hidden)
+    out = structure.output_layer
+    assert out is not None and (out.op, out.neurons) == ("Gemm", 1000)
+    assert structure.output_is_probability is True
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert sum(producers[lay.name] == "Sum" for lay in hidden) == 16  # every residual merge
+
+
+def test_squeezenet_fp16_layers(shared_models: Path) -> None:
+    structure = describe(onnx.load(shared_models / "squeezenet1.0_fp16_opset7.onnx"))
+    hidden = [lay for lay in structure.layers if lay.role == "hidden"]
+    assert len(hidden) == 26
+    assert hidden[-1].neurons == 1000  # the final 1×1 Conv + Relu before global pooling
+    assert structure.input.dtype == np.float16
+    assert structure.output_layer is None  # Softmax follows global pooling, not a linear op
+    assert structure.output_is_probability is True
+
+
+def test_pytorch_cnn_layers(shared_models: Path) -> None:
+    structure = describe(onnx.load(shared_models / "cnn_pytorch25_opset17.onnx"))
+    assert [(lay.op, lay.role, lay.neurons, lay.positions) for lay in structure.layers] == [
+        ("Conv", "hidden", 16, 784),
+        ("Conv", "hidden", 32, 784),
+        ("Conv", "hidden", 64, 196),
+        ("Gemm", "hidden", 128, 1),
+        ("Gemm", "output", 10, 1),
+    ]
+
+
+# --- expose ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SHARED_MODELS)
+def test_expose_leaves_the_model_alone_and_builds_a_valid_one(shared_models: Path, name: str) -> None:
+    model = onnx.load(shared_models / f"{name}.onnx")
+    before = model.SerializeToString()
+    structure = describe(model)
+    exposed = expose(model, structure)
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(exposed.model, full_check=True)
+    original = [o.name for o in model.graph.output]
+    outputs = [o.name for o in exposed.model.graph.output]
+    assert outputs[: len(original)] == original
+    assert set(exposed.keys) | set(exposed.sums) <= set(outputs)
+    assert len(exposed.keys) == len(exposed.sums) == len(structure.layers)
+    assert exposed.groups == [word_groups(lay.neurons) for lay in structure.layers]
+
+
+def old_ir_model() -> onnx.ModelProto:
+    net = Net(("batch", 4), opset=8)
+    logits = net.dense(net.op("Relu", net.dense(net.input, 4, 5)), 5, 3)
+    return net.build(logits, ir_version=3, inits_as_inputs=True)
+
+
+def fp16_conv_model() -> onnx.ModelProto:
+    net = Net(("batch", 2, 4, 4), dtype=FLOAT16)
+    return net.build(net.op("Relu", net.conv(net.input, 2, 30)))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: mlp([4, 70, 3], head="Softmax"), old_ir_model, fp16_conv_model],
+    ids=["mlp-softmax", "ir3", "fp16-conv"],
+)
+def test_expose_of_hand_built_models_passes_the_checker(build) -> None:
+    model = build()
+    before = model.SerializeToString()
+    exposed = expose(model, describe(model))
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(exposed.model, full_check=True)
+    assert exposed.model.graph.output[0].name == model.graph.output[0].name
+
+
+def test_prepare_does_not_touch_the_file(tmp_path: Path, shared_models: Path) -> None:
+    path = tmp_path / "mnist.onnx"
+    path.write_bytes((shared_models / "mnist-8_cntk_opset8.onnx").read_bytes())
+    digest, mtime = sha256(path), path.stat().st_mtime_ns
+    prepared = prepare(path)
+    assert prepared.model.sha256 == digest
+    assert sha256(path) == digest and path.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist.onnx"]
+
+
+def test_exposed_outputs_are_typed_for_onnxruntime() -> None:
+    """Keys are int32 groups per position, sums one float32 per sample."""
+    model = mlp([4, 30, 3])
+    structure = describe(model)
+    exposed = expose(model, structure)
+    x = np.random.default_rng(15).standard_normal((9, 4)).astype(np.float32)
+    keys, sums = run(exposed.model, x, [exposed.keys[0], exposed.sums[0]])
+    assert keys.dtype == np.int32 and keys.shape == (9, 2)  # 30 neurons: groups of 24 and 6 bits
+    assert sums.dtype == np.float32 and sums.shape == (9,)
+    (pre,) = run(model, x, ["pre1"])
+    np.testing.assert_allclose(sums, pre.sum(axis=1), rtol=1e-5, atol=1e-5)
+
+
+# --- word_groups ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("neurons", "groups"),
+    [
+        (1, [(0, 1)]),
+        (10, [(0, 10)]),
+        (24, [(0, 24)]),
+        (25, [(0, 24), (24, 25)]),
+        (64, [(0, 24), (24, 48), (48, 64)]),
+        (65, [(0, 24), (24, 48), (48, 64), (64, 65)]),
+    ],
+)
+def test_word_groups_examples(neurons: int, groups: list[tuple[int, int]]) -> None:
+    assert word_groups(neurons) == groups
+
+
+@pytest.mark.parametrize("neurons", [*range(1, 200), 1000, 4096])
+def test_word_groups_tile_the_neurons_without_crossing_words(neurons: int) -> None:
+    groups = word_groups(neurons)
+    assert groups[0][0] == 0 and groups[-1][1] == neurons
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(groups))
+    for start, stop in groups:
+        assert 0 < stop - start <= 24
+        assert start // 64 == (stop - 1) // 64  # never crosses a multiple of 64
+
+
+def test_word_groups_130() -> None:
+    assert word_groups(130) == [(0, 24), (24, 48), (48, 64), (64, 88), (88, 112), (112, 128), (128, 130)]
