@@ -88,12 +88,13 @@ def _tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
     return found
 
 
-def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+def external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The tensors whose bytes live in external data files (the client uploads those files)."""
     return [t for t in _tensors(proto.graph) if external_data_helper.uses_external_data(t)]
 
 
 def _load_external_data(proto: onnx.ModelProto, folder: Path | None, name: str) -> None:
-    tensors = _external_tensors(proto)
+    tensors = external_tensors(proto)
     if not tensors:
         return
     if folder is None:
