@@ -427,16 +427,16 @@ def test_an_unexpected_failure_is_internal_with_a_generic_message_and_logged(
     assert check_health(served.conn)
 
 
-def test_the_python_client_example_in_the_docs_runs(
+def test_the_python_client_example_in_the_readme_runs(
     shared: Served, mnist8: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    text = (REPO / "docs" / "service.md").read_text()
+    text = (REPO / "README.md").read_text().split("## Run the service", 1)[1]
     example = text.split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "model.onnx").write_bytes(mnist8.read_bytes())
     x, y = load_arrays("mnist", "test", limit=300)
     np.savez(tmp_path / "digits.npz", x_test=x, y_test=y)
     monkeypatch.chdir(tmp_path)
-    exec(compile(example.replace("localhost:50051", shared.conn.target), "docs/service.md", "exec"), {})
+    exec(compile(example.replace("localhost:50051", shared.conn.target), "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "samples done: 300" in out
     assert re.search(r"^report [0-9a-f]{32} aIQ 0\.\d+$", out, re.MULTILINE)
