@@ -72,6 +72,7 @@ class Layer:
     role: str  # "hidden" or "output"
     axis: int  # the neuron axis of the tensor (negative when counted from the end)
     rank: int | None
+    dtype: int | None  # ONNX element type, when shape inference knows it
     neurons: int | None
     positions: int | None
     depth: int
@@ -121,7 +122,7 @@ def describe(model: onnx.ModelProto) -> Structure:
     """Find the data input, the layers and the prediction output of a model; refuse unusable ones."""
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    shapes, _ = _infer(model)
+    shapes, dtypes = _infer(model)
     constants = _constant_tensors(graph)
     producers = {out: (i, node) for i, node in enumerate(graph.node) for out in node.output}
     model_input = _data_input(graph, constants)
@@ -130,13 +131,13 @@ def describe(model: onnx.ModelProto) -> Structure:
     for tensor, activation in _pre_activations(graph, producers, constants):
         found = _walk_to_linear(tensor, producers, constants)
         if found is not None and tensor not in hidden:
-            hidden[tensor] = _make_layer(tensor, activation, "hidden", found, producers, shapes)
+            hidden[tensor] = _make_layer(tensor, activation, "hidden", found, producers, shapes, dtypes)
 
     output, logits, is_probability = _logits(graph, producers)
     found = _walk_to_linear(logits, producers, constants) if logits else None
     layers = [layer for name, layer in hidden.items() if name != logits]
     if found is not None:
-        layers.append(_make_layer(logits, None, "output", found, producers, shapes))
+        layers.append(_make_layer(logits, None, "output", found, producers, shapes, dtypes))
     if not any(layer.role == "hidden" for layer in layers):
         raise ModelError(
             "no layers the auditor can use: no activation (Relu, Elu, Sigmoid, …) follows a Conv, Gemm, "
@@ -161,7 +162,6 @@ def expose(model: onnx.ModelProto, structure: Structure, aggregate: str = "sum")
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     graph = exposed.graph
-    _, dtypes = _infer(model)
     taken = {o.name for o in graph.output}
     keys, sums, groups, group_axes = [], [], [], []
     for index, layer in enumerate(structure.layers):
@@ -172,8 +172,8 @@ def expose(model: onnx.ModelProto, structure: Structure, aggregate: str = "sum")
             )
         prefix = f"auditor/{index}"
         layout = word_groups(layer.neurons)
-        nodes, inits, key_name, group_axis = _pack_nodes(layer, dtypes.get(layer.name), layout, prefix)
-        sum_nodes, sum_inits, sum_name = _sum_nodes(layer, dtypes.get(layer.name), aggregate, structure.opset, prefix)
+        nodes, inits, key_name, group_axis = _pack_nodes(layer, layout, prefix)
+        sum_nodes, sum_inits, sum_name = _sum_nodes(layer, aggregate, structure.opset, prefix)
         graph.node.extend(nodes + sum_nodes)
         graph.initializer.extend(inits + sum_inits)
         if exposed.ir_version < 4:  # IR 3 requires every initializer to be listed among the inputs
@@ -188,7 +188,7 @@ def expose(model: onnx.ModelProto, structure: Structure, aggregate: str = "sum")
         group_axes.append(group_axis)
     logits = structure.output_layer
     if logits is not None and logits.name not in taken:
-        graph.output.append(_output(logits.name, dtypes.get(logits.name), logits.rank))
+        graph.output.append(_output(logits.name, logits.dtype, logits.rank))
     return Exposed(model=exposed, keys=keys, sums=sums, groups=groups, group_axes=group_axes)
 
 
@@ -317,6 +317,7 @@ def _make_layer(
     found: tuple[onnx.NodeProto, list[onnx.NodeProto]],
     producers: dict[str, tuple[int, onnx.NodeProto]],
     shapes: dict[str, list[int | str | None]],
+    dtypes: dict[str, int],
 ) -> Layer:
     linear, path = found
     axis = 1 if linear.op_type in CONV_FAMILY else -1
@@ -335,7 +336,18 @@ def _make_layer(
         neurons = width if isinstance(width, int) and width > 0 else None
         rest = [d for i, d in enumerate(shape) if i not in (0, axis)]
         positions = math.prod(rest) if all(isinstance(d, int) and d > 0 for d in rest) else None
-    return Layer(tensor, linear.op_type, activation, role, axis, rank, neurons, positions, producers[tensor][0])
+    return Layer(
+        tensor,
+        linear.op_type,
+        activation,
+        role,
+        axis,
+        rank,
+        dtypes.get(tensor),
+        neurons,
+        positions,
+        producers[tensor][0],
+    )
 
 
 def _output(name: str, elem_type: int | None, rank: int | None) -> onnx.ValueInfoProto:
@@ -348,7 +360,7 @@ def _output(name: str, elem_type: int | None, rank: int | None) -> onnx.ValueInf
 
 
 def _pack_nodes(
-    layer: Layer, dtype: int | None, layout: list[tuple[int, int]], prefix: str
+    layer: Layer, layout: list[tuple[int, int]], prefix: str
 ) -> tuple[list[onnx.NodeProto], list[TensorProto], str, int]:
     """Nodes that turn a pre-activation tensor into int32 groups of firing bits.
 
@@ -357,7 +369,7 @@ def _pack_nodes(
     (batch, neurons, positions). A MatMul, unlike a 1×1 Conv, needs no layout reorders.
     """
     nodes, inits = [], []
-    source = layer.name
+    source, dtype = layer.name, layer.dtype
     if dtype is None:  # unknown element type: compare in float32
         nodes.append(helper.make_node("Cast", [source], [f"{prefix}/as_float"], to=TensorProto.FLOAT))
         source, dtype = f"{prefix}/as_float", TensorProto.FLOAT
@@ -395,12 +407,12 @@ def _pack_nodes(
 
 
 def _sum_nodes(
-    layer: Layer, dtype: int | None, aggregate: str, opset: int, prefix: str
+    layer: Layer, aggregate: str, opset: int, prefix: str
 ) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
     """Nodes computing φ, the per-sample sum (or mean) of the layer's pre-activations (SPEC §4)."""
     nodes, inits = [], []
     source = layer.name
-    if dtype != TensorProto.FLOAT:
+    if layer.dtype != TensorProto.FLOAT:
         nodes.append(helper.make_node("Cast", [source], [f"{prefix}/sum_in"], to=TensorProto.FLOAT))
         source = f"{prefix}/sum_in"
     nodes.append(helper.make_node("Flatten", [source], [f"{prefix}/flat"], axis=1))
