@@ -1,0 +1,224 @@
+"""``auditor-train``: thin subcommands over the trainer's functions.
+
+    auditor-train train  --arch lenet-300-100 --widths 11,4 --seed 0 --out m.onnx
+    auditor-train grid   --arch lenet-300-100 --widths 2,4,8,16 --replicates 3 --jobs 2 --out grid/
+    auditor-train report grid/ --data mnist --out grid-report/
+
+Bad input is one line on stderr and exit code 2, never a traceback. Heavy modules (torch,
+matplotlib, the auditor's engine) are imported by the subcommand that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+from auditor.errors import AuditError
+
+if TYPE_CHECKING:
+    from trainers.job import Job
+
+PROG = "auditor-train"
+EXIT_BAD_INPUT = 2
+TRAIN_EXTRA = ("torch", "matplotlib")  # the modules of the 'train' extra
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line, like every other refusal here."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int_list(text: str) -> list[int]:
+    """``"2,4,8"`` -> ``[2, 4, 8]``."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _layer_lists(text: str) -> list[list[int]]:
+    """``"2,4;8,16"`` -> ``[[2, 4], [8, 16]]``: one list of widths per layer."""
+    return [_int_list(part) for part in text.split(";")]
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_network_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``grid``: the network, its data, and the recipe (SPEC §7)."""
+    from trainers.models import ARCHS, VARIANTS
+
+    parser.add_argument("--arch", required=True, help=f"one of: {', '.join(ARCHS)}")
+    parser.add_argument("--variant", default="none", help=f"one of: {', '.join(VARIANTS)} (default none)")
+    parser.add_argument("--dropout-p", type=float, default=0.5, help="dropout rate of --variant dropout")
+    parser.add_argument(
+        "--randomize-labels",
+        type=_fraction,
+        default=0.0,
+        metavar="F",
+        help="resample this fraction of the training labels uniformly at random",
+    )
+    parser.add_argument("--data", default="mnist", help="dataset name for auditor.data (default mnist)")
+    parser.add_argument("--limit", type=_positive, help="use only the first N samples of each split")
+    parser.add_argument("--threads", type=_positive, default=1, help="torch threads per training process (default 1)")
+    recipe = parser.add_argument_group("recipe overrides (defaults are the paper's)")
+    recipe.add_argument("--lr", type=float, default=0.001)
+    recipe.add_argument("--batch-size", type=_positive, default=32)
+    recipe.add_argument("--patience", type=_positive, default=5)
+    recipe.add_argument("--max-epochs", type=_positive, help="cap on epochs (default: none)")
+    recipe.add_argument(
+        "--restore-best", action="store_true", help="keep the best epoch's weights instead of the final ones"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Train, export and summarise the paper's LeNet grids.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train one network and export it to ONNX")
+    _add_network_args(train)
+    train.add_argument("--widths", type=_int_list, required=True, help="hidden widths, e.g. 11,4")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+
+    grid = commands.add_parser("grid", help="train every combination of widths, resumably")
+    _add_network_args(grid)
+    widths = grid.add_mutually_exclusive_group(required=True)
+    widths.add_argument("--widths", type=_int_list, help="values every layer takes, e.g. 2,4,8,16")
+    widths.add_argument("--layer-widths", type=_layer_lists, help='per-layer values, e.g. "2,4;8,16"')
+    grid.add_argument("--replicates", type=_positive, default=1, help="seeds 0..R-1 (default 1)")
+    grid.add_argument("--jobs", type=_positive, default=1, help="parallel training processes")
+    grid.add_argument("--ray", metavar="ADDRESS", help='run on a Ray cluster ("auto", "local", or host:port)')
+    grid.add_argument("--out", type=Path, required=True, help="folder for the ONNX files and manifest.jsonl")
+
+    report = commands.add_parser("report", help="audit a grid: table, heatmaps and an HTML page")
+    report.add_argument("grid", type=Path, help="a folder written by 'grid'")
+    report.add_argument("--data", default="mnist", help="dataset to audit on (test split)")
+    report.add_argument("--limit", type=_positive, help="audit only the first N test samples")
+    report.add_argument("--beta", type=float, default=2.0, help="aIQ's beta (default 2)")
+    report.add_argument("--top-k", type=_positive, default=5, help="networks listed per ranking")
+    report.add_argument("--out", type=Path, required=True, help="folder for the report files")
+    return parser
+
+
+def _job(args: argparse.Namespace, widths: Sequence[int], seed: int) -> Job:
+    """The ``Job`` the shared options describe (validated there; errors are AuditErrors)."""
+    from trainers.job import Job
+    from trainers.models import Architecture
+    from trainers.train import Recipe
+
+    architecture = Architecture(args.arch, tuple(widths), args.variant, args.dropout_p)
+    recipe = Recipe(
+        lr=args.lr,
+        batch_size=args.batch_size,
+        patience=args.patience,
+        max_epochs=args.max_epochs,
+        restore_best=args.restore_best,
+    )
+    return Job(
+        architecture,
+        seed=seed,
+        label_noise=args.randomize_labels,
+        recipe=recipe,
+        dataset=args.data,
+        limit=args.limit,
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainers.files import save_atomic
+    from trainers.job import run_job
+
+    job = _job(args, args.widths, args.seed)
+
+    def on_epoch(epoch: int, accuracy: float) -> None:
+        print(f"epoch {epoch}: train accuracy {accuracy:.4f}", file=sys.stderr, flush=True)
+
+    result = run_job(job, args.threads, on_epoch=on_epoch)
+    save_atomic(args.out, result.onnx)
+    r = result.record
+    print(
+        f"wrote {args.out}: {r['arch']} ({job.architecture.widths_text}) {r['variant']}, "
+        f"{r['params']:,} params, {r['epochs']} epochs, train accuracy {r['train_accuracy']:.4f}, "
+        f"test accuracy {r['test_accuracy']:.4f}, {r['seconds']:.1f} s on {r['device']}"
+    )
+    return 0
+
+
+def _grid(args: argparse.Namespace) -> int:
+    from trainers.grid import plan, run_grid, width_combinations
+
+    combinations = width_combinations(args.arch, args.widths, args.layer_widths)
+    template = _job(args, combinations[0], 0)
+    jobs = plan(template, combinations, args.replicates)
+    outcome = run_grid(jobs, args.out, workers=args.jobs, threads=args.threads, ray_address=args.ray)
+    done = f"{len(outcome.trained)} trained, {len(outcome.skipped)} already done"
+    print(f"{done}; manifest: {outcome.manifest}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from auditor.config import AuditConfig
+    from trainers.report import make_report
+
+    summary = make_report(
+        args.grid,
+        args.out,
+        dataset=args.data,
+        limit=args.limit,
+        config=AuditConfig(beta=args.beta),
+        top_k=args.top_k,
+    )
+    print(summary)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``auditor-train`` console script; returns the exit code."""
+    handlers = {"train": _train, "grid": _grid, "report": _report}
+    try:
+        args = build_parser().parse_args(argv)
+        return handlers[args.command](args)
+    except ModuleNotFoundError as error:
+        if error.name not in TRAIN_EXTRA:
+            raise
+        hint = "install the trainer: pip install 'onnx-auditor[train]'"
+        print(f"{PROG}: error: {error.name} is missing; {hint}", file=sys.stderr)
+    except AuditError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+    except OSError as error:
+        where = f": {error.filename}" if error.filename else ""
+        print(f"{PROG}: error: {error.strerror or error}{where}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

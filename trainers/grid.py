@@ -1,0 +1,159 @@
+"""Grids: every combination of widths × replicate seeds, trained in parallel and resumable.
+
+The driver (this process) is the only writer of the output folder: workers — spawned local
+processes or Ray tasks — run ``trainers.job.run_job`` and send back verified ONNX bytes; the
+driver renames each file into place, then appends its manifest line. A rerun skips networks
+already listed in the manifest whose file exists, and redoes any that were interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from auditor.errors import AuditError
+from trainers import manifest
+from trainers.files import save_atomic
+from trainers.job import Job, JobResult, run_job
+from trainers.models import ARCHS
+
+
+@dataclass(frozen=True)
+class GridOutcome:
+    """Names trained by this run, names skipped because they were already done, and the manifest."""
+
+    trained: list[str]
+    skipped: list[str]
+    manifest: Path
+
+
+def width_combinations(
+    arch: str, widths: Sequence[int] | None = None, layer_widths: Sequence[Sequence[int]] | None = None
+) -> list[tuple[int, ...]]:
+    """Every width tuple of the grid: ``widths`` for each layer, or one list per layer."""
+    if arch not in ARCHS:
+        raise AuditError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    layers = ARCHS[arch]
+    if layer_widths is not None:
+        if len(layer_widths) != layers:
+            raise AuditError(f"{arch} has {layers} hidden layers but --layer-widths gives {len(layer_widths)} lists")
+        return list(dict.fromkeys(product(*layer_widths)))
+    if not widths:
+        raise AuditError("give --widths or --layer-widths")
+    return list(dict.fromkeys(product(widths, repeat=layers)))
+
+
+def plan(template: Job, combinations: Sequence[tuple[int, ...]], replicates: int) -> list[Job]:
+    """``template`` at every width combination with seeds ``0..replicates-1`` (widths vary slowest)."""
+    return [
+        replace(template, architecture=replace(template.architecture, widths=widths), seed=seed)
+        for widths in combinations
+        for seed in range(replicates)
+    ]
+
+
+def _check_same_settings(job: Job, record: dict[str, Any]) -> None:
+    """Refuse to mix networks trained with other settings under one name."""
+    expected = job.to_dict()
+    differing = sorted(key for key, value in expected.items() if record.get(key) != value)
+    if differing:
+        raise AuditError(
+            f"{job.name} in the manifest was trained with other settings ({', '.join(differing)}); "
+            "use another --out folder or the same settings"
+        )
+
+
+def _local_results(jobs: list[Job], workers: int, threads: int | None) -> Iterator[JobResult]:
+    """Results as they finish, from this process (one worker) or from spawned processes."""
+    if workers == 1:
+        for job in jobs:
+            yield run_job(job, threads)
+        return
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = [pool.submit(run_job, job, threads) for job in jobs]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ray_results(jobs: list[Job], address: str, threads: int | None) -> Iterator[JobResult]:
+    """Results as they finish from Ray tasks; ``ray`` is imported only here (the ``ray`` extra)."""
+    if not jobs:
+        return
+    try:
+        ray = importlib.import_module("ray")
+    except ImportError:
+        raise AuditError("--ray needs Ray: pip install 'onnx-auditor[ray]'") from None
+    env = {key: os.environ[key] for key in ("AUDITOR_DATA_DIR",) if key in os.environ}
+    ray.init(
+        address=address,
+        runtime_env={"env_vars": env} if env else None,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    task = ray.remote(num_cpus=threads or 1)(run_job)
+    pending = [task.remote(job, threads) for job in jobs]
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(ready[0])
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+        ray.shutdown()
+
+
+def run_grid(
+    jobs: Sequence[Job],
+    out: Path,
+    workers: int = 1,
+    threads: int | None = 1,
+    ray_address: str | None = None,
+) -> GridOutcome:
+    """Train every job not already done in ``out``; returns what was trained and skipped.
+
+    ``workers`` parallel processes (spawn context) run locally, or Ray tasks on the cluster at
+    ``ray_address``. ``threads`` torch threads per process: one is fastest for these small
+    networks when processes run side by side, and equal thread counts keep results bit-identical
+    between a local run and a Ray run on the same kind of CPU.
+    """
+    jobs = list({job.name: job for job in jobs}.values())
+    done = manifest.reconcile(out)
+    for job in jobs:
+        if job.name in done:
+            _check_same_settings(job, done[job.name])
+    todo = [job for job in jobs if job.name not in done]
+    skipped = [job.name for job in jobs if job.name in done]
+    results = _ray_results(todo, ray_address, threads) if ray_address else _local_results(todo, workers, threads)
+    trained: list[str] = []
+    interactive = sys.stderr.isatty()
+    with contextlib.closing(results), tqdm(total=len(todo), unit="net", disable=not interactive) as bar:
+        for result in results:
+            file = f"{result.name}.onnx"
+            save_atomic(out / file, result.onnx)
+            manifest.append(out / manifest.MANIFEST, {**result.record, "file": file})
+            trained.append(result.name)
+            bar.update()
+            if not interactive:
+                r = result.record
+                print(
+                    f"[{len(trained)}/{len(todo)}] {result.name}: {r['epochs']} epochs, "
+                    f"test accuracy {r['test_accuracy']:.4f}, {r['seconds']:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return GridOutcome(trained=trained, skipped=skipped, manifest=out / manifest.MANIFEST)

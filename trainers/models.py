@@ -1,0 +1,98 @@
+"""The two LeNet architectures of SPEC §7, built exactly as the paper describes them.
+
+``build`` returns an ``nn.Sequential`` whose layers export to plain ONNX ops (Gemm/Conv, Elu,
+MaxPool, Flatten), so the auditor finds each hidden layer as the input of an ``Elu``. Variants
+add BatchNorm or Dropout right after each hidden layer's activation, as a Keras
+``Dense(n, activation="elu")`` followed by ``BatchNormalization()`` or ``Dropout(p)`` would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from auditor.errors import AuditError
+
+ARCHS = {"lenet-300-100": 2, "lenet-5": 3}  # architecture -> number of hidden widths
+VARIANTS = ("none", "batchnorm", "dropout")
+CLASSES = 10
+# Keras BatchNormalization defaults: epsilon 1e-3, moving averages kept with momentum 0.99
+# (PyTorch's ``momentum`` is the weight of the new batch, so 1 - 0.99).
+KERAS_BN_EPS = 1e-3
+KERAS_BN_MOMENTUM = 0.01
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What fixes a network's shape: the architecture, its hidden widths, and the variant."""
+
+    arch: str
+    widths: tuple[int, ...]
+    variant: str = "none"
+    dropout_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise AuditError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        expected = ARCHS[self.arch]
+        if len(self.widths) != expected:
+            raise AuditError(f"{self.arch} takes {expected} widths, got {len(self.widths)} ({self.widths_text})")
+        if any(w < 1 for w in self.widths):
+            raise AuditError(f"widths must be positive integers, got {self.widths_text}")
+        if self.variant not in VARIANTS:
+            raise AuditError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if not 0 <= self.dropout_p < 1:
+            raise AuditError(f"dropout p must be in [0, 1), got {self.dropout_p}")
+
+    @property
+    def widths_text(self) -> str:
+        """The widths as the CLI writes them, e.g. ``11,4``."""
+        return ",".join(str(w) for w in self.widths)
+
+
+def _after_hidden(architecture: Architecture, channels: int, conv: bool) -> list[nn.Module]:
+    """The activation of one hidden layer, then the variant's extra layer if any."""
+    if architecture.variant == "batchnorm":
+        norm = nn.BatchNorm2d if conv else nn.BatchNorm1d
+        return [nn.ELU(), norm(channels, eps=KERAS_BN_EPS, momentum=KERAS_BN_MOMENTUM)]
+    if architecture.variant == "dropout":
+        return [nn.ELU(), nn.Dropout(architecture.dropout_p)]
+    return [nn.ELU()]
+
+
+def _glorot_init(model: nn.Module) -> None:
+    """Keras defaults: Glorot-uniform kernels, zero biases (BatchNorm keeps its own defaults)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def build(architecture: Architecture) -> nn.Sequential:
+    """A freshly initialised network for MNIST inputs shaped (N, 1, 28, 28); seed torch first."""
+    if architecture.arch == "lenet-300-100":
+        n1, n2 = architecture.widths
+        layers: list[nn.Module] = [nn.Flatten(), nn.Linear(28 * 28, n1)]
+        layers += _after_hidden(architecture, n1, conv=False)
+        layers += [nn.Linear(n1, n2), *_after_hidden(architecture, n2, conv=False)]
+        layers += [nn.Linear(n2, CLASSES)]
+    else:
+        n1, n2, n3 = architecture.widths
+        layers = [nn.Conv2d(1, n1, 5), *_after_hidden(architecture, n1, conv=True), nn.MaxPool2d(2, 2)]
+        layers += [nn.Conv2d(n1, n2, 5), *_after_hidden(architecture, n2, conv=True), nn.MaxPool2d(2, 2)]
+        layers += [nn.Flatten(), nn.Linear(n2 * 4 * 4, n3), *_after_hidden(architecture, n3, conv=False)]
+        layers += [nn.Linear(n3, CLASSES)]
+    model = nn.Sequential(*layers)
+    _glorot_init(model)
+    return model
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Trainable parameters, as the paper counts them (BatchNorm's running statistics excluded)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def kernel_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The Dense/Conv weights: the only parameters Keras' ``l2(0.0005)`` regularises."""
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
