@@ -172,13 +172,22 @@ def render_table(report: Report) -> str:
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
-    """Aligned text columns: the first left-aligned, the rest right-aligned."""
+    """Aligned text columns: numbers right-aligned, text left-aligned."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    numeric = [all(_is_number(row[i]) for row in rows) for i in range(len(header))]
     aligned = [
-        [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric, strict=True)]
         for row in [header, *rows]
     ]
-    return [indent + "  ".join(cells) for cells in aligned]
+    return [(indent + "  ".join(cells)).rstrip() for cells in aligned]
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell.rstrip("*"))
+    except ValueError:
+        return cell in ("-", "?", "null")
+    return True
 
 
 def _short(name: str, width: int = 40) -> str:
