@@ -21,11 +21,11 @@ from auditor import metrics
 from auditor.config import AuditConfig
 from auditor.count import LayerCounter
 from auditor.data import Batch
-from auditor.errors import AuditError, CancelledError, DataError
+from auditor.errors import AuditError, CancelledError, DataError, first_line
 from auditor.graph import Exposed, Layer, ModelInput, Structure, describe, expose
 from auditor.modelfile import LoadedModel, load_model
 from auditor.report import CnaMargin, LayerInfo, LayerStats, ModelInfo, Report, SplitReport
-from auditor.run import create_session, ordered_map, requested_providers, workers_for
+from auditor.run import create_session, ordered_map, workers_for
 
 CNA_WINDOW = 25
 CNA_POINTS = 100
@@ -73,8 +73,7 @@ def prepare(model: ModelSource | LoadedModel, *, device: str = "auto", aggregate
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     structure = describe(loaded.proto)
     exposed = expose(loaded.proto, structure, aggregate)
-    on_cpu = requested_providers(device) == ["CPUExecutionProvider"]
-    session = create_session(exposed.model, device, threads=1 if on_cpu else 0)
+    session = create_session(exposed.model, device)
     return Prepared(loaded, structure, exposed, session, aggregate)
 
 
@@ -165,6 +164,8 @@ def _check_batch(batch: Batch, split: str, start: int) -> tuple[np.ndarray, np.n
     where = f"{split} samples {start}–{start + len(x)}"
     if x.ndim < 1 or len(x) == 0:
         raise DataError(f"an empty batch arrived in {split}; send at least one sample per batch")
+    if x[0].size == 0:
+        raise DataError(f"{where}: samples of shape {x.shape[1:]} hold no values; give samples with data")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
         raise DataError(f"{where}: samples have dtype {x.dtype}, not numbers; send numeric arrays")
     if np.issubdtype(x.dtype, np.floating):
@@ -191,7 +192,12 @@ def _input_entropy(x: np.ndarray, config: AuditConfig) -> tuple[np.ndarray, int]
 
 
 def _to_model_input(x: np.ndarray, model_input: ModelInput, config: AuditConfig) -> np.ndarray:
-    """Scale, normalise, reshape and cast raw samples to what the model's input expects."""
+    """Scale, normalise, reshape and cast raw samples to what the model's input expects.
+
+    A model with an integer input (one that scales inside the graph) gets the raw values.
+    """
+    if not np.issubdtype(model_input.dtype, np.floating):
+        return _fit_shape(_as_integers(x, model_input, config), model_input)
     if config.scale is not None:
         feed = x.astype(np.float32) * np.float32(config.scale)
     elif x.dtype == np.uint8:
@@ -201,6 +207,17 @@ def _to_model_input(x: np.ndarray, model_input: ModelInput, config: AuditConfig)
     if config.mean != 0.0 or config.std != 1.0:
         feed = (feed - np.float32(config.mean)) / np.float32(config.std)
     return _fit_shape(feed, model_input).astype(model_input.dtype, copy=False)
+
+
+def _as_integers(x: np.ndarray, model_input: ModelInput, config: AuditConfig) -> np.ndarray:
+    """Raw samples cast to an integer model input, refused where the cast would change a value."""
+    name, dtype = model_input.name, model_input.dtype
+    if config.scale is not None or config.mean != 0.0 or config.std != 1.0:
+        raise DataError(f"model input {name!r} takes {dtype} values, so --scale, --mean and --std cannot apply")
+    cast = x.astype(dtype)
+    if not np.array_equal(cast, x):
+        raise DataError(f"model input {name!r} takes {dtype} values and the data has values that {dtype} cannot hold")
+    return cast
 
 
 def _fit_shape(x: np.ndarray, model_input: ModelInput) -> np.ndarray:
@@ -247,15 +264,15 @@ def _session_run(
     try:
         return session.run(names, {input_name: feed})
     except Exception as exc:  # onnxruntime's own exception types are not exported
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"onnxruntime rejected a batch of shape {feed.shape}: {first}; check the data shape and --batch-size"
+            f"onnxruntime rejected a batch of shape {feed.shape}: {first_line(exc)}; "
+            "check the data shape and --batch-size"
         ) from None
 
 
 @dataclass
 class _SplitTally:
-    """Everything one split accumulates; merges by adding, so batching never changes the result."""
+    """Everything one split accumulates; merges by adding, so batching never changes the counts."""
 
     prepared: Prepared
     config: AuditConfig
@@ -264,31 +281,26 @@ class _SplitTally:
     correct: int = 0
     clipped: int = 0
     nonfinite_outputs: int = 0
-    counters: list[LayerCounter] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
+    counters: dict[int, LayerCounter] = field(default_factory=dict)
+    positions: dict[int, int] = field(default_factory=dict)
     nonfinite_sums: np.ndarray | None = None
     alpha: list[np.ndarray] = field(default_factory=list)
     sums: list[np.ndarray] = field(default_factory=list)
     probability_margins: list[np.ndarray] = field(default_factory=list)
+    uniforms: list[np.ndarray] = field(default_factory=list)
     logit_margins: list[np.ndarray] = field(default_factory=list)
 
     def add(self, step: _Step) -> None:
-        structure, exposed = self.prepared.structure, self.prepared.exposed
-        n_layers = len(structure.layers)
+        n_layers = len(self.prepared.structure.layers)
         prediction = step.outputs[0]
         packed = step.outputs[1 : 1 + n_layers]
         sums = np.stack(step.outputs[1 + n_layers : 1 + 2 * n_layers], axis=1).astype(np.float64)
         logits = step.outputs[1 + 2 * n_layers] if len(step.outputs) > 1 + 2 * n_layers else prediction
         n = len(prediction)
-        if not self.counters:
-            self.counters = [
-                LayerCounter(layer.neurons or 0, groups, axis)
-                for layer, groups, axis in zip(structure.layers, exposed.groups, exposed.group_axes, strict=True)
-            ]
-            self.positions = [p.size // (n * len(g)) for p, g in zip(packed, exposed.groups, strict=True)]
-            self.nonfinite_sums = np.zeros(n_layers, np.int64)
-        for counter, keys in zip(self.counters, packed, strict=True):
-            counter.add(keys)
+        if self.nonfinite_sums is None:
+            self._start(packed, n)
+        for index, counter in self.counters.items():
+            counter.add(packed[index])
         self.nonfinite_sums += np.count_nonzero(~np.isfinite(sums), axis=0)
         self.sums.append(sums)
         self.alpha.append(step.alpha)
@@ -299,8 +311,23 @@ class _SplitTally:
         if step.labels is not None:
             self._score(step, scores, logits.reshape(n, -1).astype(np.float32, copy=False))
 
+    def _start(self, packed: list[np.ndarray], n: int) -> None:
+        """Counters for the efficiency layers only, sized from the first batch."""
+        exposed, roles = self.prepared.exposed, _efficiency_roles(self.config)
+        for index, layer in enumerate(self.prepared.structure.layers):
+            if layer.role in roles:
+                groups = exposed.groups[index]
+                self.counters[index] = LayerCounter(layer.neurons, groups, exposed.group_axes[index])
+                self.positions[index] = packed[index].size // (n * len(groups))
+        self.nonfinite_sums = np.zeros(len(packed), np.int64)
+
     def _score(self, step: _Step, scores: np.ndarray, logits: np.ndarray) -> None:
         labels, classes = step.labels, scores.shape[1]
+        if classes < 2:
+            raise DataError(
+                f"the model gives {classes} score per sample, so labels cannot be scored; "
+                "audit without labels, or a model with one output per class"
+            )
         if labels.min() < 0 or labels.max() >= classes:
             raise DataError(
                 f"{step.split} labels run from {labels.min()} to {labels.max()} but the model has {classes} "
@@ -309,15 +336,16 @@ class _SplitTally:
         self.labelled += len(labels)
         self.correct += int(np.count_nonzero(scores.argmax(axis=1) == labels))
         index = np.arange(step.start, step.start + len(labels), dtype=np.int64)
-        chosen = metrics.margin_sample_mask(index, self.config.margin_fraction, self.config.margin_seed)
-        if chosen.any():
-            self.probability_margins.append(
-                metrics.probability_margins(
-                    scores[chosen], labels[chosen], self.prepared.structure.output_is_probability
-                )
-            )
-        if self.prepared.structure.output_layer is not None and classes >= 2:
+        self.uniforms.append(metrics.sample_uniforms(index, self.config.margin_seed))
+        self.probability_margins.append(
+            metrics.probability_margins(scores, labels, self.prepared.structure.output_is_probability)
+        )
+        if self.prepared.structure.output_layer is not None:
             self.logit_margins.append(metrics.logit_margins(logits, labels))
+
+
+def _efficiency_roles(config: AuditConfig) -> set[str]:
+    return {"hidden", "output"} if config.include_output_layer else {"hidden"}
 
 
 def _layer_stats(layer: Layer, counter: LayerCounter, positions: int, config: AuditConfig) -> LayerStats:
@@ -340,11 +368,9 @@ def _layer_stats(layer: Layer, counter: LayerCounter, positions: int, config: Au
 def _split_report(name: str, tally: _SplitTally, warnings: list[str]) -> tuple[SplitReport, np.ndarray | None]:
     """The split's figures, and its per-sample CNA slopes β (None when CNA is absent)."""
     config, structure = tally.config, tally.prepared.structure
-    efficiency_roles = {"hidden", "output"} if config.include_output_layer else {"hidden"}
     stats = [
-        _layer_stats(layer, counter, positions, config)
-        for layer, counter, positions in zip(structure.layers, tally.counters, tally.positions, strict=True)
-        if layer.role in efficiency_roles
+        _layer_stats(structure.layers[index], counter, tally.positions[index], config)
+        for index, counter in tally.counters.items()
     ]
     efficiency = metrics.network_efficiency([s.efficiency for s in stats])
     accuracy = tally.correct / tally.labelled if tally.labelled == tally.samples else None
@@ -398,8 +424,8 @@ def _cna_margin(
     if betas["train"] is None or betas["test"] is None:
         warnings.append("CNA-Margin is null because CNA is null on a split")
         return None
-    if train.labelled != train.samples or not train.probability_margins:
-        warnings.append("CNA-Margin is null: it needs labelled training samples (raise --margin-fraction?)")
+    if train.labelled != train.samples:
+        warnings.append("CNA-Margin is null: it needs labels for every training sample")
         return None
     curves = ((np.concatenate(train.alpha), betas["train"]), (np.concatenate(test.alpha), betas["test"]))
     try:
@@ -414,7 +440,7 @@ def _cna_margin(
     if bad:  # NaN/inf outputs give NaN margins, which are not numbers a report (or JSON) can carry
         warnings.append(f"CNA-Margin is null: {bad} training margins are NaN/inf, from NaN/inf model outputs")
         return None
-    margin_max = float(margins.max())
+    margin_max = metrics.margin_max(margins, np.concatenate(train.uniforms), train.config.margin_fraction)
     margin_p5 = metrics.margin_p5(logit_margins) if logit_margins is not None else None
     if margin_p5 is None:
         warnings.append("margin_p5 is null: the model has no output layer whose logits the auditor can read")
@@ -437,6 +463,8 @@ def _report(prepared: Prepared, tallies: dict[str, _SplitTally], config: AuditCo
     margin = None
     if "train" in tallies and "test" in tallies:
         margin = _cna_margin(tallies["train"], tallies["test"], betas, warnings)
+    else:
+        warnings.append("CNA-Margin is null: it compares a train and a test split; audit with --split both")
     return Report(
         model=prepared.model_info,
         providers=prepared.providers,

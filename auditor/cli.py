@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from auditor import client, server
 from auditor.config import AGGREGATES, DEVICES, AuditConfig
-from auditor.errors import AuditError
+from auditor.errors import AuditError, first_line
 from auditor.report import GATE_METRICS, Report, format_table, gate_checks, junit_xml, render_table
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -34,6 +35,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("auditor: interrupted", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # a bug, not bad input: one line, never exit 1 (which means "gate failed")
+        if os.environ.get("AUDITOR_DEBUG"):
+            raise
+        print(
+            f"auditor: internal error: {type(exc).__name__}: {first_line(exc)}; please report it "
+            "(set AUDITOR_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
 
 

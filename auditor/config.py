@@ -36,14 +36,21 @@ class AuditConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        finite = [("beta", self.beta), ("mean", self.mean), ("std", self.std), ("alpha range", self.alpha_range[0]),
-                  ("alpha range", self.alpha_range[1]), ("scale", 0.0 if self.scale is None else self.scale)]
+        finite = [
+            ("beta", self.beta),
+            ("mean", self.mean),
+            ("std", self.std),
+            ("alpha range", self.alpha_range[0]),
+            ("alpha range", self.alpha_range[1]),
+            ("scale", 0.0 if self.scale is None else self.scale),
+        ]
         for name, value in finite:  # nan and inf pass the comparisons below but make every figure meaningless
             if not math.isfinite(value):
                 raise AuditError(f"{name} must be a finite number, got {value}")
         checks = [
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (1 <= self.batch_size <= 2**31 - 1, f"batch size must be in 1..2**31-1, got {self.batch_size}"),
+            (0 <= self.margin_seed < 2**63, f"margin seed must be in 0..2**63-1, got {self.margin_seed}"),
             (self.aggregate in AGGREGATES, f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}"),
             (0 < self.margin_fraction <= 1, f"margin fraction must be in (0, 1], got {self.margin_fraction}"),
             (0 < self.target_efficiency <= 1, f"target efficiency must be in (0, 1], got {self.target_efficiency}"),

@@ -42,24 +42,16 @@ SPLITS: tuple[str, ...] = ("train", "test")
 # The original distribution files, (bytes, sha256), as listed in ../shared/data/README.md.
 _FILES: dict[str, dict[str, tuple[int, str]]] = {
     "mnist": {
-        "train-images-idx3-ubyte.gz":
-            (9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
-        "train-labels-idx1-ubyte.gz":
-            (28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
-        "t10k-images-idx3-ubyte.gz":
-            (1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
-        "t10k-labels-idx1-ubyte.gz":
-            (4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+        "train-images-idx3-ubyte.gz": (9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+        "train-labels-idx1-ubyte.gz": (28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+        "t10k-images-idx3-ubyte.gz": (1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+        "t10k-labels-idx1-ubyte.gz": (4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
     },
     "fashion-mnist": {
-        "train-images-idx3-ubyte.gz":
-            (26421880, "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
-        "train-labels-idx1-ubyte.gz":
-            (29515, "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"),
-        "t10k-images-idx3-ubyte.gz":
-            (4422102, "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
-        "t10k-labels-idx1-ubyte.gz":
-            (5148, "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
+        "train-images-idx3-ubyte.gz": (26421880, "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
+        "train-labels-idx1-ubyte.gz": (29515, "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"),
+        "t10k-images-idx3-ubyte.gz": (4422102, "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
+        "t10k-labels-idx1-ubyte.gz": (5148, "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
     },
 }
 # The (images, labels) files of each split; both datasets use the same names.
@@ -131,17 +123,17 @@ def data_home() -> Path:
     return (Path(cache) if os.path.isabs(cache) else Path.home() / ".cache") / "onnx-auditor"
 
 
-def locate(name: str) -> Path:
+def locate(name: str, *, data_dir: Path | None = None) -> Path:
     """The folder that holds the four verified IDX files of dataset ``name``.
 
-    The first of ``$AUDITOR_DATA_DIR/<name>`` (when the variable is set) and
+    The first of ``<data_dir>/<name>`` (``data_dir`` defaults to ``$AUDITOR_DATA_DIR`` when set) and
     ``data_home()/<name>`` that holds all four files is used. Otherwise the files missing from
     the first writable one of those folders are downloaded into it, so a partial copy is
     completed rather than duplicated. Every file is checked against its published size and
     SHA-256, once per process.
     """
     files = _files_of(name)
-    folders = _search_folders(name)
+    folders = _search_folders(name, data_dir)
     complete = [folder for folder in folders if all((folder / file).is_file() for file in files)]
     folder = complete[0] if complete else _download_folder(name, folders)
     missing = []
@@ -154,24 +146,24 @@ def locate(name: str) -> Path:
     return folder
 
 
-def open_dataset(spec: str, split: str, *, limit: int | None = None) -> Dataset:
+def open_dataset(spec: str, split: str, *, limit: int | None = None, data_dir: Path | None = None) -> Dataset:
     """Open one split ("train" or "test") of ``spec`` for streaming.
 
     ``spec`` is a name in ``KNOWN_DATASETS`` or a path to a ``.npz``/``.npy`` file. A file that
     holds a single split serves whichever split is asked. ``limit`` keeps the first ``limit``
     samples. Everything that can be checked without reading the samples is checked here, so a
-    bad input is refused before an audit starts.
+    bad input is refused before an audit starts. ``data_dir`` is as in :func:`locate`.
     """
-    return _open(spec, _wanted(split, SPLITS), limit)[0]
+    return _open(spec, _wanted(split, SPLITS), limit, data_dir)[0]
 
 
-def open_splits(spec: str, split: str, *, limit: int | None = None) -> list[Dataset]:
+def open_splits(spec: str, split: str, *, limit: int | None = None, data_dir: Path | None = None) -> list[Dataset]:
     """Open ``split`` of ``spec`` for streaming: "train", "test", or "both" for [train, test].
 
     As :func:`open_dataset`, with ``limit`` applied to each split. "both" needs a source that
     holds two splits: a known dataset, or a ``.npz`` with ``x_train`` and ``x_test``.
     """
-    return _open(spec, _wanted(split, (*SPLITS, "both")), limit)
+    return _open(spec, _wanted(split, (*SPLITS, "both")), limit, data_dir)
 
 
 def tagged(datasets: Sequence[Dataset], batch_size: int) -> Iterator[tuple[str, Batch]]:
@@ -208,9 +200,9 @@ def _files_of(name: str) -> dict[str, tuple[int, str]]:
     return _FILES[name]
 
 
-def _search_folders(name: str) -> list[Path]:
-    """Where ``name``'s files are looked for, in order: ``$AUDITOR_DATA_DIR/<name>``, the user cache."""
-    data_dir = os.environ.get("AUDITOR_DATA_DIR")
+def _search_folders(name: str, data_dir: Path | None) -> list[Path]:
+    """Where ``name``'s files are looked for, in order: ``data_dir`` (or ``$AUDITOR_DATA_DIR``), the user cache."""
+    data_dir = data_dir or os.environ.get("AUDITOR_DATA_DIR")
     return ([Path(data_dir) / name] if data_dir else []) + [data_home() / name]
 
 
@@ -323,8 +315,7 @@ def _idx_open(path: Path, magic: int) -> Iterator[tuple[BinaryIO, tuple[int, ...
             header = stream.read(4 * (1 + ndim))
             if len(header) != 4 * (1 + ndim) or int.from_bytes(header[:4], "big") != magic:
                 raise DataError(
-                    f"{path} does not start with an IDX header of magic {magic}; "
-                    "replace it with the original download"
+                    f"{path} does not start with an IDX header of magic {magic}; replace it with the original download"
                 )
             yield stream, struct.unpack(f">{ndim}I", header[4:])
     except (OSError, EOFError, zlib.error) as exc:
@@ -342,8 +333,7 @@ def _idx_read(stream: BinaryIO, path: Path, shape: tuple[int, ...], n: int) -> n
     out = np.empty((n, *shape[1:]), np.uint8)
     if stream.readinto(out) != out.nbytes:
         raise DataError(
-            f"{path} is truncated: it declares {shape[0]} records but ends early; "
-            "replace it with the original download"
+            f"{path} is truncated: it declares {shape[0]} records but ends early; replace it with the original download"
         )
     return out
 
@@ -355,9 +345,9 @@ def _idx_batches(path: Path, count: int, batch_size: int) -> Iterator[np.ndarray
             yield _idx_read(stream, path, shape, min(batch_size, count - start))
 
 
-def _idx_dataset(name: str, split: str, limit: int | None) -> Dataset:
+def _idx_dataset(name: str, split: str, limit: int | None, data_dir: Path | None) -> Dataset:
     """One split of a known dataset: labels read whole (they are small), images left to stream."""
-    folder = locate(name)
+    folder = locate(name, data_dir=data_dir)
     images, labels = (folder / file for file in _SPLIT_FILES[split])
     with _idx_open(labels, _IDX_LABELS) as (stream, label_shape):
         y = _idx_read(stream, labels, label_shape, label_shape[0])
@@ -388,9 +378,7 @@ def _read_arrays(path: Path, splits: tuple[str, ...]) -> list[tuple[np.ndarray, 
         with path.open("rb") as stream:
             head = stream.read(6)
         if head != b"\x93NUMPY" and not head.startswith(b"PK"):  # numpy's and zip's magic
-            raise DataError(
-                f"{path} is neither a .npy nor a .npz file; save the arrays with numpy.save or numpy.savez"
-            )
+            raise DataError(f"{path} is neither a .npy nor a .npz file; save the arrays with numpy.save or numpy.savez")
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             _refuse_both(path, splits)
@@ -462,12 +450,12 @@ def _wanted(split: str, choices: tuple[str, ...]) -> tuple[str, ...]:
     return SPLITS if split == "both" else (split,)
 
 
-def _open(spec: str, splits: tuple[str, ...], limit: int | None) -> list[Dataset]:
+def _open(spec: str, splits: tuple[str, ...], limit: int | None, data_dir: Path | None) -> list[Dataset]:
     """The wanted splits of ``spec``; ``limit`` is checked first, before anything is read or fetched."""
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0 (or none, for all samples), got {limit}")
     if spec in KNOWN_DATASETS:
-        return [_idx_dataset(spec, split, limit) for split in splits]
+        return [_idx_dataset(spec, split, limit, data_dir) for split in splits]
     path = _array_file(spec)
     pairs = zip(splits, _read_arrays(path, splits), strict=True)
     return [_array_dataset(path.name, split, x, y, limit) for split, (x, y) in pairs]
@@ -510,9 +498,7 @@ def _check_labels(y: np.ndarray, total: int, where: str) -> np.ndarray:
     if y.dtype.kind not in "iu":
         raise DataError(f"{where}: labels must be integers, got {y.dtype}; save y as integer class indices")
     if y.shape != (total,):
-        raise DataError(
-            f"{where}: {total} samples but labels of shape {y.shape}; provide one label per sample"
-        )
+        raise DataError(f"{where}: {total} samples but labels of shape {y.shape}; provide one label per sample")
     return y.astype(np.int64)
 
 

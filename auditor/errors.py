@@ -51,6 +51,12 @@ class CancelledError(AuditError):
     kind = "cancelled"
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name), for one-line refusals."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # gRPC status code names (grpc.StatusCode members) for each kind; the server imports this map.
 GRPC_STATUS = {
     "invalid": "INVALID_ARGUMENT",

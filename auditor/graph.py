@@ -215,13 +215,16 @@ def _infer(model: onnx.ModelProto) -> tuple[dict[str, list[int | str | None]], d
         if tensor_type.elem_type:
             dtypes[info.name] = tensor_type.elem_type
         if tensor_type.HasField("shape"):
-            shapes[info.name] = [
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
-            ]
+            shapes[info.name] = _dims(tensor_type)
     for init in graph.initializer:
         shapes[init.name] = list(init.dims)
         dtypes[init.name] = init.data_type
     return shapes, dtypes
+
+
+def _dims(tensor_type: onnx.TypeProto.Tensor) -> list[int | str | None]:
+    """A tensor type's dimensions: sizes, symbolic names, or None where unknown."""
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
 
 
 def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
@@ -242,7 +245,7 @@ def _data_input(graph: onnx.GraphProto, constants: set[str]) -> ModelInput:
     tensor_type = value.type.tensor_type
     if not tensor_type.elem_type:
         raise ModelError(f"model input {value.name!r} is not a tensor; the auditor needs a tensor input")
-    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+    dims = tuple(_dims(tensor_type))
     return ModelInput(value.name, helper.tensor_dtype_to_np_dtype(tensor_type.elem_type), dims)
 
 
@@ -266,14 +269,25 @@ def _clip_min(node: onnx.NodeProto, graph: onnx.GraphProto) -> float:
         if attr.name == "min":
             return attr.f
     if len(node.input) > 1 and node.input[1]:
-        for init in graph.initializer:
-            if init.name == node.input[1]:
-                return float(numpy_helper.to_array(init))
-        for other in graph.node:
-            if other.op_type == "Constant" and other.output[0] == node.input[1]:
-                return float(numpy_helper.to_array(other.attribute[0].t))
-        return 0.0  # a data-dependent bound: treat it like ReLU6
+        bound = _constant_scalar(node.input[1], graph)
+        return 0.0 if bound is None else bound  # a data-dependent bound: treat it like ReLU6
     return -math.inf
+
+
+def _constant_scalar(name: str, graph: onnx.GraphProto) -> float | None:
+    """The value of a one-element initializer or Constant node named ``name``, if it is one."""
+    value = None
+    for init in graph.initializer:
+        if init.name == name:
+            value = numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name and node.attribute:
+            value = helper.get_attribute_value(node.attribute[0])
+            value = numpy_helper.to_array(value) if isinstance(value, TensorProto) else value
+    array = np.asarray(value) if value is not None else None
+    if array is None or array.size != 1 or not np.issubdtype(array.dtype, np.number):
+        return None
+    return float(array.item())
 
 
 def _walk_to_linear(
@@ -320,14 +334,8 @@ def _make_layer(
     dtypes: dict[str, int],
 ) -> Layer:
     linear, path = found
-    axis = 1 if linear.op_type in CONV_FAMILY else -1
-    for node in path:
-        if node.op_type == "Transpose":
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            rank = len(perm) if perm else len(shapes.get(node.input[0], []))
-            perm = perm or list(reversed(range(rank)))
-            axis = perm.index(axis % rank)
-    shape = shapes.get(tensor)
+    axis = _neuron_axis(linear, path, shapes)
+    shape = shapes.get(tensor) if axis is not None else None
     neurons = positions = rank = None
     if shape and len(shape) >= 2:
         rank = len(shape)
@@ -341,13 +349,29 @@ def _make_layer(
         linear.op_type,
         activation,
         role,
-        axis,
+        -1 if axis is None else axis,
         rank,
         dtypes.get(tensor),
         neurons,
         positions,
         producers[tensor][0],
     )
+
+
+def _neuron_axis(
+    linear: onnx.NodeProto, path: list[onnx.NodeProto], shapes: dict[str, list[int | str | None]]
+) -> int | None:
+    """The neuron axis after replaying the Transposes below the linear op; None if untraceable."""
+    axis = 1 if linear.op_type in CONV_FAMILY else -1
+    for node in path:
+        if node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            rank = len(perm) if perm else len(shapes.get(node.input[0], []))
+            if rank == 0:  # no perm and no static rank: the axis cannot be followed
+                return None
+            perm = perm or list(reversed(range(rank)))
+            axis = perm.index(axis % rank)
+    return axis
 
 
 def _output(name: str, elem_type: int | None, rank: int | None) -> onnx.ValueInfoProto:

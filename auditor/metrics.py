@@ -336,13 +336,18 @@ def _margins(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def probability_margins(outputs: np.ndarray, labels: np.ndarray, already_probabilities: bool) -> np.ndarray:
     """γ = f(x)[y] − max_{j≠y} f(x)[j] on softmax probabilities, per sample (SPEC §5.3).
 
-    ``outputs`` is ``(B, C)``; a numerically stable softmax is applied first unless
-    ``already_probabilities`` says the model outputs probabilities already.
+    ``outputs`` is ``(B, C)``. Softmax (numerically stable) is applied "only if the output is
+    not already a probability vector": to no row when ``already_probabilities`` (the graph ends
+    in Softmax), else to every row that is not already non-negative and summing to 1 (± 1e-4),
+    which catches probability outputs built from Exp/ReduceSum/Div.
     """
     scores = np.asarray(outputs, dtype=np.float64)
     if not already_probabilities:
-        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        scores /= scores.sum(axis=-1, keepdims=True)
+        is_probability = (scores >= 0).all(axis=-1) & (np.abs(scores.sum(axis=-1) - 1) <= 1e-4)
+        logits = scores[~is_probability]
+        softmax = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        scores = scores.copy()
+        scores[~is_probability] = softmax / softmax.sum(axis=-1, keepdims=True)
     return _margins(scores, labels)
 
 
@@ -359,17 +364,13 @@ def margin_p5(logit_margins: np.ndarray) -> float:
     return float(np.percentile(m, 5))
 
 
-def margin_sample_mask(sample_index: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Which training samples enter ``margin_max``: a seeded random ``fraction`` of them (SPEC §5.3).
+def sample_uniforms(sample_index: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded uniform draw in [0, 1) per sample, from its global position in the split alone.
 
-    Sample i is chosen iff ``u_i < fraction``, where ``u_i`` in [0, 1) is the top 53 bits of the
-    (i+1)-th output of a splitmix64 generator seeded with ``seed``. Each sample's draw depends
-    only on its global position in the split, so the choice is the same however the data is
-    batched or split across workers; ``fraction=1`` chooses every sample.
-    ``sample_index`` is a 1-D array of positions (>= 0); returns a bool mask of the same shape.
+    ``u_i`` is the top 53 bits of the (i+1)-th output of a splitmix64 generator seeded with
+    ``seed``, so the draws are the same however the data is batched or split across workers.
+    ``sample_index`` is a 1-D array of positions (>= 0); returns float64 of the same shape.
     """
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"margin fraction must be in [0, 1], got {fraction}")
     index = np.asarray(sample_index)
     if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
         raise ValueError(f"sample_index must be a 1-D integer array, got {index.dtype} of shape {index.shape}")
@@ -379,4 +380,20 @@ def margin_sample_mask(sample_index: np.ndarray, fraction: float, seed: int) -> 
     z = (z ^ (z >> _U64(30))) * _MIX1
     z = (z ^ (z >> _U64(27))) * _MIX2
     z ^= z >> _U64(31)
-    return (z >> _U64(11)) * 2.0**-53 < fraction
+    return (z >> _U64(11)) * 2.0**-53
+
+
+def margin_max(margins: np.ndarray, uniforms: np.ndarray, fraction: float) -> float:
+    """``margin_max``: the largest γ over a seeded random ``fraction`` of the training points (SPEC §5.3).
+
+    The points are the ``max(1, round(fraction · n))`` with the smallest ``sample_uniforms``
+    (ties, which need equal 53-bit draws, go to the earlier point): exactly that many, and the
+    same ones whatever the batching.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"margin fraction must be in (0, 1], got {fraction}")
+    gamma, u = np.asarray(margins, dtype=np.float64), np.asarray(uniforms)
+    if gamma.size == 0 or gamma.shape != u.shape:
+        raise ValueError(f"margin_max needs one uniform per margin and at least one, got {gamma.size} and {u.size}")
+    chosen = np.argsort(u, kind="stable")[: max(1, round(fraction * gamma.size))]
+    return float(gamma[chosen].max())

@@ -15,7 +15,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from auditor.errors import ModelError
+from auditor.errors import ModelError, first_line
 
 DEFAULT_MAX_BYTES = 2 * 1024**3  # protobuf's own ceiling for one serialized model
 
@@ -127,5 +127,4 @@ def _check(proto: onnx.ModelProto, name: str) -> None:
     try:
         onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{name} fails onnx.checker: {first}; fix or re-export the model") from None
+        raise ModelError(f"{name} fails onnx.checker: {first_line(exc)}; fix or re-export the model") from None

@@ -115,7 +115,7 @@ class ReportStore:
         self, model_sha256: str = "", page_size: int = PAGE_SIZE, page_token: str = ""
     ) -> tuple[list[StoredReport], str]:
         """One page of reports, newest first, and the token of the next page ("" on the last)."""
-        if page_token and not page_token.isdigit():
+        if page_token and not (page_token.isdigit() and len(page_token) <= 18):
             raise AuditError(f"page token {page_token!r} is not from this server; start from page one")
         size = min(page_size, PAGE_SIZE) if page_size > 0 else PAGE_SIZE
         where, params = [], []

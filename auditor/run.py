@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from auditor.errors import AuditError, ModelError
+from auditor.errors import AuditError, ModelError, first_line
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -53,12 +53,16 @@ def requested_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def create_session(model: onnx.ModelProto, device: str = "auto", threads: int = 0) -> ort.InferenceSession:
+def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | None = None) -> ort.InferenceSession:
     """An onnxruntime session for ``model``; refuses models onnxruntime cannot load.
 
     ``device="cuda"`` insists on CUDA and says so when it cannot start; ``"auto"`` falls back.
-    ``threads`` is onnxruntime's intra-op thread count (0: one per core).
+    ``threads`` is onnxruntime's intra-op thread count (0: one per core); by default 1 on the
+    CPU, where the audit runs one call per core side by side (``workers_for``), else 0.
     """
+    providers = requested_providers(device)
+    if threads is None:
+        threads = 1 if providers == ["CPUExecutionProvider"] else 0
     if device == "cuda" and not cuda_usable():
         raise AuditError(
             "CUDA was requested but onnxruntime cannot start it (no GPU, or CUDA/cuDNN libraries "
@@ -68,10 +72,11 @@ def create_session(model: onnx.ModelProto, device: str = "auto", threads: int = 
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=requested_providers(device))
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own unexported exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"onnxruntime cannot load the model: {first}; re-export it with a supported opset") from None
+        raise ModelError(
+            f"onnxruntime cannot load the model: {first_line(exc)}; re-export it with a supported opset"
+        ) from None
     return session
 
 
@@ -103,6 +108,4 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
         while pending:
             yield pending.popleft().result()
     finally:
-        for future in pending:
-            future.cancel()
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -13,7 +13,6 @@ import functools
 import hmac
 import inspect
 import logging
-import os
 import queue
 import re
 import signal
@@ -55,8 +54,8 @@ _PREPARED_CACHE = 4  # onnxruntime sessions kept warm
 class ServeOptions:
     """Every setting of the server; ``auditor serve`` flags map one to one onto these fields.
 
-    ``data_dir`` is where named datasets (mnist, fashion-mnist) are read or downloaded to; the
-    data module reads it from ``$AUDITOR_DATA_DIR``, so a server sets that for its process.
+    ``data_dir`` is where named datasets (mnist, fashion-mnist) are read or downloaded to
+    (default: ``$AUDITOR_DATA_DIR``, then the user cache).
     ``device`` is used for audits whose settings leave the device at "auto".
     """
 
@@ -187,7 +186,10 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         call.model = start.model_sha256
         config = wire.settings_to_config(start.settings)
         self._models.path(start.model_sha256)  # NOT_FOUND before anything else
-        batches = _dataset_batches(start.dataset, config) if start.HasField("dataset") else _client_batches(requests)
+        if start.HasField("dataset"):
+            batches = _dataset_batches(start.dataset, config, self._options.data_dir)
+        else:
+            batches = _client_batches(requests)
         with self._slot():
             prepared = self._prepare(start.model_sha256, config)
             for event in _run_audit(prepared, batches, config, lambda: not context.is_active()):
@@ -281,7 +283,7 @@ def _audit_start(request: pb.AuditRequest | None) -> pb.AuditStart:
     return request.start
 
 
-def _dataset_batches(dataset: pb.DatasetRef, config: AuditConfig) -> Iterator[tuple[str, Batch]]:
+def _dataset_batches(dataset: pb.DatasetRef, config: AuditConfig, data_dir: Path | None) -> Iterator[tuple[str, Batch]]:
     """Batches of a dataset the server holds; only known names, never a path on the server."""
     if dataset.name not in KNOWN_DATASETS:
         raise DataError(
@@ -289,7 +291,7 @@ def _dataset_batches(dataset: pb.DatasetRef, config: AuditConfig) -> Iterator[tu
             "send other data as batches"
         )
     limit = dataset.limit if dataset.HasField("limit") else None
-    return tagged(open_splits(dataset.name, dataset.split, limit=limit), config.batch_size)
+    return tagged(open_splits(dataset.name, dataset.split, limit=limit, data_dir=data_dir), config.batch_size)
 
 
 def _client_batches(requests: Iterator[pb.AuditRequest]) -> Iterator[tuple[str, Batch]]:
@@ -427,8 +429,6 @@ def _bind(server: grpc.Server, options: ServeOptions) -> int:
 
 def _assemble(options: ServeOptions) -> tuple[grpc.Server, int, health.HealthServicer]:
     """The server, bound but not started, with its port and health servicer."""
-    if options.data_dir is not None:
-        os.environ["AUDITOR_DATA_DIR"] = str(options.data_dir)
     open_services = (HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
     interceptors = [_BearerToken(read_token(options.token_file), open_services)] if options.token_file else []
     limit = options.max_batch_mb * MB + _MESSAGE_HEADROOM

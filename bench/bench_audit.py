@@ -76,7 +76,7 @@ def plain_inference_seconds(model: onnx.ModelProto, images: np.ndarray, batch_si
     ``parallel=True`` copies the audit's own CPU strategy (single-threaded calls side by side),
     so the ratio against it isolates what auditing adds.
     """
-    session = create_session(model, "auto", threads=1 if parallel else 0)
+    session = create_session(model, "auto", threads=None if parallel else 0)
     name = session.get_inputs()[0].name
     workers = workers_for(session) if parallel else 1
 

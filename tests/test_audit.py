@@ -81,10 +81,14 @@ def lenet_model(batch: int | str = "N", seed: int = 0) -> onnx.ModelProto:
         return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
 
     inits = [
-        init("c1w", 4, 1, 5, 5), init("c1b", 4, scale=0.1),
-        init("c2w", 8, 4, 5, 5, scale=0.1), init("c2b", 8, scale=0.1),
-        init("f1w", 128, 16, scale=0.1), init("f1b", 16, scale=0.1),
-        init("f2w", 16, 10), init("f2b", 10, scale=0.1),
+        init("c1w", 4, 1, 5, 5),
+        init("c1b", 4, scale=0.1),
+        init("c2w", 8, 4, 5, 5, scale=0.1),
+        init("c2b", 8, scale=0.1),
+        init("f1w", 128, 16, scale=0.1),
+        init("f1b", 16, scale=0.1),
+        init("f2w", 16, 10),
+        init("f2b", 10, scale=0.1),
     ]
     nodes = [
         helper.make_node("Conv", ["x", "c1w", "c1b"], ["c1"]),
@@ -247,7 +251,8 @@ def test_conv_layer_positions_by_hand() -> None:
         helper.make_node("MatMul", ["f", "fw"], ["logits"]),
     ]
     model = _model(
-        nodes, inits,
+        nodes,
+        inits,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 2, 2])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
     )
@@ -497,9 +502,7 @@ def test_cna_margin_null_below_the_window() -> None:
     report = audit(dense_model(_random_mlp()), tagged(datasets, 10), CPU)
     assert report.cna_margin is None
     assert report.splits["train"].cna is not None  # CNA itself needs only 2 samples
-    assert any("CNA-Margin is null" in w and "24 samples" in w and "25" in w for w in report.warnings), (
-        report.warnings
-    )
+    assert any("CNA-Margin is null" in w and "24 samples" in w and "25" in w for w in report.warnings), report.warnings
 
 
 def test_no_labels_gives_null_accuracy_aiq_and_margin() -> None:
@@ -539,8 +542,14 @@ def test_report_json_contract(tmp_path: Path) -> None:
         assert split["samples"] == 40
         for layer in split["layers"]:
             assert {
-                "neurons", "positions", "states_total", "states_distinct", "entropy_bits", "efficiency",
-                "max_entropy_bits", "suggested_neurons",
+                "neurons",
+                "positions",
+                "states_total",
+                "states_distinct",
+                "entropy_bits",
+                "efficiency",
+                "max_entropy_bits",
+                "suggested_neurons",
             } <= set(layer)
             assert layer["max_entropy_bits"] == pytest.approx(math.log2(layer["states_total"]))
             assert 1 <= layer["suggested_neurons"] <= layer["neurons"]
@@ -596,7 +605,8 @@ def test_imagenet_models_refuse_mnist_with_the_expected_shape(shared_models: Pat
     refused(
         DataError,
         lambda: audit(prepared, tagged(open_splits("mnist", "test", limit=8), 8), CPU),
-        "28×28", "3×224×224",
+        "28×28",
+        "3×224×224",
     )
 
 
@@ -714,7 +724,8 @@ def test_data_shape_that_cannot_match() -> None:
     refused(
         DataError,
         lambda: run_audit(dense_model(HAND_LAYERS), np.zeros((3, 5), np.float32)),
-        "5 values", "expects 2",
+        "5 values",
+        "expects 2",
     )
 
 
@@ -769,7 +780,8 @@ def test_nan_inside_the_model_is_reported_not_hidden() -> None:
         helper.make_node("Gemm", ["a2", "W3"], ["logits"]),
     ]
     model = _model(
-        nodes, inits,
+        nodes,
+        inits,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
     )
@@ -810,7 +822,8 @@ def test_nan_outputs_leave_cna_margin_null_and_the_json_valid() -> None:
         helper.make_node("Add", ["g3", "log_x0"], ["logits"]),
     ]
     model = _model(
-        nodes, inits,
+        nodes,
+        inits,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
     )
@@ -829,8 +842,14 @@ def test_nan_outputs_leave_cna_margin_null_and_the_json_valid() -> None:
 
 @pytest.mark.parametrize(
     "setting",
-    [{"beta": math.inf}, {"beta": math.nan}, {"mean": math.nan}, {"std": math.inf}, {"scale": math.nan},
-     {"alpha_range": (0.0, math.inf)}],
+    [
+        {"beta": math.inf},
+        {"beta": math.nan},
+        {"mean": math.nan},
+        {"std": math.inf},
+        {"scale": math.nan},
+        {"alpha_range": (0.0, math.inf)},
+    ],
 )
 def test_non_finite_settings_are_refused(setting: dict) -> None:
     refused(AuditError, lambda: AuditConfig(**setting), "finite")
@@ -866,10 +885,90 @@ def test_cancelled_midway_stops_the_audit() -> None:
 def test_progress_counts_increase_per_split() -> None:
     seen: list[tuple[str, int]] = []
     datasets = open_splits("mnist", "both", limit=50)
-    report = audit(
-        dense_model(_random_mlp()), tagged(datasets, 16), CPU, progress=lambda s, n: seen.append((s, n))
-    )
+    report = audit(dense_model(_random_mlp()), tagged(datasets, 16), CPU, progress=lambda s, n: seen.append((s, n)))
     for name in ("train", "test"):
         counts = [n for s, n in seen if s == name]
         assert counts == [16, 32, 48, 50]
         assert report.splits[name].samples == 50
+
+
+# --- Regressions found in review -------------------------------------------------------------
+
+
+def _uint8_input_model() -> onnx.ModelProto:
+    """A model that scales its own uint8 input: Cast → Div(255) → Gemm → Relu → Gemm."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["xf", "k"], ["xs"]),
+        helper.make_node("Gemm", ["xs", "W1", "B1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("Gemm", ["a1", "W2", "B2"], ["logits"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(255, np.float32), "k"),
+        numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W1"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "B1"),
+        numpy_helper.from_array(rng.standard_normal((3, 2)).astype(np.float32), "W2"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "B2"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 4])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])]
+    return _model(nodes, inits, inputs, outputs, "uint8_in")
+
+
+def test_an_integer_model_input_gets_the_raw_values_not_scaled_ones() -> None:
+    x = np.random.default_rng(4).integers(0, 256, (40, 4)).astype(np.uint8)
+    model = _uint8_input_model()
+    report = audit(model, [("test", Batch(x))], CPU)
+    reference = audit(
+        dense_model(
+            [
+                (numpy_helper.to_array(model.graph.initializer[1]), np.zeros(3)),
+                (numpy_helper.to_array(model.graph.initializer[3]), np.zeros(2)),
+            ]
+        ),
+        [("test", Batch(x.astype(np.float32) / 255))],
+        CPU,
+    )
+    assert report.splits["test"].layers[0].states_distinct == reference.splits["test"].layers[0].states_distinct
+    with pytest.raises(DataError, match="cannot apply"):
+        audit(model, [("test", Batch(x))], AuditConfig(device="cpu", mean=0.5))
+    with pytest.raises(DataError, match="cannot hold"):
+        audit(model, [("test", Batch(x.astype(np.float32) + 0.5))], CPU)
+
+
+def test_samples_without_values_are_refused() -> None:
+    model = dense_model([(np.eye(2), np.zeros(2)), (np.eye(2), np.zeros(2))])
+    with pytest.raises(DataError, match="hold no values"):
+        audit(model, [("test", Batch(np.zeros((3, 0), np.float32)))], CPU)
+
+
+def test_labels_for_a_single_score_model_are_refused_in_one_line() -> None:
+    model = dense_model([(np.eye(2), np.zeros(2)), (np.ones((2, 1)), np.zeros(1))])
+    with pytest.raises(DataError, match="1 score per sample"):
+        audit(model, [("test", Batch(np.ones((4, 2), np.float32), np.zeros(4, np.int64)))], CPU)
+
+
+def test_margin_max_uses_exactly_the_fraction_even_on_a_tiny_split() -> None:
+    """30 training samples at 1%: still one sample, never a null CNA-Margin for want of a draw."""
+    rng = np.random.default_rng(5)
+    layers = [(rng.standard_normal((16, 3)), np.zeros(3)), (rng.standard_normal((3, 2)), np.zeros(2))]
+    x = (rng.random((30, 16)) * np.arange(1, 31)[:, None] * 8).astype(np.uint8)  # α grows down the rows
+    y = np.zeros(30, np.int64)
+    config = AuditConfig(device="cpu", margin_fraction=0.01)
+    report = audit(dense_model(layers), [("train", Batch(x, y)), ("test", Batch(x, y))], config)
+    assert report.cna_margin is not None, report.warnings
+
+
+def test_one_split_says_why_cna_margin_is_null() -> None:
+    model = dense_model([(np.eye(2), np.zeros(2)), (np.eye(2), np.zeros(2))])
+    report = audit(model, [("test", Batch(np.ones((3, 2), np.float32)))], CPU)
+    assert report.cna_margin is None
+    assert any("--split both" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("setting", [{"margin_seed": 2**63}, {"margin_seed": -1}, {"batch_size": 2**31}])
+def test_settings_that_cannot_travel_to_a_server_are_refused(setting: dict) -> None:
+    with pytest.raises(AuditError):
+        AuditConfig(**setting)

@@ -749,3 +749,31 @@ def test_word_groups_tile_the_neurons_without_crossing_words(neurons: int) -> No
 
 def test_word_groups_130() -> None:
     assert word_groups(130) == [(0, 24), (24, 48), (48, 64), (64, 88), (88, 112), (112, 128), (128, 130)]
+
+
+# --- Regressions found in review -------------------------------------------------------------
+
+
+def test_clip_bound_from_a_constant_node_with_a_scalar_attribute() -> None:
+    """Constant(value_float=0) as Clip's min: a ReLU6-style layer, not a crash."""
+    net = Net(opset=13)
+    h = net.dense(net.input, 4, 3)
+    net.nodes.append(helper.make_node("Constant", [], ["lo"], value_float=0.0))
+    net.nodes.append(helper.make_node("Constant", [], ["hi"], value_float=6.0))
+    clipped = net.op("Clip", h, "lo", "hi")
+    layers = find_layers(net.build(net.dense(clipped, 3, 2)))
+    assert [(layer.name, layer.activation) for layer in layers if layer.role == "hidden"] == [(h, "Clip")]
+
+
+def test_a_transpose_without_perm_or_shapes_is_refused_in_one_line() -> None:
+    """Unknown rank and no perm: the neuron axis cannot be traced, so the audit refuses cleanly."""
+    net = Net()
+    h = net.op("MatMul", net.input, net.const(net.random(4, 3)))
+    out = net.dense(net.op("Relu", net.op("Transpose", h)), 3, 2)
+    shapeless = [helper.make_tensor_value_info(net.input, FLOAT, None)]
+    graph = helper.make_graph(net.nodes, "t", shapeless, [helper.make_tensor_value_info(out, FLOAT, None)], net.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    (layer,) = [layer for layer in find_layers(model) if layer.role == "hidden"]
+    assert layer.rank is None
+    with pytest.raises(ModelError, match="unknown before running"):
+        expose(model, describe(model))

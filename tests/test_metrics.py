@@ -394,31 +394,40 @@ def _splitmix64(seed: int, n: int) -> int:
     return z ^ (z >> 31)
 
 
-def test_margin_mask_follows_a_scalar_splitmix64_reference() -> None:
+def test_sample_uniforms_follow_a_scalar_splitmix64_reference() -> None:
     assert _splitmix64(0, 1) == 0xE220A8397B1DCDAF  # Vigna's reference stream for seed 0
     index = np.arange(200)
     for seed in (0, 42, -3):
         u = np.array([(_splitmix64(seed % 2**64, int(i) + 1) >> 11) / 2**53 for i in index])
-        np.testing.assert_array_equal(m.margin_sample_mask(index, 0.3, seed), u < 0.3)
+        np.testing.assert_array_equal(m.sample_uniforms(index, seed), u)
 
 
-def test_margin_mask_does_not_depend_on_batching() -> None:
+def test_sample_uniforms_do_not_depend_on_batching() -> None:
     index = np.arange(60_000)
-    whole = m.margin_sample_mask(index, 0.1, seed=0)
-    chunks = np.concatenate([m.margin_sample_mask(index[i : i + 256], 0.1, seed=0) for i in range(0, 60_000, 256)])
+    whole = m.sample_uniforms(index, seed=0)
+    chunks = np.concatenate([m.sample_uniforms(index[i : i + 256], seed=0) for i in range(0, 60_000, 256)])
     np.testing.assert_array_equal(whole, chunks)
     order = np.random.default_rng(8).permutation(60_000)
-    np.testing.assert_array_equal(m.margin_sample_mask(index[order], 0.1, seed=0), whole[order])
-    assert abs(whole.mean() - 0.1) < 0.005  # binomial sd ≈ 0.0012
-
-
-def test_margin_mask_seed_and_fraction() -> None:
-    index = np.arange(10_000)
-    assert m.margin_sample_mask(index, 1.0, seed=5).all()
-    assert not m.margin_sample_mask(index, 0.0, seed=5).any()
-    assert not np.array_equal(m.margin_sample_mask(index, 0.5, seed=1), m.margin_sample_mask(index, 0.5, seed=2))
-    with pytest.raises(ValueError):
-        m.margin_sample_mask(index, 1.5, seed=0)
+    np.testing.assert_array_equal(m.sample_uniforms(index[order], seed=0), whole[order])
+    assert whole.min() >= 0 and whole.max() < 1 and abs(whole.mean() - 0.5) < 0.01
+    assert not np.array_equal(whole, m.sample_uniforms(index, seed=1))
     for bad_index in (np.array([-1, 2]), np.array([0.0, 1.0]), np.zeros((2, 2), dtype=int)):
         with pytest.raises(ValueError):
-            m.margin_sample_mask(bad_index, 0.5, seed=0)
+            m.sample_uniforms(bad_index, seed=0)
+
+
+def test_margin_max_takes_exactly_the_fraction_with_the_smallest_draws() -> None:
+    margins = np.array([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0])
+    uniforms = np.array([0.95, 0.05, 0.5, 0.15, 0.75, 0.25, 0.85, 0.35, 0.65, 0.45])
+    assert m.margin_max(margins, uniforms, 0.2) == 0.3  # the two smallest draws: margins 0.1 and 0.3
+    assert m.margin_max(margins, uniforms, 0.01) == 0.1  # never fewer than one point
+    assert m.margin_max(margins, uniforms, 1.0) == 0.9
+    with pytest.raises(ValueError):
+        m.margin_max(margins, uniforms, 0.0)
+    with pytest.raises(ValueError):
+        m.margin_max(margins[:3], uniforms, 0.5)
+
+
+def test_probability_rows_are_detected_without_a_softmax_node() -> None:
+    mixed = np.array([[0.7, 0.2, 0.1], [math.log(2), 0.0, 0.0]])  # a probability row, then logits
+    np.testing.assert_allclose(m.probability_margins(mixed, np.array([0, 0]), False), [0.5, 0.25])
