@@ -22,7 +22,7 @@ from auditor.config import AuditConfig
 from auditor.count import LayerCounter
 from auditor.data import Batch
 from auditor.errors import AuditError, CancelledError, DataError, first_line
-from auditor.graph import Exposed, Layer, ModelInput, Structure, describe, expose
+from auditor.graph import Exposed, Layer, ModelInput, Structure, describe, expose, packing
 from auditor.modelfile import LoadedModel, load_model
 from auditor.report import CnaMargin, LayerInfo, LayerStats, ModelInfo, Report, SplitReport
 from auditor.run import create_session, ordered_map, workers_for
@@ -313,11 +313,11 @@ class _SplitTally:
 
     def _start(self, packed: list[np.ndarray], n: int) -> None:
         """Counters for the efficiency layers only, sized from the first batch."""
-        exposed, roles = self.prepared.exposed, _efficiency_roles(self.config)
+        roles = _efficiency_roles(self.config)
         for index, layer in enumerate(self.prepared.structure.layers):
             if layer.role in roles:
-                groups = exposed.groups[index]
-                self.counters[index] = LayerCounter(layer.neurons, groups, exposed.group_axes[index])
+                groups, group_axis = packing(layer)
+                self.counters[index] = LayerCounter(layer.neurons, groups, group_axis)
                 self.positions[index] = packed[index].size // (n * len(groups))
         self.nonfinite_sums = np.zeros(len(packed), np.int64)
 

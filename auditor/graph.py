@@ -109,8 +109,6 @@ class Exposed:
     model: onnx.ModelProto
     keys: list[str]
     sums: list[str]
-    groups: list[list[tuple[int, int]]]
-    group_axes: list[int]
 
 
 def find_layers(model: onnx.ModelProto) -> list[Layer]:
@@ -155,15 +153,16 @@ def describe(model: onnx.ModelProto) -> Structure:
 def expose(model: onnx.ModelProto, structure: Structure, aggregate: str = "sum") -> Exposed:
     """A copy of ``model`` whose outputs add, per layer, packed firing bits and per-sample sums.
 
-    For a layer of N neurons the packed output holds ``ceil(N/24)`` int32 groups per position
-    (bit k of group g is neuron ``start_g + k``); the sum output is one float32 per sample
-    (``ReduceSum`` or ``ReduceMean`` over all units, SPEC §4). The original outputs stay first.
+    For a layer of N neurons the packed output holds the int32 groups of ``packing(layer)`` per
+    position (bit k of group g is neuron ``start_g + k``); the sum output is one float32 per
+    sample (``ReduceSum`` or ``ReduceMean`` over all units, SPEC §4). The original outputs stay
+    first.
     """
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     graph = exposed.graph
     taken = {o.name for o in graph.output}
-    keys, sums, groups, group_axes = [], [], [], []
+    keys, sums = [], []
     for index, layer in enumerate(structure.layers):
         if layer.neurons is None or layer.rank is None:
             raise ModelError(
@@ -171,8 +170,7 @@ def expose(model: onnx.ModelProto, structure: Structure, aggregate: str = "sum")
                 "channel/feature dimensions"
             )
         prefix = f"auditor/{index}"
-        layout = word_groups(layer.neurons)
-        nodes, inits, key_name, group_axis = _pack_nodes(layer, layout, prefix)
+        nodes, inits, key_name = _pack_nodes(layer, prefix)
         sum_nodes, sum_inits, sum_name = _sum_nodes(layer, aggregate, structure.opset, prefix)
         graph.node.extend(nodes + sum_nodes)
         graph.initializer.extend(inits + sum_inits)
@@ -180,16 +178,23 @@ def expose(model: onnx.ModelProto, structure: Structure, aggregate: str = "sum")
             graph.input.extend(
                 helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits + sum_inits
             )
-        key_rank = layer.rank if group_axis == -1 else 3  # (batch, groups, positions) when not last
+        key_rank = layer.rank if packing(layer)[1] == -1 else 3  # (batch, groups, positions) when not last
         graph.output.extend([_output(key_name, TensorProto.INT32, key_rank), _output(sum_name, TensorProto.FLOAT, 1)])
         keys.append(key_name)
         sums.append(sum_name)
-        groups.append(layout)
-        group_axes.append(group_axis)
     logits = structure.output_layer
     if logits is not None and logits.name not in taken:
         graph.output.append(_output(logits.name, logits.dtype, logits.rank))
-    return Exposed(model=exposed, keys=keys, sums=sums, groups=groups, group_axes=group_axes)
+    return Exposed(model=exposed, keys=keys, sums=sums)
+
+
+def packing(layer: Layer) -> tuple[list[tuple[int, int]], int]:
+    """How ``expose`` packs a layer: its bit groups, and the packed output's axis that holds them.
+
+    Neurons on the last axis give (batch, …, groups); otherwise (batch, groups, positions).
+    """
+    last = layer.axis % layer.rank == layer.rank - 1
+    return word_groups(layer.neurons), -1 if last else 1
 
 
 def word_groups(neurons: int) -> list[tuple[int, int]]:
@@ -383,9 +388,7 @@ def _output(name: str, elem_type: int | None, rank: int | None) -> onnx.ValueInf
     return helper.make_tensor_value_info(name, elem_type, [None] * rank)
 
 
-def _pack_nodes(
-    layer: Layer, layout: list[tuple[int, int]], prefix: str
-) -> tuple[list[onnx.NodeProto], list[TensorProto], str, int]:
+def _pack_nodes(layer: Layer, prefix: str) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
     """Nodes that turn a pre-activation tensor into int32 groups of firing bits.
 
     ``x > 0`` gives the bits; a MatMul against a block-diagonal matrix of powers of two sums each
@@ -398,6 +401,7 @@ def _pack_nodes(
         nodes.append(helper.make_node("Cast", [source], [f"{prefix}/as_float"], to=TensorProto.FLOAT))
         source, dtype = f"{prefix}/as_float", TensorProto.FLOAT
     zero = numpy_helper.from_array(np.zeros((), helper.tensor_dtype_to_np_dtype(dtype)), f"{prefix}/zero")
+    layout, group_axis = packing(layer)
     weights = np.zeros((layer.neurons, len(layout)), np.float32)
     for g, (start, stop) in enumerate(layout):
         weights[start:stop, g] = 2.0 ** np.arange(stop - start)
@@ -408,10 +412,9 @@ def _pack_nodes(
     ]
     rank, axis = layer.rank, layer.axis % layer.rank
     bits = f"{prefix}/bits"
-    if axis == rank - 1:
+    if group_axis == -1:
         inits.append(numpy_helper.from_array(weights, f"{prefix}/pack_w"))
         nodes.append(helper.make_node("MatMul", [bits, f"{prefix}/pack_w"], [f"{prefix}/packed"]))
-        group_axis = -1
     else:
         if axis != 1:
             perm = [0, axis, *(i for i in range(1, rank) if i != axis)]
@@ -425,9 +428,8 @@ def _pack_nodes(
             helper.make_node("Reshape", [bits, f"{prefix}/rows"], [f"{prefix}/bits_rows"]),
             helper.make_node("MatMul", [f"{prefix}/pack_w", f"{prefix}/bits_rows"], [f"{prefix}/packed"]),
         ]
-        group_axis = 1
     nodes.append(helper.make_node("Cast", [f"{prefix}/packed"], [f"{prefix}/keys"], to=TensorProto.INT32))
-    return nodes, inits, f"{prefix}/keys", group_axis
+    return nodes, inits, f"{prefix}/keys"
 
 
 def _sum_nodes(

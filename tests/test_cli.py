@@ -51,7 +51,8 @@ def _build_mlp(path: Path) -> Path:
             nodes.append(helper.make_node("Relu", [out], [f"a{i}"]))
             current = f"a{i}"
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         initializer=inits,
@@ -96,7 +97,12 @@ def cli(*args: str, stderr: int | None = subprocess.PIPE, timeout: float = 120) 
     """``python -m auditor.cli ARGS`` as a real subprocess (stdout and stderr piped, so not TTYs)."""
     return subprocess.run(
         [sys.executable, "-m", "auditor.cli", *args],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=timeout, env=dict(os.environ),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ),
     )
 
 
@@ -113,8 +119,15 @@ def test_layers_table(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert header[2:] == ["op", "activation", "role", "neurons", "positions"]
     rows = [line.split() for line in out[1:]]
     assert rows == [
-        [str(i), layer["name"], layer["op"], layer["activation"] or "-", layer["role"], str(layer["neurons"]),
-         str(layer["positions"])]
+        [
+            str(i),
+            layer["name"],
+            layer["op"],
+            layer["activation"] or "-",
+            layer["role"],
+            str(layer["neurons"]),
+            str(layer["positions"]),
+        ]
         for i, layer in enumerate(layers, 1)
     ]
     assert [r[4] for r in rows] == ["hidden", "hidden", "output"]
@@ -157,9 +170,28 @@ def test_audit_writes_json_and_prints_the_table(model: Path, tmp_path: Path, cap
 def test_audit_options_reach_the_config(model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     args = [
-        "audit", str(model), "--data", "mnist", "--limit", "60", "--json", str(out), "--beta", "0.5",
-        "--include-output-layer", "--cna-exclude-output-layer", "--aggregate", "mean", "--batch-size", "7",
-        "--target-efficiency", "0.5", "--margin-fraction", "0.2", "--device", "cpu",
+        "audit",
+        str(model),
+        "--data",
+        "mnist",
+        "--limit",
+        "60",
+        "--json",
+        str(out),
+        "--beta",
+        "0.5",
+        "--include-output-layer",
+        "--cna-exclude-output-layer",
+        "--aggregate",
+        "mean",
+        "--batch-size",
+        "7",
+        "--target-efficiency",
+        "0.5",
+        "--margin-fraction",
+        "0.2",
+        "--device",
+        "cpu",
     ]
     assert main(args) == 0
     data = json.loads(out.read_text())
@@ -191,10 +223,19 @@ def _gate(model: Path, *thresholds: str) -> list[str]:
 
 def test_gate_passes(model: Path, both_report: dict, capsys: pytest.CaptureFixture[str]) -> None:
     test = both_report["splits"]["test"]
-    code = main(_gate(
-        model, "--min-aiq", f"{test['aiq'] - 0.01}", "--min-accuracy", f"{test['accuracy'] - 0.01}",
-        "--min-efficiency", "0", "--max-cna-margin", f"{both_report['cna_margin']['cna_margin_max'] + 0.01}",
-    ))
+    code = main(
+        _gate(
+            model,
+            "--min-aiq",
+            f"{test['aiq'] - 0.01}",
+            "--min-accuracy",
+            f"{test['accuracy'] - 0.01}",
+            "--min-efficiency",
+            "0",
+            "--max-cna-margin",
+            f"{both_report['cna_margin']['cna_margin_max'] + 0.01}",
+        )
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "gate passed: 4/4 thresholds met" in out
@@ -219,10 +260,19 @@ def test_gate_on_the_train_split(model: Path, both_report: dict, capsys) -> None
 def test_gate_junit(model: Path, both_report: dict, tmp_path: Path, capsys) -> None:
     junit = tmp_path / "gate.xml"
     accuracy = both_report["splits"]["test"]["accuracy"]
-    code = main(_gate(
-        model, "--min-aiq", "0.99", "--min-accuracy", f"{accuracy - 0.05}", "--max-cna-margin", "1000",
-        "--junit", str(junit),
-    ))
+    code = main(
+        _gate(
+            model,
+            "--min-aiq",
+            "0.99",
+            "--min-accuracy",
+            f"{accuracy - 0.05}",
+            "--max-cna-margin",
+            "1000",
+            "--junit",
+            str(junit),
+        )
+    )
     assert code == 1
     capsys.readouterr()
     root = ET.parse(junit).getroot()
@@ -232,7 +282,9 @@ def test_gate_junit(model: Path, both_report: dict, tmp_path: Path, capsys) -> N
     assert (suite.get("tests"), suite.get("failures")) == ("3", "1")
     cases = suite.findall("testcase")
     assert [c.get("name") for c in cases] == [
-        "aiq >= 0.99", f"accuracy >= {accuracy - 0.05:g}", "cna_margin_max <= 1000",
+        "aiq >= 0.99",
+        f"accuracy >= {accuracy - 0.05:g}",
+        "cna_margin_max <= 1000",
     ]
     failed = [c for c in cases if c.find("failure") is not None]
     assert [c.get("name") for c in failed] == ["aiq >= 0.99"]
@@ -279,11 +331,21 @@ def test_unknown_dataset(model: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 @pytest.mark.parametrize(
     ("option", "fragment"),
-    [(["--limit", "0"], "--limit"), (["--limit", "-3"], "--limit"), (["--beta", "-1"], "beta"),
-     (["--beta", "0"], "beta"), (["--batch-size", "0"], "batch size"), (["--std", "0"], "std"),
-     (["--margin-fraction", "0"], "margin fraction"), (["--alpha-range", "1", "0"], "alpha range"),
-     (["--beta", "inf"], "beta must be a finite number"), (["--mean", "nan"], "mean must be a finite number"),
-     (["--std", "inf"], "std"), (["--scale", "nan"], "scale"), (["--alpha-range", "0", "inf"], "alpha range")],
+    [
+        (["--limit", "0"], "--limit"),
+        (["--limit", "-3"], "--limit"),
+        (["--beta", "-1"], "beta"),
+        (["--beta", "0"], "beta"),
+        (["--batch-size", "0"], "batch size"),
+        (["--std", "0"], "std"),
+        (["--margin-fraction", "0"], "margin fraction"),
+        (["--alpha-range", "1", "0"], "alpha range"),
+        (["--beta", "inf"], "beta must be a finite number"),
+        (["--mean", "nan"], "mean must be a finite number"),
+        (["--std", "inf"], "std"),
+        (["--scale", "nan"], "scale"),
+        (["--alpha-range", "0", "inf"], "alpha range"),
+    ],
 )
 def test_bad_option_values(model: Path, capsys, option: list[str], fragment: str) -> None:
     one_line_error(capsys, main(["audit", str(model), "--data", "mnist", *option]), fragment)
@@ -305,8 +367,11 @@ def test_npz_data_audits(model: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     data = tmp_path / "two.npz"
     rng = np.random.default_rng(2)
     np.savez(
-        data, x_train=rng.integers(0, 256, (30, 28, 28), dtype=np.uint8), y_train=rng.integers(0, 10, 30),
-        x_test=rng.integers(0, 256, (26, 28, 28), dtype=np.uint8), y_test=rng.integers(0, 10, 26),
+        data,
+        x_train=rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 30),
+        x_test=rng.integers(0, 256, (26, 28, 28), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 26),
     )
     assert main(["audit", str(model), "--data", str(data), "--split", "both", "--json", "-"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -319,8 +384,9 @@ def test_unwritable_output_files(model: Path, tmp_path: Path, capsys: pytest.Cap
     code = main(["audit", str(model), "--data", "mnist", "--limit", "20", "--json", str(missing / "out.json")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "out.json" in err and "Traceback" not in err
-    code = main(["gate", str(model), "--data", "mnist", "--limit", "20", "--min-aiq", "0", "--junit",
-                 str(missing / "gate.xml")])
+    code = main(
+        ["gate", str(model), "--data", "mnist", "--limit", "20", "--min-aiq", "0", "--junit", str(missing / "gate.xml")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "gate.xml" in err
 
@@ -331,9 +397,15 @@ def test_reports_needs_a_server(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["frobnicate"], ["audit"], ["audit", "m.onnx"], ["audit", "m.onnx", "--data", "mnist", "--limit", "ten"],
-     ["audit", "m.onnx", "--data", "mnist", "--split", "validation"], ["gate", "m.onnx", "--data", "mnist",
-     "--min-aiq", "high"]],
+    [
+        [],
+        ["frobnicate"],
+        ["audit"],
+        ["audit", "m.onnx"],
+        ["audit", "m.onnx", "--data", "mnist", "--limit", "ten"],
+        ["audit", "m.onnx", "--data", "mnist", "--split", "validation"],
+        ["gate", "m.onnx", "--data", "mnist", "--min-aiq", "high"],
+    ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:

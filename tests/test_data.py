@@ -201,9 +201,7 @@ def test_bad_arguments_are_refused() -> None:
         ({"x_train": np.zeros((5, 2))}, ["no x_test key", "keys: x_train", "choose the other --split"]),
     ],
 )
-def test_bad_npz_contents_are_refused(
-    tmp_path: Path, arrays: dict[str, np.ndarray], fragments: list[str]
-) -> None:
+def test_bad_npz_contents_are_refused(tmp_path: Path, arrays: dict[str, np.ndarray], fragments: list[str]) -> None:
     np.savez(tmp_path / "bad.npz", **arrays)
     refused(DataError, lambda: open_dataset(str(tmp_path / "bad.npz"), "test"), *fragments)
 
@@ -336,9 +334,7 @@ def link_images(folder: Path, data_dir: Path) -> None:
         (folder / file).symlink_to(data_dir / "mnist" / file)
 
 
-def test_missing_files_are_downloaded_into_the_data_dir(
-    mirror: Mirror, tmp_path: Path, data_dir: Path
-) -> None:
+def test_missing_files_are_downloaded_into_the_data_dir(mirror: Mirror, tmp_path: Path, data_dir: Path) -> None:
     target = tmp_path / "data" / "mnist"
     link_images(target, data_dir)
     for file in LABEL_FILES:
