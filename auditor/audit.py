@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -22,7 +22,7 @@ from auditor.config import AuditConfig
 from auditor.count import LayerCounter
 from auditor.data import Batch
 from auditor.errors import AuditError, CancelledError, DataError, first_line
-from auditor.graph import Exposed, Layer, ModelInput, Structure, describe, expose, packing
+from auditor.graph import Exposed, Layer, ModelInput, Structure, describe, expose, packing, with_outputs, with_shape
 from auditor.modelfile import LoadedModel, load_model
 from auditor.report import CnaMargin, LayerInfo, LayerStats, ModelInfo, Report, SplitReport
 from auditor.run import create_session, ordered_map, workers_for
@@ -71,10 +71,29 @@ class Prepared:
 def prepare(model: ModelSource | LoadedModel, *, device: str = "auto", aggregate: str = "sum") -> Prepared:
     """Load ``model``, find its layers (SPEC §1), expose them and start an onnxruntime session."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    structure = describe(loaded.proto)
+    structure = _observe_missing_shapes(loaded.proto, describe(loaded.proto))
     exposed = expose(loaded.proto, structure, aggregate)
     session = create_session(exposed.model, device)
     return Prepared(loaded, structure, exposed, session, aggregate)
+
+
+def _observe_missing_shapes(model: onnx.ModelProto, structure: Structure) -> Structure:
+    """Layers whose sizes shape inference left unknown, measured on one zero sample.
+
+    Shape inference "is not guaranteed to be complete" (custom ops, computed Reshapes); when
+    the input's sample shape is known, running the model once tells the layers' real shapes.
+    """
+    unknown = [layer.name for layer in structure.layers if layer.axis is not None and layer.neurons is None]
+    dims = structure.input.shape
+    if not unknown or len(dims) < 2 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        return structure
+    batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else 1
+    probe = create_session(with_outputs(model, unknown), "cpu")
+    sample = np.zeros((batch, *dims[1:]), structure.input.dtype)
+    seen = dict(
+        zip(unknown, (out.shape for out in _session_run(probe, unknown, structure.input.name, sample)), strict=True)
+    )
+    return replace(structure, layers=[with_shape(layer, seen.get(layer.name)) for layer in structure.layers])
 
 
 def audit(

@@ -10,8 +10,8 @@ runtime (FIELD-NOTES: packing in the graph is what keeps the audit near inferenc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -70,7 +70,7 @@ class Layer:
     op: str
     activation: str | None
     role: str  # "hidden" or "output"
-    axis: int  # the neuron axis of the tensor (negative when counted from the end)
+    axis: int | None  # the neuron axis (negative from the end); None when Transposes hide it
     rank: int | None
     dtype: int | None  # ONNX element type, when shape inference knows it
     neurons: int | None
@@ -164,6 +164,11 @@ def expose(model: onnx.ModelProto, structure: Structure, aggregate: str = "sum")
     taken = {o.name for o in graph.output}
     keys, sums = [], []
     for index, layer in enumerate(structure.layers):
+        if layer.axis is None:
+            raise ModelError(
+                f"the neuron axis of layer {layer.name!r} cannot be traced through a Transpose without perm "
+                "on a tensor of unknown rank; give the Transpose a perm or the model static shapes"
+            )
         if layer.neurons is None or layer.rank is None:
             raise ModelError(
                 f"the shape of layer {layer.name!r} is unknown before running; give the model static "
@@ -340,27 +345,36 @@ def _make_layer(
 ) -> Layer:
     linear, path = found
     axis = _neuron_axis(linear, path, shapes)
-    shape = shapes.get(tensor) if axis is not None else None
-    neurons = positions = rank = None
-    if shape and len(shape) >= 2:
-        rank = len(shape)
-        axis %= rank
-        width = shape[axis]
-        neurons = width if isinstance(width, int) and width > 0 else None
-        rest = [d for i, d in enumerate(shape) if i not in (0, axis)]
-        positions = math.prod(rest) if all(isinstance(d, int) and d > 0 for d in rest) else None
-    return Layer(
-        tensor,
-        linear.op_type,
-        activation,
-        role,
-        -1 if axis is None else axis,
-        rank,
-        dtypes.get(tensor),
-        neurons,
-        positions,
-        producers[tensor][0],
+    layer = Layer(
+        tensor, linear.op_type, activation, role, axis, None, dtypes.get(tensor), None, None, producers[tensor][0]
     )
+    return with_shape(layer, shapes.get(tensor))
+
+
+def with_shape(layer: Layer, shape: Sequence[int | str | None] | None) -> Layer:
+    """The layer with rank, neurons and positions read off a shape: static, or seen on a batch."""
+    if layer.axis is None or not shape or len(shape) < 2:
+        return layer
+    rank = len(shape)
+    axis = layer.axis % rank
+    width = shape[axis]
+    rest = [d for i, d in enumerate(shape) if i not in (0, axis)]
+    return replace(
+        layer,
+        axis=axis,
+        rank=rank,
+        neurons=width if isinstance(width, int) and width > 0 else None,
+        positions=math.prod(rest) if all(isinstance(d, int) and d > 0 for d in rest) else None,
+    )
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the tensors ``names`` (untyped: onnxruntime types them)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    taken = {o.name for o in copy.graph.output}
+    copy.graph.output.extend(_output(name, None, None) for name in names if name not in taken)
+    return copy
 
 
 def _neuron_axis(

@@ -774,6 +774,25 @@ def test_a_transpose_without_perm_or_shapes_is_refused_in_one_line() -> None:
     graph = helper.make_graph(net.nodes, "t", shapeless, [helper.make_tensor_value_info(out, FLOAT, None)], net.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     (layer,) = [layer for layer in find_layers(model) if layer.role == "hidden"]
-    assert layer.rank is None
-    with pytest.raises(ModelError, match="unknown before running"):
+    assert layer.axis is None and layer.rank is None
+    with pytest.raises(ModelError, match="cannot be traced"):
         expose(model, describe(model))
+
+
+def test_shapes_shape_inference_cannot_see_are_measured_on_one_sample() -> None:
+    """A conv whose weights come through a computed Reshape: its width is unknown until it runs."""
+    net = Net(shape=("batch", 2, 5, 5))
+    flat = net.const(net.random(3 * 2 * 3 * 3).ravel())
+    shape = net.op("Identity", net.const([3, 2, 3, 3], dtype=np.int64))  # not an initializer any more
+    conv = net.op("Conv", net.input, net.op("Reshape", flat, shape), pads=[1, 1, 1, 1])
+    logits = net.dense(net.op("Flatten", net.op("Relu", conv)), 75, 2)
+    model = net.build(logits)
+    (hidden,) = [layer for layer in find_layers(model) if layer.role == "hidden"]
+    assert hidden.neurons is None  # shape inference gave up on the Reshape
+    prepared = prepare(model)
+    layer = prepared.structure.layers[0]
+    assert (layer.neurons, layer.positions, layer.rank) == (3, 25, 4)
+    x = net.random(6, 2, 5, 5)
+    report = audit(prepared, [("test", Batch(x))], AuditConfig(device="cpu"))
+    (pre,) = run(model, x, [conv])
+    assert report.splits["test"].layers[0].states_distinct == len(reference_counts(pre, 1))
