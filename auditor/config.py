@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from auditor.errors import AuditError
+from auditor.errors import AuditError, require
 
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATES = ("sum", "mean")
@@ -47,20 +47,19 @@ class AuditConfig:
         for name, value in finite:  # nan and inf pass the comparisons below but make every figure meaningless
             if not math.isfinite(value):
                 raise AuditError(f"{name} must be a finite number, got {value}")
-        checks = [
-            (self.beta > 0, f"beta must be > 0, got {self.beta}"),
-            (1 <= self.batch_size <= 2**31 - 1, f"batch size must be in 1..2**31-1, got {self.batch_size}"),
-            (0 <= self.margin_seed < 2**63, f"margin seed must be in 0..2**63-1, got {self.margin_seed}"),
-            (self.aggregate in AGGREGATES, f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}"),
-            (0 < self.margin_fraction <= 1, f"margin fraction must be in (0, 1], got {self.margin_fraction}"),
-            (0 < self.target_efficiency <= 1, f"target efficiency must be in (0, 1], got {self.target_efficiency}"),
-            (self.alpha_range[0] < self.alpha_range[1], f"alpha range must be increasing, got {self.alpha_range}"),
-            (self.std != 0, "std must not be 0"),
-            (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise AuditError(message)
+        require(
+            [
+                (self.beta > 0, f"beta must be > 0, got {self.beta}"),
+                (1 <= self.batch_size <= 2**31 - 1, f"batch size must be in 1..2**31-1, got {self.batch_size}"),
+                (0 <= self.margin_seed < 2**63, f"margin seed must be in 0..2**63-1, got {self.margin_seed}"),
+                (self.aggregate in AGGREGATES, f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}"),
+                (0 < self.margin_fraction <= 1, f"margin fraction must be in (0, 1], got {self.margin_fraction}"),
+                (0 < self.target_efficiency <= 1, f"target efficiency must be in (0, 1], got {self.target_efficiency}"),
+                (self.alpha_range[0] < self.alpha_range[1], f"alpha range must be increasing, got {self.alpha_range}"),
+                (self.std != 0, "std must not be 0"),
+                (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
+            ]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values (the report's ``config`` block)."""

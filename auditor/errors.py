@@ -51,6 +51,19 @@ class CancelledError(AuditError):
     kind = "cancelled"
 
 
+class UnauthenticatedError(AuditError):
+    """A call to a server that wants a bearer token came without the right one."""
+
+    kind = "unauthenticated"
+
+
+def require(checks: list[tuple[bool, str]]) -> None:
+    """Raise ``AuditError`` with the message of the first check that does not hold."""
+    for ok, message in checks:
+        if not ok:
+            raise AuditError(message)
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (or its type name), for one-line refusals."""
     text = str(exc).strip()
@@ -65,4 +78,5 @@ GRPC_STATUS = {
     "not_found": "NOT_FOUND",
     "limit": "RESOURCE_EXHAUSTED",
     "cancelled": "CANCELLED",
+    "unauthenticated": "UNAUTHENTICATED",
 }

@@ -36,7 +36,7 @@ from auditor._proto.auditor.v1 import auditor_pb2_grpc
 from auditor.audit import Prepared, audit, prepare
 from auditor.config import DEVICES, AuditConfig
 from auditor.data import KNOWN_DATASETS, Batch, open_splits, tagged
-from auditor.errors import GRPC_STATUS, AuditError, CancelledError, DataError, LimitError
+from auditor.errors import GRPC_STATUS, AuditError, CancelledError, DataError, LimitError, UnauthenticatedError, require
 from auditor.persist import ModelStore, ReportStore
 from auditor.report import Report
 
@@ -73,17 +73,16 @@ class ServeOptions:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.max_concurrent >= 1, f"--max-concurrent must be >= 1, got {self.max_concurrent}"),
-            (self.max_model_mb >= 1, f"--max-model-mb must be >= 1, got {self.max_model_mb}"),
-            (self.max_batch_mb >= 1, f"--max-batch-mb must be >= 1, got {self.max_batch_mb}"),
-            (self.grace >= 0, f"--grace must be >= 0 seconds, got {self.grace}"),
-            ((self.tls_cert is None) == (self.tls_key is None), "give --tls-cert and --tls-key together"),
-            (self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise AuditError(message)
+        require(
+            [
+                (self.max_concurrent >= 1, f"--max-concurrent must be >= 1, got {self.max_concurrent}"),
+                (self.max_model_mb >= 1, f"--max-model-mb must be >= 1, got {self.max_model_mb}"),
+                (self.max_batch_mb >= 1, f"--max-batch-mb must be >= 1, got {self.max_batch_mb}"),
+                (self.grace >= 0, f"--grace must be >= 0 seconds, got {self.grace}"),
+                ((self.tls_cert is None) == (self.tls_key is None), "give --tls-cert and --tls-key together"),
+                (self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}"),
+            ]
+        )
 
 
 # ---- the servicer ----------------------------------------------------------------------------
@@ -385,11 +384,10 @@ class _BearerToken(grpc.ServerInterceptor):
 
 
 def _refuse(method: str, request: Any, context: grpc.ServicerContext) -> None:
-    log.info("%s model=- samples=0 duration=0.000s outcome=UNAUTHENTICATED", method.rsplit("/", 1)[-1])
-    context.abort(
-        grpc.StatusCode.UNAUTHENTICATED,
-        "this server needs a bearer token: send metadata 'authorization: Bearer <token>' (--token-file)",
-    )
+    with _Call(method.rsplit("/", 1)[-1]).serving(context):
+        raise UnauthenticatedError(
+            "this server needs a bearer token: send metadata 'authorization: Bearer <token>' (--token-file)"
+        )
 
 
 def read_token(path: Path) -> str:
