@@ -796,3 +796,38 @@ def test_shapes_shape_inference_cannot_see_are_measured_on_one_sample() -> None:
     report = audit(prepared, [("test", Batch(x))], AuditConfig(device="cpu"))
     (pre,) = run(model, x, [conv])
     assert report.splits["test"].layers[0].states_distinct == len(reference_counts(pre, 1))
+
+
+@pytest.mark.slow
+def test_a_pytorch_dynamo_export_audits(tmp_path: Path) -> None:
+    """torch.onnx.export(dynamo=True): opset 20, native Gelu, SiLU decomposed into Sigmoid·Mul."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(1, 4, 5), nn.Conv2d(4, 8, 5)
+            self.fc, self.out = nn.Linear(8 * 16, 16), nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.max_pool2d(nn.functional.gelu(self.c1(x)), 2)
+            x = torch.max_pool2d(nn.functional.silu(self.c2(x)), 2)
+            return self.out(nn.functional.elu(self.fc(x.flatten(1))))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    path = tmp_path / "dynamo.onnx"
+    batch = torch.export.Dim("batch")
+    exported = torch.onnx.export(net, (torch.rand(2, 1, 28, 28),), dynamo=True, dynamic_shapes=({0: batch},))
+    exported.save(str(path))
+    layers = find_layers(load_model(path).proto)
+    hidden = [(layer.op, layer.neurons, layer.positions) for layer in layers if layer.role == "hidden"]
+    assert hidden == [("Conv", 4, 576), ("Conv", 8, 64), ("Gemm", 16, 1)]
+    x = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+    with torch.no_grad():
+        torch_says = net(torch.from_numpy(x)).argmax(1).numpy().astype(np.int64)
+    report = audit(str(path), [("test", Batch(x, torch_says))], AuditConfig(device="cpu"))
+    assert report.splits["test"].samples == 8
+    assert report.splits["test"].accuracy == 1.0  # onnxruntime agrees with torch on every sample
