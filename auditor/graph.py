@@ -263,8 +263,13 @@ def _pre_activations(
     graph: onnx.GraphProto, producers: dict[str, tuple[int, onnx.NodeProto]], constants: set[str]
 ) -> Iterator[tuple[str, str]]:
     """(pre-activation tensor, activation op) for every activation in the graph, in node order."""
+    silu_gates = {
+        (x, gate) for node in graph.node if node.op_type == "Mul" for x, gate in (node.input, node.input[::-1])
+    }
     for node in graph.node:
-        if node.op_type in ACTIVATIONS or (node.op_type == "Clip" and _clip_min(node, graph) <= 0):
+        if node.op_type == "Sigmoid" and (node.input[0], node.output[0]) in silu_gates:  # x · σ(x)
+            yield node.input[0], "Silu"
+        elif node.op_type in ACTIVATIONS or (node.op_type == "Clip" and _clip_min(node, graph) <= 0):
             yield node.input[0], node.op_type
         elif node.op_type == "Erf":  # erf-GELU: Div(x, √2) → Erf → Add → Mul → Mul
             _, scaled = producers.get(node.input[0], (None, None))
