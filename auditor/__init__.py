@@ -2,12 +2,15 @@
 
 The public surface is small: ``prepare`` and ``audit`` run an audit, ``find_layers`` shows what
 the auditor measures, ``Report`` is what comes back, ``AuditError`` is every refusal.
+onnxruntime is imported only when a session is first built (``auditor.run``), so ``import
+auditor`` stays cheap for the health probe and the trainer's command line.
 """
 
-from auditor.audit import Prepared, audit, prepare
+from auditor.audit import audit
 from auditor.config import AuditConfig
 from auditor.errors import AuditError
 from auditor.graph import find_layers
+from auditor.prepare import Prepared, prepare
 from auditor.report import Report
 
 __all__ = ["AuditConfig", "AuditError", "Prepared", "Report", "audit", "find_layers", "prepare"]

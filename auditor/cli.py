@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from auditor import client, server
-from auditor.config import AGGREGATES, DEVICES, AuditConfig
+from auditor.config import AGGREGATES, DEVICES, STATE_POINTS, AuditConfig
 from auditor.errors import AuditError, first_line
 from auditor.report import GATE_METRICS, Report, format_table, gate_checks, junit_xml, render_table
 
@@ -108,6 +108,13 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     metrics.add_argument("--aggregate", choices=AGGREGATES, default=d.aggregate, help="CNA layer aggregate")
     metrics.add_argument(
+        "--states-at",
+        choices=STATE_POINTS,
+        default=d.states_at,
+        help="where efficiency reads a layer's state: its pre-activation (default), or the block output "
+        "after BatchNorm/Dropout/affine ops that follow the activation (SPEC §1)",
+    )
+    metrics.add_argument(
         "--margin-fraction", type=float, default=d.margin_fraction, help="training fraction for margin_max"
     )
     metrics.add_argument("--margin-seed", type=int, default=d.margin_seed, help="seed choosing that fraction")
@@ -145,18 +152,18 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         mean=args.mean,
         std=args.std,
         device=args.device,
+        states_at=args.states_at,
     )
 
 
 def run_layers(args: argparse.Namespace) -> int:
-    from auditor.graph import describe
-    from auditor.modelfile import load_model
+    from auditor.prepare import describe_model
 
-    structure = describe(load_model(args.model).proto)
-    fields = ("name", "op", "activation", "role", "neurons", "positions")
-    rows = [{key: getattr(layer, key) for key in fields} for layer in structure.layers]
+    info = describe_model(args.model)
+    fields = ("name", "op", "activation", "role", "neurons", "positions", "block_output")
+    rows = [{key: getattr(layer, key) for key in fields} for layer in info.layers]
     if args.json:
-        print(json.dumps({"input": structure.input.name, "layers": rows}, indent=2))
+        print(json.dumps({"input": info.input_name, "layers": rows}, indent=2))
         return EXIT_OK
     table = [[str(i), *("-" if row[k] is None else str(row[k]) for k in fields)] for i, row in enumerate(rows, 1)]
     print("\n".join(format_table(["#", *fields], table)))
@@ -174,13 +181,14 @@ def produce_report(args: argparse.Namespace) -> Report:
             return client.remote_audit(
                 connection, args.model, args.data, args.split, args.limit, config, progress=progress
             )
-    from auditor.audit import audit, prepare
-    from auditor.data import open_splits, tagged
+    from auditor.audit import audit
+    from auditor.data import open_splits
+    from auditor.prepare import prepare
 
-    prepared = prepare(args.model, device=config.device, aggregate=config.aggregate)
+    prepared = prepare(args.model, device=config.device, states_at=config.states_at)
     datasets = open_splits(args.data, args.split, limit=args.limit)
     with _progress_bar(args, sum(d.count for d in datasets)) as progress:
-        return audit(prepared, tagged(datasets, config.batch_size), config, progress=progress)
+        return audit(prepared, datasets, config, progress=progress)
 
 
 class _progress_bar:

@@ -1,4 +1,11 @@
-"""The settings of one audit, shared by the CLI, the gRPC service and the trainer's grid report."""
+"""The settings of one audit, shared by the CLI, the gRPC service and the trainer's grid report.
+
+``AuditConfig`` is the one validated record of every setting: what the CLI builds, what travels
+to a server, and what a report's ``config`` block records. Each part of the engine reads only
+its own view of it, by name: ``session`` (what the rewritten graph and its onnxruntime session
+depend on), ``feeding`` (how raw samples become model input), and ``metrics`` (how tallies
+become figures).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,43 @@ from auditor.errors import AuditError, require
 
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATES = ("sum", "mean")
+STATE_POINTS = ("pre-activation", "block-output")  # where a layer's state is read (SPEC §1)
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What a prepared model depends on: the device it runs on and where its states are read."""
+
+    device: str = "auto"
+    states_at: str = "pre-activation"
+
+    def satisfied_by(self, prepared: SessionSettings) -> bool:
+        """Whether a model prepared with ``prepared`` serves these settings ("auto" takes any device)."""
+        return self.states_at == prepared.states_at and self.device in ("auto", prepared.device)
+
+
+@dataclass(frozen=True)
+class Feeding:
+    """How raw samples become model input (SPEC §4's α reads the raw values, with ``alpha_range``)."""
+
+    batch_size: int
+    scale: float | None
+    mean: float
+    std: float
+    alpha_range: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class MetricSettings:
+    """How a split's tallies become figures (SPEC §2–§6)."""
+
+    beta: float
+    include_output_layer: bool
+    cna_include_output_layer: bool
+    aggregate: str
+    margin_fraction: float
+    margin_seed: int
+    target_efficiency: float
 
 
 @dataclass(frozen=True)
@@ -34,6 +78,7 @@ class AuditConfig:
     mean: float = 0.0
     std: float = 1.0
     device: str = "auto"
+    states_at: str = "pre-activation"
 
     def __post_init__(self) -> None:
         finite = [
@@ -58,7 +103,28 @@ class AuditConfig:
                 (self.alpha_range[0] < self.alpha_range[1], f"alpha range must be increasing, got {self.alpha_range}"),
                 (self.std != 0, "std must not be 0"),
                 (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
+                (self.states_at in STATE_POINTS, f"states_at must be one of {STATE_POINTS}, got {self.states_at!r}"),
             ]
+        )
+
+    @property
+    def session(self) -> SessionSettings:
+        return SessionSettings(self.device, self.states_at)
+
+    @property
+    def feeding(self) -> Feeding:
+        return Feeding(self.batch_size, self.scale, self.mean, self.std, self.alpha_range)
+
+    @property
+    def metrics(self) -> MetricSettings:
+        return MetricSettings(
+            self.beta,
+            self.include_output_layer,
+            self.cna_include_output_layer,
+            self.aggregate,
+            self.margin_fraction,
+            self.margin_seed,
+            self.target_efficiency,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,6 +5,8 @@ pre-activation tensors in depth order, plus the output layer. ``expose`` returns
 whose extra outputs carry, per layer, the firing bits packed into small integers and the
 per-sample sum of the pre-activations, so that only a few numbers per position leave the
 runtime (FIELD-NOTES: packing in the graph is what keeps the audit near inference speed).
+It names every output it adds in an ``Exposed`` record, and whoever reads the outputs reads
+them by those names.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from auditor.config import STATE_POINTS
 from auditor.errors import ModelError
 
 ACTIVATIONS = frozenset(
@@ -56,6 +59,9 @@ PASS_THROUGH = frozenset(
     ]
 )
 TO_LOGITS = frozenset({"Softmax", "LogSoftmax", "Identity", "Flatten", "Reshape", "Squeeze"})
+# Element-wise affine ops a block may apply after its activation (SPEC §1, state point).
+BLOCK_AFFINE = frozenset({"BatchNormalization", "Dropout", "Identity"})
+BLOCK_AFFINE_WITH_CONSTANT = frozenset({"Add", "Sub", "Mul", "Div"})
 CONV_FAMILY = frozenset({"Conv", "ConvTranspose"})
 
 GROUP_BITS = 24  # float32 sums of distinct powers of two stay exact below 2**24
@@ -64,7 +70,12 @@ WORD_BITS = 64
 
 @dataclass(frozen=True)
 class Layer:
-    """One layer: the tensor whose sign pattern is the layer's state (SPEC §1)."""
+    """One layer: its pre-activation tensor ``name`` (SPEC §1) and where its state can be read.
+
+    ``block_output`` is the tensor at the end of the element-wise affine chain that follows the
+    activation (BatchNorm, Dropout, …; SPEC §1's state point); it is ``name`` itself when no
+    such op follows, so both state points agree on networks without them.
+    """
 
     name: str
     op: str
@@ -76,6 +87,12 @@ class Layer:
     neurons: int | None
     positions: int | None
     depth: int
+    block_output: str = ""
+    block_dtype: int | None = None
+
+    def state_tensor(self, states_at: str) -> str:
+        """The tensor whose sign pattern is the layer's state at ``states_at`` (SPEC §1)."""
+        return self.block_output if states_at == "block-output" and self.block_output else self.name
 
 
 @dataclass(frozen=True)
@@ -103,12 +120,40 @@ class Structure:
 
 
 @dataclass(frozen=True)
+class LayerOutputs:
+    """The outputs ``expose`` adds for one layer, and how to read them.
+
+    ``keys`` holds the firing bits of the state tensor packed into int32 groups: bit k of group
+    g is neuron ``groups[g][0] + k``, and the groups sit on axis ``group_axis`` of the output.
+    ``sum`` holds φ, the per-sample float32 sum of the pre-activations (SPEC §4).
+    """
+
+    layer: Layer
+    keys: str
+    sum: str
+    groups: list[tuple[int, int]]
+    group_axis: int
+
+
+@dataclass(frozen=True)
 class Exposed:
-    """The rewritten model and the names of the outputs it adds for each layer."""
+    """The rewritten model and, by name, every output the audit reads from it.
+
+    ``prediction`` is the model's own first output; ``logits`` is the output layer's tensor
+    (SPEC §1), or None when the graph has none the auditor can read.
+    """
 
     model: onnx.ModelProto
-    keys: list[str]
-    sums: list[str]
+    prediction: str
+    logits: str | None
+    layers: list[LayerOutputs]
+    states_at: str
+
+    @property
+    def output_names(self) -> list[str]:
+        """Every output to fetch: the prediction, each layer's keys and sum, the logits once."""
+        names = [self.prediction, *(name for out in self.layers for name in (out.keys, out.sum))]
+        return names if self.logits in (None, self.prediction) else [*names, self.logits]
 
 
 def find_layers(model: onnx.ModelProto) -> list[Layer]:
@@ -125,17 +170,25 @@ def describe(model: onnx.ModelProto) -> Structure:
     producers = {out: (i, node) for i, node in enumerate(graph.node) for out in node.output}
     model_input = _data_input(graph, constants)
 
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
     hidden: dict[str, Layer] = {}
-    for tensor, activation in _pre_activations(graph, producers, constants):
+    for tensor, activation, activation_output in _pre_activations(graph, producers, constants):
         found = _walk_to_linear(tensor, producers, constants)
         if found is not None and tensor not in hidden:
-            hidden[tensor] = _make_layer(tensor, activation, "hidden", found, producers, shapes, dtypes)
+            layer = _make_layer(tensor, activation, "hidden", found, producers, shapes, dtypes)
+            block = _block_output(activation_output, consumers, constants, graph_outputs)
+            hidden[tensor] = replace(layer, block_output=block or tensor, block_dtype=dtypes.get(block or tensor))
 
     output, logits, is_probability = _logits(graph, producers)
     found = _walk_to_linear(logits, producers, constants) if logits else None
     layers = [layer for name, layer in hidden.items() if name != logits]
     if found is not None:
-        layers.append(_make_layer(logits, None, "output", found, producers, shapes, dtypes))
+        layer = _make_layer(logits, None, "output", found, producers, shapes, dtypes)
+        layers.append(replace(layer, block_output=logits, block_dtype=layer.dtype))
     if not any(layer.role == "hidden" for layer in layers):
         raise ModelError(
             "no layers the auditor can use: no activation (Relu, Elu, Sigmoid, …) follows a Conv, Gemm, "
@@ -150,19 +203,20 @@ def describe(model: onnx.ModelProto) -> Structure:
     )
 
 
-def expose(model: onnx.ModelProto, structure: Structure, aggregate: str = "sum") -> Exposed:
+def expose(model: onnx.ModelProto, structure: Structure, states_at: str = "pre-activation") -> Exposed:
     """A copy of ``model`` whose outputs add, per layer, packed firing bits and per-sample sums.
 
-    For a layer of N neurons the packed output holds the int32 groups of ``packing(layer)`` per
-    position (bit k of group g is neuron ``start_g + k``); the sum output is one float32 per
-    sample (``ReduceSum`` or ``ReduceMean`` over all units, SPEC §4). The original outputs stay
-    first.
+    The firing bits are read at each layer's state tensor for ``states_at`` (SPEC §1); φ is
+    always the ``ReduceSum`` of the pre-activations over all units (SPEC §4), whatever the state
+    point. The original outputs stay first. Every added output is named in the result.
     """
+    if states_at not in STATE_POINTS:
+        raise ModelError(f"states_at must be one of {STATE_POINTS}, got {states_at!r}")
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     graph = exposed.graph
     taken = {o.name for o in graph.output}
-    keys, sums = [], []
+    outputs = []
     for index, layer in enumerate(structure.layers):
         if layer.axis is None:
             raise ModelError(
@@ -175,22 +229,28 @@ def expose(model: onnx.ModelProto, structure: Structure, aggregate: str = "sum")
                 "channel/feature dimensions"
             )
         prefix = f"auditor/{index}"
-        nodes, inits, key_name = _pack_nodes(layer, prefix)
-        sum_nodes, sum_inits, sum_name = _sum_nodes(layer, aggregate, structure.opset, prefix)
+        groups, group_axis = packing(layer)
+        nodes, inits, key_name = _pack_nodes(layer, states_at, prefix)
+        sum_nodes, sum_inits, sum_name = _sum_nodes(layer, structure.opset, prefix)
         graph.node.extend(nodes + sum_nodes)
         graph.initializer.extend(inits + sum_inits)
         if exposed.ir_version < 4:  # IR 3 requires every initializer to be listed among the inputs
             graph.input.extend(
                 helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits + sum_inits
             )
-        key_rank = layer.rank if packing(layer)[1] == -1 else 3  # (batch, groups, positions) when not last
+        key_rank = layer.rank if group_axis == -1 else 3  # (batch, groups, positions) when not last
         graph.output.extend([_output(key_name, TensorProto.INT32, key_rank), _output(sum_name, TensorProto.FLOAT, 1)])
-        keys.append(key_name)
-        sums.append(sum_name)
+        outputs.append(LayerOutputs(layer, key_name, sum_name, groups, group_axis))
     logits = structure.output_layer
     if logits is not None and logits.name not in taken:
         graph.output.append(_output(logits.name, logits.dtype, logits.rank))
-    return Exposed(model=exposed, keys=keys, sums=sums)
+    return Exposed(
+        model=exposed,
+        prediction=structure.output,
+        logits=None if logits is None else logits.name,
+        layers=outputs,
+        states_at=states_at,
+    )
 
 
 def packing(layer: Layer) -> tuple[list[tuple[int, int]], int]:
@@ -261,21 +321,48 @@ def _data_input(graph: onnx.GraphProto, constants: set[str]) -> ModelInput:
 
 def _pre_activations(
     graph: onnx.GraphProto, producers: dict[str, tuple[int, onnx.NodeProto]], constants: set[str]
-) -> Iterator[tuple[str, str]]:
-    """(pre-activation tensor, activation op) for every activation in the graph, in node order."""
+) -> Iterator[tuple[str, str, str | None]]:
+    """(pre-activation tensor, activation op, activation output) for every activation, in node order.
+
+    The activation output is None where a decomposed activation has no single output node to
+    follow (erf-GELU), so its state point stays at the pre-activation.
+    """
     silu_gates = {
-        (x, gate) for node in graph.node if node.op_type == "Mul" for x, gate in (node.input, node.input[::-1])
+        (x, gate): node for node in graph.node if node.op_type == "Mul" for x, gate in (node.input, node.input[::-1])
     }
     for node in graph.node:
         if node.op_type == "Sigmoid" and (node.input[0], node.output[0]) in silu_gates:  # x · σ(x)
-            yield node.input[0], "Silu"
+            yield node.input[0], "Silu", silu_gates[node.input[0], node.output[0]].output[0]
         elif node.op_type in ACTIVATIONS or (node.op_type == "Clip" and _clip_min(node, graph) <= 0):
-            yield node.input[0], node.op_type
+            yield node.input[0], node.op_type, node.output[0]
         elif node.op_type == "Erf":  # erf-GELU: Div(x, √2) → Erf → Add → Mul → Mul
             _, scaled = producers.get(node.input[0], (None, None))
             if scaled is not None and scaled.op_type in ("Div", "Mul"):
                 x = next((t for t in scaled.input if t not in constants), node.input[0])
-                yield x, "Gelu"
+                yield x, "Gelu", None
+
+
+def _block_output(
+    activation_output: str | None,
+    consumers: dict[str, list[onnx.NodeProto]],
+    constants: set[str],
+    graph_outputs: set[str],
+) -> str | None:
+    """Where the block ends: the activation's output followed through its single consumer while
+    that consumer is an element-wise affine op (SPEC §1, state point); None when none follows."""
+    tensor, moved = activation_output, False
+    while tensor is not None and tensor not in graph_outputs and len(consumers.get(tensor, [])) == 1:
+        node = consumers[tensor][0]
+        inputs = [name for name in node.input if name]
+        rest = [name for name in inputs if name != tensor]
+        if node.op_type in BLOCK_AFFINE:  # the data first, its parameters constant
+            affine = inputs[0] == tensor and all(name in constants for name in rest)
+        else:  # x op c or c op x, with one constant c
+            affine = node.op_type in BLOCK_AFFINE_WITH_CONSTANT and len(rest) == 1 and rest[0] in constants
+        if not affine:
+            break
+        tensor, moved = node.output[0], True
+    return tensor if moved else None
 
 
 def _clip_min(node: onnx.NodeProto, graph: onnx.GraphProto) -> float:
@@ -407,15 +494,16 @@ def _output(name: str, elem_type: int | None, rank: int | None) -> onnx.ValueInf
     return helper.make_tensor_value_info(name, elem_type, [None] * rank)
 
 
-def _pack_nodes(layer: Layer, prefix: str) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
-    """Nodes that turn a pre-activation tensor into int32 groups of firing bits.
+def _pack_nodes(layer: Layer, states_at: str, prefix: str) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
+    """Nodes that turn a layer's state tensor into int32 groups of firing bits.
 
     ``x > 0`` gives the bits; a MatMul against a block-diagonal matrix of powers of two sums each
     group exactly in float32: bits × W when neurons are the last axis, else W × bits viewed as
     (batch, neurons, positions). A MatMul, unlike a 1×1 Conv, needs no layout reorders.
     """
     nodes, inits = [], []
-    source, dtype = layer.name, layer.dtype
+    source = layer.state_tensor(states_at)
+    dtype = layer.dtype if source == layer.name else layer.block_dtype
     if dtype is None:  # unknown element type: compare in float32
         nodes.append(helper.make_node("Cast", [source], [f"{prefix}/as_float"], to=TensorProto.FLOAT))
         source, dtype = f"{prefix}/as_float", TensorProto.FLOAT
@@ -451,21 +539,21 @@ def _pack_nodes(layer: Layer, prefix: str) -> tuple[list[onnx.NodeProto], list[T
     return nodes, inits, f"{prefix}/keys"
 
 
-def _sum_nodes(
-    layer: Layer, aggregate: str, opset: int, prefix: str
-) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
-    """Nodes computing φ, the per-sample sum (or mean) of the layer's pre-activations (SPEC §4)."""
+def _sum_nodes(layer: Layer, opset: int, prefix: str) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
+    """Nodes computing φ, the per-sample sum of the layer's pre-activations (SPEC §4).
+
+    ``aggregate=mean`` divides this sum by the layer's units after the run, so the graph, and
+    the session built on it, do not depend on that metric setting.
+    """
     nodes, inits = [], []
     source = layer.name
     if layer.dtype != TensorProto.FLOAT:
         nodes.append(helper.make_node("Cast", [source], [f"{prefix}/sum_in"], to=TensorProto.FLOAT))
         source = f"{prefix}/sum_in"
     nodes.append(helper.make_node("Flatten", [source], [f"{prefix}/flat"], axis=1))
-    op = "ReduceSum" if aggregate == "sum" else "ReduceMean"
-    axes_as_input = opset >= (13 if op == "ReduceSum" else 18)
-    if axes_as_input:
+    if opset >= 13:  # ReduceSum takes its axes as an input from opset 13
         inits.append(numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axes"))
-        nodes.append(helper.make_node(op, [f"{prefix}/flat", f"{prefix}/axes"], [f"{prefix}/sum"], keepdims=0))
+        nodes.append(helper.make_node("ReduceSum", [f"{prefix}/flat", f"{prefix}/axes"], [f"{prefix}/sum"], keepdims=0))
     else:
-        nodes.append(helper.make_node(op, [f"{prefix}/flat"], [f"{prefix}/sum"], axes=[1], keepdims=0))
+        nodes.append(helper.make_node("ReduceSum", [f"{prefix}/flat"], [f"{prefix}/sum"], axes=[1], keepdims=0))
     return nodes, inits, f"{prefix}/sum"

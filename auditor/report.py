@@ -18,7 +18,9 @@ SCHEMA = "auditor.report/v1"
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A layer found in the graph (SPEC §1): the tensor exposed, and what produced it."""
+    """A layer found in the graph (SPEC §1): its pre-activation tensor ``name``, what produced it,
+    and ``block_output``, the tensor where ``states_at=block-output`` reads its state (``name``
+    itself when no BatchNorm, Dropout or affine op follows the activation)."""
 
     name: str
     op: str
@@ -26,6 +28,7 @@ class LayerInfo:
     role: str  # "hidden" or "output"
     neurons: int | None
     positions: int | None
+    block_output: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""onnxruntime at the edge: building sessions on the best provider, and overlapping work.
+"""onnxruntime at the edge: sessions on the best provider, runs keyed by name, overlapping work.
 
 CUDA is used when onnxruntime can really start it; otherwise the session runs on the CPU.
 Only ``session.get_providers()`` tells which providers run (FIELD-NOTES), so that is what the
-report records.
+report records. A ``Runner`` owns one session and answers ``run(feed) -> {name: array}``,
+feeding models of a fixed batch size in chunks of that size; ``probe_shapes`` measures tensor
+shapes that shape inference could not give.
 """
 
 from __future__ import annotations
@@ -10,23 +12,34 @@ from __future__ import annotations
 import functools
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, TypeVar
 
+import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
-from auditor.errors import AuditError, ModelError, first_line
+from auditor.errors import AuditError, DataError, ModelError, first_line
+from auditor.graph import ModelInput, with_outputs
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 T = TypeVar("T")
 R = TypeVar("R")
 GPU_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
-# onnxruntime-gpu on a machine without CUDA logs an error line per session before falling back;
-# the fallback is expected, and the report shows which provider ran.
-ort.set_default_logger_severity(4)
+@functools.cache
+def onnxruntime() -> ModuleType:
+    """onnxruntime, imported on first use: ``import auditor`` and the health probe never load it."""
+    import onnxruntime as ort
+
+    # onnxruntime-gpu on a machine without CUDA logs an error line per session before falling
+    # back; the fallback is expected, and the report shows which provider ran.
+    ort.set_default_logger_severity(4)
+    return ort
 
 
 @functools.cache
@@ -36,6 +49,7 @@ def cuda_usable() -> bool:
     ``get_available_providers()`` lists CUDA whenever onnxruntime-gpu is installed, even on a
     machine without a GPU (FIELD-NOTES); only a session's ``get_providers()`` tells the truth.
     """
+    ort = onnxruntime()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
     node = helper.make_node("Identity", ["x"], ["y"])
@@ -68,6 +82,7 @@ def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | 
             "CUDA was requested but onnxruntime cannot start it (no GPU, or CUDA/cuDNN libraries "
             "missing); use --device auto or --device cpu"
         )
+    ort = onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
@@ -78,6 +93,65 @@ def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | 
             f"onnxruntime cannot load the model: {first_line(exc)}; re-export it with a supported opset"
         ) from None
     return session
+
+
+class Runner:
+    """One onnxruntime session over a model with one data input; outputs come back by name.
+
+    Safe to share between threads (onnxruntime's ``run`` is). ``workers`` is how many runs to
+    keep side by side (``workers_for``).
+    """
+
+    def __init__(self, model: onnx.ModelProto, model_input: ModelInput, device: str = "auto") -> None:
+        self.session = create_session(model, device)
+        self.input = model_input
+        self.workers = workers_for(self.session)
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers that really run this session, CUDA first when it does."""
+        return list(self.session.get_providers())
+
+    def run(self, feed: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The outputs ``names`` for a batch; a model of fixed batch size gets it in chunks of that
+        size, the last one zero-padded and the padding cut off again."""
+        dims = self.input.shape
+        fixed = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else 0
+        if not fixed or fixed == len(feed):
+            return self._run(feed, names)
+        chunks = []
+        for start in range(0, len(feed), fixed):
+            part = feed[start : start + fixed]
+            n = len(part)
+            if n < fixed:
+                part = np.concatenate([part, np.zeros((fixed - n, *part.shape[1:]), part.dtype)])
+            chunks.append({name: out[:n] for name, out in self._run(part, names).items()})
+        return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in names}
+
+    def _run(self, feed: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        try:
+            outputs = self.session.run(list(names), {self.input.name: feed})
+        except Exception as exc:  # onnxruntime's own exception types are not exported
+            raise DataError(
+                f"onnxruntime rejected a batch of shape {feed.shape}: {first_line(exc)}; "
+                "check the data shape and --batch-size"
+            ) from None
+        return dict(zip(names, outputs, strict=True))
+
+
+def probe_shapes(model: onnx.ModelProto, model_input: ModelInput, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """The shapes of tensors ``names`` on one zero sample, or {} when the sample shape is unknown.
+
+    Shape inference "is not guaranteed to be complete" (custom ops, computed Reshapes); when the
+    input's sample shape is static, one run on the CPU tells the real shapes.
+    """
+    dims = model_input.shape
+    if not names or len(dims) < 2 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        return {}
+    batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else 1
+    probe = Runner(with_outputs(model, names), model_input, "cpu")
+    outputs = probe.run(np.zeros((batch, *dims[1:]), model_input.dtype), names)
+    return {name: value.shape for name, value in outputs.items()}
 
 
 def workers_for(session: ort.InferenceSession) -> int:

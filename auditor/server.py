@@ -33,11 +33,12 @@ from grpc_reflection.v1alpha import reflection
 from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
-from auditor.audit import Prepared, audit, prepare
+from auditor.audit import audit
 from auditor.config import DEVICES, AuditConfig
-from auditor.data import KNOWN_DATASETS, Batch, open_splits, tagged
+from auditor.data import KNOWN_DATASETS, Batch, Dataset, open_splits
 from auditor.errors import GRPC_STATUS, AuditError, CancelledError, DataError, LimitError, UnauthenticatedError, require
 from auditor.persist import ModelStore, ReportStore
+from auditor.prepare import Prepared, prepare
 from auditor.report import Report
 
 log = logging.getLogger("auditor.server")
@@ -217,17 +218,17 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
     def _vet(self, model_path: Path, sha256: str) -> None:
         """Refuse an upload the audit could not use; keep its session warm for the audit to come."""
         key = self._cache_key(sha256, AuditConfig())
-        self._prepared.put(key, prepare(model_path, device=key[1], aggregate=key[2]))
+        self._prepared.put(key, prepare(model_path, device=key[1], states_at=key[2]))
 
     def _prepare(self, sha256: str, config: AuditConfig) -> Prepared:
         path = self._models.path(sha256)
         key = self._cache_key(sha256, config)
-        return self._prepared.get(key, lambda: prepare(path, device=key[1], aggregate=key[2]))
+        return self._prepared.get(key, lambda: prepare(path, device=key[1], states_at=key[2]))
 
     def _cache_key(self, sha256: str, config: AuditConfig) -> tuple[str, str, str]:
         """What a prepared session depends on; "auto" means the server's own ``--device``."""
         device = self._options.device if config.device == "auto" else config.device
-        return sha256, device, config.aggregate
+        return sha256, device, config.states_at
 
     @contextmanager
     def _slot(self) -> Iterator[None]:
@@ -282,7 +283,7 @@ def _audit_start(request: pb.AuditRequest | None) -> pb.AuditStart:
     return request.start
 
 
-def _dataset_batches(dataset: pb.DatasetRef, config: AuditConfig, data_dir: Path | None) -> Iterator[tuple[str, Batch]]:
+def _dataset_batches(dataset: pb.DatasetRef, config: AuditConfig, data_dir: Path | None) -> list[Dataset]:
     """Batches of a dataset the server holds; only known names, never a path on the server."""
     if dataset.name not in KNOWN_DATASETS:
         raise DataError(
@@ -290,7 +291,7 @@ def _dataset_batches(dataset: pb.DatasetRef, config: AuditConfig, data_dir: Path
             "send other data as batches"
         )
     limit = dataset.limit if dataset.HasField("limit") else None
-    return tagged(open_splits(dataset.name, dataset.split, limit=limit, data_dir=data_dir), config.batch_size)
+    return open_splits(dataset.name, dataset.split, limit=limit, data_dir=data_dir)
 
 
 def _client_batches(requests: Iterator[pb.AuditRequest]) -> Iterator[tuple[str, Batch]]:
@@ -307,7 +308,7 @@ def _named(report: Report, model_name: str) -> Report:
 
 def _run_audit(
     prepared: Prepared,
-    batches: Iterator[tuple[str, Batch]],
+    batches: list[Dataset] | Iterator[tuple[str, Batch]],
     config: AuditConfig,
     cancelled: Callable[[], bool],
 ) -> Iterator[tuple[str, int] | Report]:

@@ -393,13 +393,30 @@ def test_cna_null_when_alpha_has_zero_variance() -> None:
     assert any("input entropy α has zero variance" in w for w in report.warnings), report.warnings
 
 
-def test_prepared_model_with_other_aggregate_is_refused() -> None:
+def test_one_prepared_model_serves_every_metric_setting() -> None:
+    # aggregate is applied after the run, so one session serves sum and mean alike
     prepared = prepare(dense_model(CNA_LAYERS), device="cpu")
-    refused(
-        AuditError,
-        lambda: audit(prepared, [("test", Batch(CNA_X))], AuditConfig(device="cpu", aggregate="mean")),
-        "aggregate",
-    )
+    for aggregate in ("sum", "mean"):
+        config = AuditConfig(device="cpu", aggregate=aggregate)
+        shared = audit(prepared, [("test", Batch(CNA_X))], config)
+        fresh = audit(dense_model(CNA_LAYERS), [("test", Batch(CNA_X))], config)
+        assert shared.to_dict() == fresh.to_dict()
+
+
+def test_audit_honours_session_settings_a_prepared_model_lacks() -> None:
+    # a model prepared for the pre-activation is prepared again when the config asks for the block output
+    prepared = prepare(dense_model(CNA_LAYERS), device="cpu")
+    config = AuditConfig(device="cpu", states_at="block-output")
+    report = audit(prepared, [("test", Batch(CNA_X))], config)
+    assert report.config["states_at"] == "block-output"
+    assert report.to_dict() == audit(dense_model(CNA_LAYERS), [("test", Batch(CNA_X))], config).to_dict()
+
+
+def test_audit_applies_the_batch_size_to_datasets_and_large_batches() -> None:
+    seen: list[int] = []
+    config = AuditConfig(device="cpu", batch_size=3)
+    audit(dense_model(CNA_LAYERS), [("test", Batch(CNA_X))], config, progress=lambda _, done: seen.append(done))
+    assert seen == [3, 6, 7]
 
 
 # --- §5 CNA-Margin ----------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def test_layers_table(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out.splitlines()
     header = out[0].split()
     assert header[0] == "#"
-    assert header[2:] == ["op", "activation", "role", "neurons", "positions"]
+    assert header[2:] == ["op", "activation", "role", "neurons", "positions", "block_output"]
     rows = [line.split() for line in out[1:]]
     assert rows == [
         [
@@ -127,6 +127,7 @@ def test_layers_table(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
             layer["role"],
             str(layer["neurons"]),
             str(layer["positions"]),
+            layer["block_output"],
         ]
         for i, layer in enumerate(layers, 1)
     ]

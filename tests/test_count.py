@@ -18,7 +18,7 @@ from auditor import count
 from auditor.audit import audit, prepare
 from auditor.count import HistogramStore, LayerCounter, SortedStore, join_groups, make_store
 from auditor.data import Batch
-from auditor.graph import packing, word_groups
+from auditor.graph import word_groups
 
 NEURONS = [1, 3, 16, 20, 21, 24, 25, 32, 33, 64, 65, 130]
 POSITIONS = (3, 3)  # the conv layout's H × W
@@ -99,11 +99,10 @@ def test_audit_counts_match_the_reference(neurons: int, layout: str) -> None:
     assert stats.max_entropy_bits == pytest.approx(math.log2(expected.sum()))
 
     # The same packed keys through LayerCounter, to compare whole count vectors exactly.
-    exposed = prepared.exposed
-    counter = LayerCounter(neurons, *packing(prepared.structure.layers[0]))
+    (out,) = prepared.exposed.layers
+    counter = LayerCounter(neurons, out.groups, out.group_axis)
     for part in (x[:cut], x[cut:]):
-        (packed,) = prepared.session.run([exposed.keys[0]], {prepared.structure.input.name: part})
-        counter.add(packed)
+        counter.add(prepared.runner.run(part, [out.keys])[out.keys])
     assert counter.total == expected.sum()
     np.testing.assert_array_equal(np.sort(counter.counts()), expected)
 

@@ -666,9 +666,10 @@ def test_expose_leaves_the_model_alone_and_builds_a_valid_one(shared_models: Pat
     original = [o.name for o in model.graph.output]
     outputs = [o.name for o in exposed.model.graph.output]
     assert outputs[: len(original)] == original
-    assert set(exposed.keys) | set(exposed.sums) <= set(outputs)
-    assert len(exposed.keys) == len(exposed.sums) == len(structure.layers)
-    assert [packing(lay)[0] for lay in structure.layers] == [word_groups(lay.neurons) for lay in structure.layers]
+    assert set(exposed.output_names) == set(outputs[: len(original)]) | set(outputs)
+    assert [out.layer for out in exposed.layers] == structure.layers
+    assert [out.groups for out in exposed.layers] == [word_groups(lay.neurons) for lay in structure.layers]
+    assert [(out.groups, out.group_axis) for out in exposed.layers] == [packing(lay) for lay in structure.layers]
 
 
 def old_ir_model() -> onnx.ModelProto:
@@ -712,7 +713,8 @@ def test_exposed_outputs_are_typed_for_onnxruntime() -> None:
     structure = describe(model)
     exposed = expose(model, structure)
     x = np.random.default_rng(15).standard_normal((9, 4)).astype(np.float32)
-    keys, sums = run(exposed.model, x, [exposed.keys[0], exposed.sums[0]])
+    layer = exposed.layers[0]
+    keys, sums = run(exposed.model, x, [layer.keys, layer.sum])
     assert keys.dtype == np.int32 and keys.shape == (9, 2)  # 30 neurons: groups of 24 and 6 bits
     assert sums.dtype == np.float32 and sums.shape == (9,)
     (pre,) = run(model, x, ["pre1"])

@@ -111,8 +111,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 
 def _local(model: Path, data: str, split: str, limit: int | None, config: AuditConfig):
-    prepared = prepare(model, device=config.device, aggregate=config.aggregate)
-    return audit(prepared, tagged(open_splits(data, split, limit=limit), config.batch_size), config)
+    return audit(model, open_splits(data, split, limit=limit), config)
 
 
 def _code(caught: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:

@@ -21,7 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from auditor import AuditConfig, audit, prepare
-from auditor.data import open_splits, tagged
+from auditor.data import open_splits
 from auditor.errors import AuditError
 from trainers import manifest
 from trainers.files import save_atomic
@@ -41,8 +41,8 @@ def audit_grid(grid: Path, dataset: str, limit: int | None, config: AuditConfig)
     datasets = open_splits(dataset, "test", limit=limit)
     rows = []
     for record in tqdm(records.values(), unit="net", disable=not sys.stderr.isatty()):
-        prepared = prepare(grid / record["file"], device=config.device, aggregate=config.aggregate)
-        split = audit(prepared, tagged(datasets, config.batch_size), config).splits["test"]
+        prepared = prepare(grid / record["file"], device=config.device, states_at=config.states_at)
+        split = audit(prepared, datasets, config).splits["test"]
         row = {key: record[key] for key in NETWORK_KEYS}
         row.update(accuracy=split.accuracy, aiq=split.aiq, network_efficiency=split.network_efficiency)
         row.update({f"layer{i}_efficiency": layer.efficiency for i, layer in enumerate(split.layers, 1)})
