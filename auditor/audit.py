@@ -9,18 +9,21 @@ sample for CNA.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from auditor.config import AuditConfig, Feeding
-from auditor.data import Batch, Dataset, tagged
+from auditor.count import MemoryBudget
+from auditor.data import Batch, Dataset, skipped_warnings, tagged
 from auditor.errors import CancelledError, DataError
 from auditor.feed import Feed, feed
 from auditor.prepare import ModelSource, Prepared, prepare
 from auditor.report import Report
 from auditor.run import ordered_map
-from auditor.summary import summarize
+from auditor.summary import TOP_STATES, summarize
 from auditor.tally import SplitTally
 
 Data = Sequence[Dataset] | Iterable[tuple[str, Batch]]
@@ -33,6 +36,7 @@ def audit(
     *,
     progress: Callable[[str, int], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    spill_dir: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Audit a model on ``data`` with every setting of ``config`` applied.
 
@@ -41,14 +45,24 @@ def audit(
     size is run in pieces). A ``Prepared`` model is used as it is when its session settings
     serve the config's (``device="auto"`` takes any device), and prepared again otherwise.
     ``progress(split, samples_done)`` is called after each batch; when ``cancelled()`` turns
-    true the audit stops with ``CancelledError``.
+    true the audit stops with ``CancelledError``. State counts past ``config.memory_budget`` spill
+    to a private folder under ``spill_dir`` (default: the system's temp folder), removed however
+    the audit ends.
     """
     config = config or AuditConfig()
     prepared = _prepared_for(model, config)
-    tallies = _tally(prepared, _batches(data, config.batch_size), config, progress, cancelled)
-    if not tallies:
-        raise DataError("the dataset is empty: no samples reached the audit; check --data, --split and --limit")
-    return summarize(prepared.model_info, prepared.providers, tallies, config)
+    datasets = _datasets(data)
+    batches = tagged(datasets, config.batch_size) if datasets is not None else _cut(data, config.batch_size)
+    with MemoryBudget(config.memory_budget, spill_dir) as budget:
+        tallies = tally(prepared, batches, config, budget, progress=progress, cancelled=cancelled)
+        if not tallies:
+            raise DataError("the dataset is empty: no samples reached the audit; check --data, --split and --limit")
+        results = {split: tally.finish(TOP_STATES) for split, tally in tallies.items()}
+        data_warnings = skipped_warnings(datasets) if datasets is not None else []
+        report = summarize(
+            prepared.model_info, prepared.providers, prepared.structure.layers, results, config, data_warnings
+        )
+    return replace(report, spilled_bytes=budget.spilled_bytes)
 
 
 def _prepared_for(model: ModelSource | Prepared, config: AuditConfig) -> Prepared:
@@ -60,12 +74,16 @@ def _prepared_for(model: ModelSource | Prepared, config: AuditConfig) -> Prepare
     return prepare(model, device=session.device, states_at=session.states_at)
 
 
-def _batches(data: Data, batch_size: int) -> Iterator[tuple[str, Batch]]:
-    """Tagged batches of at most ``batch_size`` samples."""
-    if isinstance(data, Sequence) and all(isinstance(d, Dataset) for d in data):
-        yield from tagged(data, batch_size)
-        return
-    for split, batch in data:
+def _datasets(data: Data) -> Sequence[Dataset] | None:
+    """``data`` as Dataset splits, or None when it is a stream of tagged batches."""
+    if isinstance(data, Sequence) and data and all(isinstance(d, Dataset) for d in data):
+        return data
+    return None
+
+
+def _cut(batches: Iterable[tuple[str, Batch]], batch_size: int) -> Iterator[tuple[str, Batch]]:
+    """Tagged batches, each cut to at most ``batch_size`` samples."""
+    for split, batch in batches:
         x = np.asarray(batch.x)
         if x.ndim == 0 or len(x) <= batch_size:
             yield split, batch
@@ -75,14 +93,21 @@ def _batches(data: Data, batch_size: int) -> Iterator[tuple[str, Batch]]:
             yield split, Batch(x[part], None if batch.y is None else np.asarray(batch.y)[part])
 
 
-def _tally(
+def tally(
     prepared: Prepared,
     batches: Iterable[tuple[str, Batch]],
     config: AuditConfig,
-    progress: Callable[[str, int], None] | None,
-    cancelled: Callable[[], bool] | None,
+    budget: MemoryBudget,
+    *,
+    first: dict[str, int] | None = None,
+    progress: Callable[[str, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> dict[str, SplitTally]:
-    """Run every batch and tally it into its split; inference runs ahead on worker threads."""
+    """Run every batch and tally it into its split; inference runs ahead on worker threads.
+
+    ``first`` gives the index in its split of each split's first sample (0 unless the batches
+    are a shard that starts further in), so per-sample draws follow the sample, not the shard.
+    """
     counted = frozenset(
         out.layer.name
         for out in prepared.exposed.layers
@@ -90,29 +115,29 @@ def _tally(
     )
     tallies: dict[str, SplitTally] = {}
     steps = ordered_map(
-        lambda item: _run(prepared, config.feeding, *item), _numbered(batches), prepared.runner.workers
+        lambda item: _run(prepared, config.feeding, *item), _numbered(batches, first or {}), prepared.runner.workers
     )
     try:
         for batch, outputs in steps:
             if cancelled is not None and cancelled():
-                done = sum(t.samples for t in tallies.values())
+                done = sum(t.figures.samples for t in tallies.values())
                 raise CancelledError(f"audit cancelled after {done} samples")
-            tally = tallies.get(batch.split)
-            if tally is None:
-                tally = tallies[batch.split] = SplitTally(
-                    prepared.exposed, counted, config.margin_seed, prepared.structure.output_is_probability
+            split = tallies.get(batch.split)
+            if split is None:
+                split = tallies[batch.split] = SplitTally(
+                    prepared.exposed, counted, config.margin_seed, prepared.structure.output_is_probability, budget
                 )
-            tally.add(batch, outputs)
+            split.add(batch, outputs)
             if progress is not None:
-                progress(batch.split, tally.samples)
+                progress(batch.split, split.figures.samples)
     finally:
         steps.close()
     return tallies
 
 
-def _numbered(batches: Iterable[tuple[str, Batch]]) -> Iterator[tuple[str, int, Batch]]:
+def _numbered(batches: Iterable[tuple[str, Batch]], first: dict[str, int]) -> Iterator[tuple[str, int, Batch]]:
     """Tag each batch with the position of its first sample in its split."""
-    seen: dict[str, int] = {}
+    seen = dict(first)
     for split, batch in batches:
         start = seen.get(split, 0)
         seen[split] = start + len(batch.x)

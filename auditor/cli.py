@@ -8,15 +8,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 from auditor import client, server
+from auditor.compare import compare, describe_settings, render_comparison, setting_differences
 from auditor.config import AGGREGATES, DEVICES, STATE_POINTS, AuditConfig
+from auditor.count import parse_size
+from auditor.data import KNOWN_DATASETS
 from auditor.errors import AuditError, first_line
-from auditor.report import GATE_METRICS, Report, format_table, gate_checks, junit_xml, render_table
+from auditor.gate import (
+    BASELINE_METRICS,
+    GATE_METRICS,
+    baseline_checks,
+    gate_checks,
+    junit_xml,
+    metric_value,
+    summary_markdown,
+    threshold_problem,
+)
+from auditor.images import ImageOptions
+from auditor.jobs import DONE, DatasetRef, Job
+from auditor.page import render_page
+from auditor.report import SCHEMA, Report, format_table, render_table
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -60,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="audit a model on data and print or save the report")
     _add_audit_arguments(audit)
+    audit.add_argument(
+        "--detach",
+        action="store_true",
+        help="with --server and a dataset the server holds: queue the audit as a job, print its id and exit",
+    )
     audit.set_defaults(handler=run_audit)
 
     gate = commands.add_parser("gate", help="audit, then fail (exit 1) when a metric misses its threshold")
@@ -70,8 +93,33 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument(
         "--gate-split", default=None, help="split whose figures are gated (default: test if audited, else train)"
     )
+    relative = gate.add_argument_group("thresholds against a baseline report (each optional; need --baseline)")
+    relative.add_argument(
+        "--baseline", metavar="BASE.json", help="report of the model this one replaces, audited the same way"
+    )
+    for key, (metric, direction) in BASELINE_METRICS.items():
+        relative.add_argument(
+            f"--{key.replace('_', '-')}", type=float, metavar="X", help=f"allow {metric} to {direction} by at most X"
+        )
     gate.add_argument("--junit", type=Path, metavar="PATH", help="write JUnit XML, one testcase per threshold")
+    gate.add_argument(
+        "--summary",
+        type=Path,
+        metavar="PATH",
+        help="write a Markdown summary (it is also appended to $GITHUB_STEP_SUMMARY whenever that is set)",
+    )
     gate.set_defaults(handler=run_gate)
+
+    render = commands.add_parser("render", help="render a stored report as one self-contained HTML page")
+    render.add_argument("report", help="an auditor.report/v1 JSON file ('-' = stdin)")
+    render.add_argument("--html", required=True, metavar="PATH", help="where to write the page ('-' = stdout)")
+    render.set_defaults(handler=run_render)
+
+    compare = commands.add_parser("compare", help="compare two reports: headline metrics, layers, model changes")
+    compare.add_argument("base", help="the base report (JSON; '-' = stdin)")
+    compare.add_argument("new", help="the new report (JSON; '-' = stdin)")
+    compare.add_argument("--json", metavar="PATH", help="write the comparison as JSON ('-' = stdout)")
+    compare.set_defaults(handler=run_compare)
 
     serve = commands.add_parser("serve", help="run the gRPC auditing service")
     server.add_serve_arguments(serve)
@@ -83,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     reports.add_argument("--json", type=str, metavar="PATH", help="write the fetched report as JSON ('-' = stdout)")
     client.add_connection_arguments(reports)
     reports.set_defaults(handler=run_reports)
+
+    jobs = commands.add_parser("jobs", help="list a server's jobs, or show, wait for or cancel one")
+    jobs.add_argument("id", nargs="?", help="job id (omit to list every job)")
+    jobs.add_argument(
+        "--wait", action="store_true", help="wait for the job to end: exit 0 when done, 2 when failed or cancelled"
+    )
+    jobs.add_argument("--cancel", action="store_true", help="cancel the job (queued or running)")
+    jobs.add_argument("--json", type=str, metavar="PATH", help="write the job's report as JSON ('-' = stdout)")
+    jobs.add_argument("--html", type=Path, metavar="PATH", help="write the job's report as one HTML page")
+    client.add_connection_arguments(jobs)
+    jobs.set_defaults(handler=run_jobs)
     return parser
 
 
@@ -91,9 +150,16 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     d = AuditConfig()
     parser.add_argument("model", type=Path, help="path to an .onnx file")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, help="mnist, fashion-mnist, or a path to a .npz/.npy file")
+    data.add_argument(
+        "--data", required=True, help="mnist, fashion-mnist, a path to a .npz/.npy file, or a folder of images"
+    )
     data.add_argument("--split", default="test", choices=["train", "test", "both"], help="default: test")
     data.add_argument("--limit", type=int, metavar="N", help="use the first N samples of each split")
+    data.add_argument(
+        "--resize", type=int, metavar="N", help="image folders: shorter side to N (default: just cover the crop)"
+    )
+    data.add_argument("--crop", type=int, metavar="N", help="image folders: centre N×N crop (default: model's H×W)")
+    data.add_argument("--skip-bad", action="store_true", help="image folders: skip bad images, counted in warnings")
     data.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default: {d.batch_size}")
     data.add_argument("--scale", type=float, help="multiply samples by this (default: 1/255 for uint8 data, else 1)")
     data.add_argument("--mean", type=float, default=d.mean, help="subtract after scaling (default: 0)")
@@ -131,7 +197,26 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run = parser.add_argument_group("run")
     run.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA when it can run, else CPU")
+    run.add_argument(
+        "--memory-budget",
+        default="1G",
+        metavar="SIZE",
+        help="what one audit may hold for counting states, e.g. 512M or 4G (default: 1G); past it, sorted "
+        "runs spill to --spill-dir, and counts stay exact",
+    )
+    run.add_argument(
+        "--spill-dir", type=Path, metavar="DIR", help="folder for spilled runs (default: the system's temp folder)"
+    )
+    run.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="audit on Ray: local (a private instance), auto, host:6379 or ray://host:10001; needs the ray extra",
+    )
+    run.add_argument(
+        "--shards", type=int, metavar="N", help="with --ray: cut each split into N contiguous shards (default: 1)"
+    )
     run.add_argument("--json", type=str, metavar="PATH", help="write the report as JSON ('-' = stdout)")
+    run.add_argument("--html", type=Path, metavar="PATH", help="write the report as one self-contained HTML page")
     run.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     client.add_connection_arguments(parser)
 
@@ -153,6 +238,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         std=args.std,
         device=args.device,
         states_at=args.states_at,
+        memory_budget=parse_size(args.memory_budget),
     )
 
 
@@ -176,19 +262,42 @@ def produce_report(args: argparse.Namespace) -> Report:
         raise AuditError(f"--limit must be at least 1, got {args.limit}")
     config = config_from_args(args)
     connection = client.connection_from_args(args)
+    if args.shards is not None and args.ray is None:
+        raise AuditError("--shards needs --ray ADDRESS (local, auto, host:6379 or ray://host:10001)")
     if connection is not None:
+        if args.ray is not None or args.spill_dir is not None:
+            raise AuditError("--ray and --spill-dir apply to local audits; the server has its own settings")
         with _progress_bar(args, None) as progress:
             return client.remote_audit(
                 connection, args.model, args.data, args.split, args.limit, config, progress=progress
             )
     from auditor.audit import audit
     from auditor.data import open_splits
-    from auditor.prepare import prepare
+    from auditor.prepare import describe_model, prepare
 
+    if args.ray is not None:
+        from auditor.shard import audit_on_ray
+
+        shape = tuple(describe_model(args.model).input_shape)
+        images = ImageOptions(shape, resize=args.resize, crop=args.crop, skip_bad=args.skip_bad)
+        total = sum(d.count for d in open_splits(args.data, args.split, limit=args.limit, images=images))
+        with _progress_bar(args, total) as progress:
+            return audit_on_ray(
+                args.model,
+                args.data,
+                args.split,
+                args.limit,
+                config,
+                address=args.ray,
+                shards=1 if args.shards is None else args.shards,
+                images=images,
+                progress=progress,
+            )
     prepared = prepare(args.model, device=config.device, states_at=config.states_at)
-    datasets = open_splits(args.data, args.split, limit=args.limit)
+    images = ImageOptions(prepared.structure.input.shape, resize=args.resize, crop=args.crop, skip_bad=args.skip_bad)
+    datasets = open_splits(args.data, args.split, limit=args.limit, images=images)
     with _progress_bar(args, sum(d.count for d in datasets)) as progress:
-        return audit(prepared, datasets, config, progress=progress)
+        return audit(prepared, datasets, config, progress=progress, spill_dir=args.spill_dir)
 
 
 class _progress_bar:
@@ -226,28 +335,57 @@ def _write(text: str, destination: str) -> None:
 
 
 def run_audit(args: argparse.Namespace) -> int:
+    if args.detach:
+        return _submit_job(args)
     report = produce_report(args)
-    if args.json:
-        _write(report.to_json(), args.json)
+    _write_report(report, args)
     if args.json != "-":
         print(render_table(report))
     return EXIT_OK
 
 
-def run_gate(args: argparse.Namespace) -> int:
-    thresholds = {key: getattr(args, key) for key in GATE_METRICS}
-    if all(value is None for value in thresholds.values()):
-        raise AuditError("gate needs at least one threshold, e.g. --min-aiq 0.5; see auditor gate --help")
-    report = produce_report(args)
-    split = args.gate_split or ("test" if "test" in report.splits else next(iter(report.splits)))
-    try:
-        checks = gate_checks(report, thresholds, split)
-    except ValueError as exc:
-        raise AuditError(f"{exc}; choose --gate-split among the audited splits") from None
+def _write_report(report: Report, args: argparse.Namespace) -> None:
+    """The report files that ``audit`` and ``gate`` were asked for: ``--json`` and ``--html``."""
     if args.json:
         _write(report.to_json(), args.json)
+    if args.html:
+        args.html.write_text(render_page(report))
+
+
+def run_gate(args: argparse.Namespace) -> int:
+    absolute = {key: getattr(args, key) for key in GATE_METRICS}
+    relative = {key: getattr(args, key) for key in BASELINE_METRICS}
+    given = {key: value for key, value in {**absolute, **relative}.items() if value is not None}
+    if not given:
+        raise AuditError("gate needs at least one threshold, e.g. --min-aiq 0.5; see auditor gate --help")
+    for key, value in given.items():
+        problem = threshold_problem(key, value)
+        if problem:
+            raise AuditError(problem)
+    split = args.gate_split or ("train" if args.split == "train" else "test")
+    baseline = _read_baseline(args, relative, split)
+    report = produce_report(args)
+    try:
+        checks = gate_checks(report, absolute, split)
+    except ValueError as exc:
+        raise AuditError(f"{exc}; choose --gate-split among the audited splits") from None
+    if baseline is not None:
+        base_samples, samples = baseline.splits[split].samples, report.splits[split].samples
+        if base_samples != samples:
+            raise AuditError(
+                f"the baseline's {split} split has {base_samples} samples and this audit's {samples}; "
+                "gate against a baseline audited on the same data (--data, --split, --limit)"
+            )
+        checks += baseline_checks(report, baseline, relative, split)
+    _write_report(report, args)
     if args.junit:
         args.junit.write_text(junit_xml(checks, report))
+    summary = summary_markdown(checks, report, baseline, split)
+    if args.summary:
+        args.summary.write_text(summary)
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as step_summary:
+            step_summary.write(summary + "\n")
     out = sys.stdout if args.json != "-" else sys.stderr
     for check in checks:
         print(check.describe(), file=out)
@@ -256,6 +394,113 @@ def run_gate(args: argparse.Namespace) -> int:
         f"gate {'FAILED' if failed else 'passed'}: {len(checks) - len(failed)}/{len(checks)} thresholds met", file=out
     )
     return EXIT_GATE_FAILED if failed else EXIT_OK
+
+
+def _read_baseline(args: argparse.Namespace, relative: dict[str, float | None], split: str) -> Report | None:
+    """The ``--baseline`` report, refused unless it can be gated against: same settings, the gated
+    split, and a figure for every relative threshold given. None without ``--baseline``."""
+    given = [key for key, value in relative.items() if value is not None]
+    if args.baseline is None:
+        if given:
+            option = "--" + given[0].replace("_", "-")
+            raise AuditError(f"{option} needs --baseline BASE.json, a report of the model this one replaces")
+        return None
+    baseline = read_report(args.baseline, "baseline")
+    differences = setting_differences(baseline.config, config_from_args(args).to_dict())
+    if differences:
+        raise AuditError(
+            f"the baseline {args.baseline} was audited with settings that change the numbers: "
+            f"{describe_settings(differences, ('baseline', 'this audit'))}; gate with the baseline's settings"
+        )
+    if split not in baseline.splits:
+        raise AuditError(
+            f"the baseline {args.baseline} has no {split} split (it has {', '.join(baseline.splits)}); "
+            "audit the baseline with that split, or choose --gate-split"
+        )
+    for key in given:
+        metric = BASELINE_METRICS[key][0]
+        if metric_value(baseline, metric, split) is None:
+            where = "CNA-Margin (it needs --split both)" if metric == "cna_margin_max" else f"{metric} on {split}"
+            raise AuditError(
+                f"the baseline {args.baseline} has no {where}: it is null there, so --{key.replace('_', '-')} "
+                "cannot be checked"
+            )
+    return baseline
+
+
+def run_render(args: argparse.Namespace) -> int:
+    _write(render_page(read_report(args.report, "report")).rstrip("\n"), args.html)
+    return EXIT_OK
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    if args.base == args.new == "-":
+        raise AuditError("only one of the two reports can come from stdin ('-')")
+    comparison = compare(read_report(args.base, "base report"), read_report(args.new, "new report"))
+    if args.json:
+        _write(json.dumps(comparison.to_dict(), indent=2), args.json)
+    if args.json != "-":
+        print(render_comparison(comparison))
+    return EXIT_OK
+
+
+REPORT_MAX_BYTES = 64 << 20  # a report with every optional key is well under 1 MiB
+
+
+def read_report(source: str, what: str) -> Report:
+    """A stored ``auditor.report/v1`` from a JSON file, or stdin for ``-``, with every field checked.
+
+    Anything else (a missing file, not JSON, another schema, a field of the wrong type or a
+    non-finite number) is an ``AuditError`` that names ``what`` and the file.
+    """
+    if source == "-":
+        raw = sys.stdin.buffer.read(REPORT_MAX_BYTES + 1)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise AuditError(f"{what} {source} {'is not a file' if path.exists() else 'does not exist'}")
+        with path.open("rb") as file:
+            raw = file.read(REPORT_MAX_BYTES + 1)
+    if len(raw) > REPORT_MAX_BYTES:
+        raise AuditError(f"{what} {source} is larger than {REPORT_MAX_BYTES >> 20} MiB; it is not an auditor report")
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            schema = data.get("schema") if isinstance(data, dict) else None
+            raise ValueError(f"its schema is {schema!r}")
+        report = Report.from_dict(data)
+        _check_fields(report, "report")
+    except KeyError as exc:
+        raise AuditError(f"{what} {source} is not an {SCHEMA} report (it lacks {exc})") from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise AuditError(f"{what} {source} is not an {SCHEMA} report ({first_line(exc)})") from None
+    return report
+
+
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
+
+
+def _check_fields(value: object, where: str) -> None:
+    """Raise ``ValueError`` at the first field of a report dataclass whose value does not have its
+    declared scalar type (booleans are not numbers; floats must be finite). Nested reports, lists
+    and dicts are checked inside."""
+    if is_dataclass(value):
+        for item in fields(value):
+            inner, path = getattr(value, item.name), f"{where}.{item.name}"
+            declared = str(item.type)
+            if "[" not in declared and not is_dataclass(inner):
+                allowed = tuple(t for kind in declared.split(" | ") for t in _FIELD_TYPES.get(kind, (object,)))
+                if not isinstance(inner, allowed) or (isinstance(inner, bool) and bool not in allowed):
+                    raise ValueError(f"{path} is {inner!r}, not {declared}")
+            _check_fields(inner, path)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}, not a finite number")
+    elif isinstance(value, list | tuple):
+        for i, inner in enumerate(value):
+            _check_fields(inner, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            _check_fields(inner, f"{where}.{key}")
 
 
 def run_reports(args: argparse.Namespace) -> int:
@@ -272,6 +517,69 @@ def run_reports(args: argparse.Namespace) -> int:
     if args.json != "-":
         print(render_table(report))
     return EXIT_OK
+
+
+def _submit_job(args: argparse.Namespace) -> int:
+    """``audit --detach``: queue the audit as a job on the server and print its id (one line)."""
+    connection = client.connection_from_args(args)
+    if connection is None:
+        raise AuditError("--detach runs the audit as a job on a server; give --server HOST:PORT")
+    if args.data not in KNOWN_DATASETS:
+        raise AuditError(
+            f"--detach audits a dataset the server holds ({', '.join(KNOWN_DATASETS)}), not {args.data!r}; "
+            "audit other data without --detach"
+        )
+    if args.json or args.html:
+        raise AuditError("--detach prints only the job id; get the report with: auditor jobs ID --wait --json PATH")
+    if args.limit is not None and args.limit < 1:
+        raise AuditError(f"--limit must be at least 1, got {args.limit}")
+    dataset = DatasetRef(args.data, args.split, args.limit)
+    print(client.submit_job(connection, args.model, dataset, config_from_args(args)).id)
+    return EXIT_OK
+
+
+JOB_COLUMNS = ("id", "model", "dataset", "state", "samples", "queue")
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    """List jobs, or show one (``--wait`` for it, ``--cancel`` it); exit 2 for a failed or cancelled job."""
+    connection = client.connection_from_args(args)
+    if connection is None:
+        raise AuditError("jobs are kept by the server; give --server HOST:PORT")
+    if args.id is None:
+        if args.wait or args.cancel or args.json or args.html:
+            raise AuditError("--wait, --cancel, --json and --html act on one job: give its id")
+        print("\n".join(format_table(JOB_COLUMNS, [_job_row(job) for job in client.list_jobs(connection)])))
+        return EXIT_OK
+    report = None
+    if args.cancel:
+        job = client.cancel_job(connection, args.id)
+    elif args.wait:
+        job, report = client.watch_job(connection, args.id)
+    else:
+        job = client.get_job(connection, args.id)
+        if job.state == DONE and (args.json or args.html):
+            report = client.get_report(connection, job.report_id)
+    if job.error:
+        raise AuditError(f"job {job.id} {job.state}: {job.error}")
+    if report is None:
+        if args.json or args.html:
+            raise AuditError(f"job {job.id} is {job.state} and has no report yet; add --wait to wait for it")
+        print("\n".join(format_table(JOB_COLUMNS, [_job_row(job)])))
+        return EXIT_OK
+    _write_report(report, args)
+    if args.json != "-":
+        print(render_table(report))
+    return EXIT_OK
+
+
+def _job_row(job: Job) -> list[str]:
+    """A job as a row of ``auditor jobs``: id, model, dataset, state, samples done, queue position."""
+    ref = job.spec.dataset
+    dataset = "-" if ref is None else f"{ref.name}/{ref.split}" + (f"[:{ref.limit}]" if ref.limit else "")
+    samples = ", ".join(f"{split} {done}" for split, done in job.samples.items()) or "-"
+    queue = "-" if job.queue_position is None else str(job.queue_position)
+    return [job.id, job.spec.model_name or job.spec.content_address[:12], dataset, job.state, samples, queue]
 
 
 if __name__ == "__main__":

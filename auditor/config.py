@@ -63,6 +63,8 @@ class AuditConfig:
     Preprocessing: uint8 samples are divided by 255 unless ``scale`` is given; then
     ``(x * scale - mean) / std`` is applied. ``alpha_range`` is the declared value range of
     non-uint8 data for CNA's input entropy (SPEC §4); uint8 data always uses 0–255.
+    ``memory_budget`` caps, in bytes, what the audit holds for counting states before it spills
+    sorted runs to disk (the command line refuses less than 64M; tests go lower to force spills).
     """
 
     beta: float = 2.0
@@ -79,6 +81,7 @@ class AuditConfig:
     std: float = 1.0
     device: str = "auto"
     states_at: str = "pre-activation"
+    memory_budget: int = 1 << 30
 
     def __post_init__(self) -> None:
         finite = [
@@ -104,6 +107,10 @@ class AuditConfig:
                 (self.std != 0, "std must not be 0"),
                 (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
                 (self.states_at in STATE_POINTS, f"states_at must be one of {STATE_POINTS}, got {self.states_at!r}"),
+                (
+                    1 <= self.memory_budget <= 2**63 - 1,
+                    f"memory budget must be a positive number of bytes, got {self.memory_budget}",
+                ),
             ]
         )
 

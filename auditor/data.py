@@ -1,5 +1,5 @@
-"""Datasets: MNIST and Fashion-MNIST from their original IDX files, or any ``.npz``/``.npy`` file,
-streamed in batches.
+"""Datasets: MNIST and Fashion-MNIST from their original IDX files, any ``.npz``/``.npy`` file, or
+a folder of images (:mod:`auditor.images`), streamed in batches.
 
 The IDX files are looked up in ``$AUDITOR_DATA_DIR/<name>/``, then in the user cache
 (:func:`data_home`), and downloaded from public mirrors when missing. Every file is checked
@@ -8,10 +8,13 @@ decompressed one batch at a time, so a split is held whole only when the caller 
 (:func:`load_arrays`).
 
 A ``.npz`` holds one split (keys ``x`` and optional ``y``) or two (``x_train``/``y_train``/
-``x_test``/``y_test``); its arrays are read whole, as zip members cannot be memory-mapped. A
+``x_test``/``y_test``); each member is decompressed batch by batch as it is read, so taking
+``--limit`` samples of a small file that claims huge arrays (a zip bomb) costs only those samples. A
 ``.npy`` holds one split's samples without labels and is memory-mapped, so it suits data larger
-than memory. Every refusal is a one-line ``DataError``, or ``NotFoundError`` for a dataset name or
-file that does not exist.
+than memory. A folder is read as images, decoded batch by batch; how they become samples (the
+model input's layout, ``--resize``, ``--crop``, ``--skip-bad``) comes in an ``ImageOptions``, so
+this module stays model-agnostic. Every refusal is a one-line ``DataError``, or ``NotFoundError``
+for a dataset name or file that does not exist.
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from auditor.errors import DataError, NotFoundError
+from auditor.errors import DataError, NotFoundError, first_line
+
+if TYPE_CHECKING:
+    from auditor.images import ImageOptions
 
 KNOWN_DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist")
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -90,8 +96,10 @@ class Batch:
 class Dataset:
     """One split of a dataset, opened and checked, ready to stream.
 
-    Opening reads the headers and labels of IDX files and memory-maps a ``.npy``; the samples
-    are read (or, from a ``.npz`` already in memory, copied) by :meth:`batches`.
+    Opening reads the headers and labels of IDX files, memory-maps a ``.npy`` and lists an image
+    folder; the samples are read (or, from a ``.npz`` already in memory, copied) by :meth:`batches`.
+    ``count`` is exact except for an image folder read with ``skip_bad``, which yields ``count``
+    minus the files in :attr:`skipped`.
     """
 
     name: str
@@ -101,6 +109,15 @@ class Dataset:
     dtype: np.dtype
     has_labels: bool
     _read: Callable[[int], Iterator[Batch]] = field(repr=False, compare=False)
+    _skipped: Callable[[], tuple[str, ...]] = field(default=tuple, repr=False, compare=False)
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        """The bad images skipped so far (``skip_bad``), by their name in the folder, sorted.
+
+        Read it after streaming; reading the data again never counts a file twice.
+        """
+        return self._skipped()
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """The ``count`` samples in order, ``batch_size`` at a time (the last batch may be smaller).
@@ -146,24 +163,56 @@ def locate(name: str, *, data_dir: Path | None = None) -> Path:
     return folder
 
 
-def open_dataset(spec: str, split: str, *, limit: int | None = None, data_dir: Path | None = None) -> Dataset:
+def open_dataset(
+    spec: str,
+    split: str,
+    *,
+    limit: int | None = None,
+    data_dir: Path | None = None,
+    images: ImageOptions | None = None,
+) -> Dataset:
     """Open one split ("train" or "test") of ``spec`` for streaming.
 
-    ``spec`` is a name in ``KNOWN_DATASETS`` or a path to a ``.npz``/``.npy`` file. A file that
-    holds a single split serves whichever split is asked. ``limit`` keeps the first ``limit``
-    samples. Everything that can be checked without reading the samples is checked here, so a
-    bad input is refused before an audit starts. ``data_dir`` is as in :func:`locate`.
+    ``spec`` is a name in ``KNOWN_DATASETS``, a path to a ``.npz``/``.npy`` file, or a folder of
+    images, which ``images`` (default: each image as it is, RGB, H×W×C) turns into samples. A
+    source that holds a single split serves whichever split is asked. ``limit`` keeps the first
+    ``limit`` samples (files, for a folder). Everything that can be checked without reading the
+    samples is checked here, so a bad input is refused before an audit starts. ``data_dir`` is as
+    in :func:`locate`.
     """
-    return _open(spec, _wanted(split, SPLITS), limit, data_dir)[0]
+    return _open(spec, _wanted(split, SPLITS), limit, data_dir, images)[0]
 
 
-def open_splits(spec: str, split: str, *, limit: int | None = None, data_dir: Path | None = None) -> list[Dataset]:
+def open_splits(
+    spec: str,
+    split: str,
+    *,
+    limit: int | None = None,
+    data_dir: Path | None = None,
+    images: ImageOptions | None = None,
+) -> list[Dataset]:
     """Open ``split`` of ``spec`` for streaming: "train", "test", or "both" for [train, test].
 
     As :func:`open_dataset`, with ``limit`` applied to each split. "both" needs a source that
-    holds two splits: a known dataset, or a ``.npz`` with ``x_train`` and ``x_test``.
+    holds two splits: a known dataset, a ``.npz`` with ``x_train`` and ``x_test``, or a folder
+    with ``train/`` and ``test/``.
     """
-    return _open(spec, _wanted(split, (*SPLITS, "both")), limit, data_dir)
+    return _open(spec, _wanted(split, (*SPLITS, "both")), limit, data_dir, images)
+
+
+def skipped_warnings(datasets: Sequence[Dataset]) -> list[str]:
+    """One report warning per split that skipped bad images (``skip_bad``); read after the audit."""
+    lines = [skipped_warning(dataset.split, dataset.name, dataset.skipped) for dataset in datasets]
+    return [line for line in lines if line]
+
+
+def skipped_warning(split: str, name: str, skipped: Sequence[str]) -> str | None:
+    """The warning for the bad images of ``name`` that a split skipped, or None when it skipped none."""
+    if not skipped:
+        return None
+    shown = ", ".join(repr(file) for file in skipped[:3]) + (", …" if len(skipped) > 3 else "")
+    plural = "image" if len(skipped) == 1 else "images"
+    return f"{split}: --skip-bad skipped {len(skipped)} bad {plural} of {name}: {shown}"
 
 
 def tagged(datasets: Sequence[Dataset], batch_size: int) -> Iterator[tuple[str, Batch]]:
@@ -189,7 +238,8 @@ def load_arrays(spec: str, split: str, *, limit: int | None = None) -> tuple[np.
 
 def _unknown(spec: str) -> NotFoundError:
     return NotFoundError(
-        f"unknown dataset {spec!r}; use {' or '.join(KNOWN_DATASETS)}, or a path to a .npz or .npy file"
+        f"unknown dataset {spec!r}; use {' or '.join(KNOWN_DATASETS)}, a path to a .npz or .npy file, "
+        "or a folder of images"
     )
 
 
@@ -352,7 +402,8 @@ def _idx_dataset(name: str, split: str, limit: int | None, data_dir: Path | None
     with _idx_open(labels, _IDX_LABELS) as (stream, label_shape):
         y = _idx_read(stream, labels, label_shape, label_shape[0])
     shape = _idx_header(images, _IDX_IMAGES)
-    return _dataset(name, split, shape, np.dtype(np.uint8), partial(_idx_batches, images), y, limit)
+    x = _Source(shape, np.dtype(np.uint8), partial(_idx_batches, images))
+    return _dataset(name, split, x, _in_memory(y), limit)
 
 
 # --- Reading .npz and .npy files --------------------------------------------------------------
@@ -368,29 +419,80 @@ def _array_file(spec: str) -> Path:
     return path
 
 
-def _read_arrays(path: Path, splits: tuple[str, ...]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def _read_arrays(path: Path, splits: tuple[str, ...]) -> list[tuple[_Source, _Source | None]]:
     """``(x, y)`` of each wanted split, the content deciding the layout.
 
-    A ``.npy`` is memory-mapped and holds one split without labels; a ``.npz`` is read whole,
-    only the keys wanted.
+    A ``.npy`` is memory-mapped and holds one split without labels. A ``.npz`` member is read in
+    batches straight from the zip, never inflated whole: a small file that claims huge arrays (a
+    zip bomb) costs only the batches actually read.
     """
     try:
         with path.open("rb") as stream:
             head = stream.read(6)
-        if head != b"\x93NUMPY" and not head.startswith(b"PK"):  # numpy's and zip's magic
-            raise DataError(f"{path} is neither a .npy nor a .npz file; save the arrays with numpy.save or numpy.savez")
-        loaded = np.load(path, mmap_mode="r", allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
+        if head == b"\x93NUMPY":
             _refuse_both(path, splits)
-            return [(loaded, None)]
-        with loaded:
-            keys = _npz_keys(path, loaded.files, splits)
-            return [(loaded[x], None if y is None else loaded[y]) for x, y in keys]
+            return [(_in_memory(np.load(path, mmap_mode="r", allow_pickle=False)), None)]
+        if not head.startswith(b"PK"):  # zip's magic
+            raise DataError(f"{path} is neither a .npy nor a .npz file; save the arrays with numpy.save or numpy.savez")
+        with zipfile.ZipFile(path) as archive:
+            names = [name.removesuffix(".npy") for name in archive.namelist() if name.endswith(".npy")]
+            keys = _npz_keys(path, names, splits)
+            return [(_member(archive, path, x), None if y is None else _member(archive, path, y)) for x, y in keys]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(
-            f"cannot read {path}: {exc}; the auditor reads numeric arrays saved with "
+            f"cannot read {path}: {first_line(exc)}; the auditor reads numeric arrays saved with "
             "numpy.save or numpy.savez (no pickled objects)"
-        ) from exc
+        ) from None
+
+
+@dataclass(frozen=True)
+class _Source:
+    """An array to stream: its shape and dtype, and ``read(count, batch_size)`` for its first rows."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    read: Callable[[int, int], Iterator[np.ndarray]]
+
+
+def _in_memory(array: np.ndarray) -> _Source:
+    """A source over an array in memory or memory-mapped."""
+    return _Source(tuple(array.shape), array.dtype, partial(_array_batches, array))
+
+
+def _member(archive: zipfile.ZipFile, path: Path, key: str) -> _Source:
+    """A source over the ``.npz`` member ``key``, after reading only its ``.npy`` header."""
+    with archive.open(f"{key}.npy") as stream:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise DataError(f"{path}: member {key!r} has .npy format {version}; save it with numpy.savez")
+        offset = stream.tell()
+    if dtype.hasobject:
+        raise DataError(f"{path}: member {key!r} holds Python objects; save numeric arrays (no pickles)")
+    if fortran_order and len(shape) > 1:
+        raise DataError(f"{path}: member {key!r} is in Fortran order; save np.ascontiguousarray(x) instead")
+    return _Source(tuple(shape), dtype, partial(_member_rows, path, f"{key}.npy", offset, tuple(shape), dtype))
+
+
+def _member_rows(
+    path: Path, member: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, count: int, batch_size: int
+) -> Iterator[np.ndarray]:
+    """The first ``count`` rows of a ``.npz`` member, decompressed ``batch_size`` rows at a time."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(member) as stream:
+            stream.read(offset)
+            for start in range(0, count, batch_size):
+                out = np.empty((min(batch_size, count - start), *shape[1:]), dtype)
+                if stream.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+                    raise DataError(
+                        f"{path}: member {member!r} declares {shape[0]} rows but ends early; save it again"
+                    )
+                yield out
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"cannot read {path}: {first_line(exc)}; save the arrays again with numpy.savez") from None
 
 
 def _npz_keys(path: Path, keys: list[str], splits: tuple[str, ...]) -> list[tuple[str, str | None]]:
@@ -423,14 +525,14 @@ def _refuse_both(path: Path, splits: tuple[str, ...]) -> None:
         )
 
 
-def _array_dataset(name: str, split: str, x: np.ndarray, y: np.ndarray | None, limit: int | None) -> Dataset:
+def _array_dataset(name: str, split: str, x: _Source, y: _Source | None, limit: int | None) -> Dataset:
     """One split from arrays, once ``x`` is numeric with samples on its first axis."""
-    if x.ndim == 0 or x.dtype.kind not in "biuf":
+    if not x.shape or x.dtype.kind not in "biuf":
         raise DataError(
             f"{name} {split}: x must be a numeric array with samples on the first axis, "
             f"got {x.dtype} of shape {x.shape}"
         )
-    return _dataset(name, split, x.shape, x.dtype, partial(_array_batches, x), y, limit)
+    return _dataset(name, split, x, y, limit)
 
 
 def _array_batches(x: np.ndarray, count: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -450,10 +552,22 @@ def _wanted(split: str, choices: tuple[str, ...]) -> tuple[str, ...]:
     return SPLITS if split == "both" else (split,)
 
 
-def _open(spec: str, splits: tuple[str, ...], limit: int | None, data_dir: Path | None) -> list[Dataset]:
-    """The wanted splits of ``spec``; ``limit`` is checked first, before anything is read or fetched."""
+def _open(
+    spec: str, splits: tuple[str, ...], limit: int | None, data_dir: Path | None, images: ImageOptions | None
+) -> list[Dataset]:
+    """The wanted splits of ``spec``; ``limit`` is checked first, before anything is read or fetched.
+
+    A folder goes to :mod:`auditor.images`, imported only then (it loads Pillow); a dataset name
+    wins over a folder of that name.
+    """
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0 (or none, for all samples), got {limit}")
+    if spec not in KNOWN_DATASETS and Path(spec).expanduser().is_dir():
+        from auditor import images as folder
+
+        return folder.open_folder(spec, splits, limit, images or folder.ImageOptions())
+    if images is not None and images.has_folder_settings:
+        raise DataError(f"--resize, --crop and --skip-bad apply to image folders, and {spec} is not a folder")
     if spec in KNOWN_DATASETS:
         return [_idx_dataset(spec, split, limit, data_dir) for split in splits]
     path = _array_file(spec)
@@ -461,18 +575,10 @@ def _open(spec: str, splits: tuple[str, ...], limit: int | None, data_dir: Path 
     return [_array_dataset(path.name, split, x, y, limit) for split, (x, y) in pairs]
 
 
-def _dataset(
-    name: str,
-    split: str,
-    shape: tuple[int, ...],
-    dtype: np.dtype,
-    read_x: Callable[[int, int], Iterator[np.ndarray]],
-    labels: np.ndarray | None,
-    limit: int | None,
-) -> Dataset:
-    """A Dataset over the first ``limit`` of the ``shape[0]`` samples that ``read_x(count,
-    batch_size)`` yields, after checking that there are some and that the labels fit them."""
-    total = shape[0]
+def _dataset(name: str, split: str, x: _Source, y: _Source | None, limit: int | None) -> Dataset:
+    """A Dataset over the first ``limit`` samples of ``x``, after checking that there are some and
+    that the labels ``y`` fit them (from their shape and dtype: nothing is read yet)."""
+    total = x.shape[0]
     count = total if limit is None else min(limit, total)
     if count == 0:
         raise DataError(
@@ -480,33 +586,37 @@ def _dataset(
             if total
             else f"{name} {split} has no samples; provide at least one"
         )
-    if labels is not None:
-        labels = _check_labels(labels, total, f"{name} {split}")[:count]
+    if y is not None:
+        _check_labels(y, total, f"{name} {split}")
     return Dataset(
         name=name,
         split=split,
         count=count,
-        sample_shape=tuple(int(d) for d in shape[1:]),
-        dtype=dtype,
-        has_labels=labels is not None,
-        _read=partial(_stream, read_x, count, labels),
+        sample_shape=tuple(int(d) for d in x.shape[1:]),
+        dtype=x.dtype,
+        has_labels=y is not None,
+        _read=partial(_stream, x.read, None if y is None else y.read, count),
     )
 
 
-def _check_labels(y: np.ndarray, total: int, where: str) -> np.ndarray:
-    """``y`` as int64 once it is one integer label per sample."""
+def _check_labels(y: _Source, total: int, where: str) -> None:
+    """Refuse labels that are not one integer per sample."""
     if y.dtype.kind not in "iu":
         raise DataError(f"{where}: labels must be integers, got {y.dtype}; save y as integer class indices")
     if y.shape != (total,):
         raise DataError(f"{where}: {total} samples but labels of shape {y.shape}; provide one label per sample")
-    return y.astype(np.int64)
 
 
 def _stream(
-    read_x: Callable[[int, int], Iterator[np.ndarray]], count: int, labels: np.ndarray | None, batch_size: int
+    read_x: Callable[[int, int], Iterator[np.ndarray]],
+    read_y: Callable[[int, int], Iterator[np.ndarray]] | None,
+    count: int,
+    batch_size: int,
 ) -> Iterator[Batch]:
-    """Batches of the samples that ``read_x`` yields, paired with their slice of ``labels``."""
-    start = 0
-    for x in read_x(count, batch_size):
-        yield Batch(x, None if labels is None else labels[start : start + len(x)].copy())
-        start += len(x)
+    """Batches of the first ``count`` samples, each with its int64 labels when there are labels."""
+    if read_y is None:
+        for x in read_x(count, batch_size):
+            yield Batch(x)
+        return
+    for x, y in zip(read_x(count, batch_size), read_y(count, batch_size), strict=True):
+        yield Batch(x, y.astype(np.int64))

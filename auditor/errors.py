@@ -2,7 +2,7 @@
 
 Every refusal is an ``AuditError`` whose message is a single line that says what is wrong and
 what to do about it. The kind decides how the edges report it: the CLI exits with code 2, the
-gRPC server maps it to a status code (``GRPC_STATUS`` below), and nothing ever shows a traceback.
+gRPC server maps it to a status code (``auditor.transport.STATUS``), and nothing ever shows a traceback.
 """
 
 from __future__ import annotations
@@ -68,15 +68,3 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (or its type name), for one-line refusals."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-# gRPC status code names (grpc.StatusCode members) for each kind; the server imports this map.
-GRPC_STATUS = {
-    "invalid": "INVALID_ARGUMENT",
-    "invalid_model": "INVALID_ARGUMENT",
-    "invalid_data": "INVALID_ARGUMENT",
-    "not_found": "NOT_FOUND",
-    "limit": "RESOURCE_EXHAUSTED",
-    "cancelled": "CANCELLED",
-    "unauthenticated": "UNAUTHENTICATED",
-}

@@ -85,15 +85,16 @@ def to_model_input(x: np.ndarray, model_input: ModelInput, feeding: Feeding) -> 
     """
     if not np.issubdtype(model_input.dtype, np.floating):
         return _fit_shape(_as_integers(x, model_input, feeding), model_input)
-    if feeding.scale is not None:
-        values = x.astype(np.float32) * np.float32(feeding.scale)
-    elif x.dtype == np.uint8:
-        values = x.astype(np.float32) / np.float32(255)
-    else:
-        values = x.astype(np.float32, copy=False)
-    if feeding.mean != 0.0 or feeding.std != 1.0:
-        values = (values - np.float32(feeding.mean)) / np.float32(feeding.std)
-    cast = _fit_shape(values, model_input).astype(model_input.dtype, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below, by name, not warned
+        if feeding.scale is not None:
+            values = x.astype(np.float32) * np.float32(feeding.scale)
+        elif x.dtype == np.uint8:
+            values = x.astype(np.float32) / np.float32(255)
+        else:
+            values = x.astype(np.float32, copy=False)
+        if feeding.mean != 0.0 or feeding.std != 1.0:
+            values = (values - np.float32(feeding.mean)) / np.float32(feeding.std)
+        cast = _fit_shape(values, model_input).astype(model_input.dtype, copy=False)
     if feeding.scale is not None or feeding.mean != 0.0 or feeding.std != 1.0 or cast.dtype != values.dtype:
         _check_preprocessed(cast, feeding)
     return cast

@@ -12,7 +12,7 @@ them by those names.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -74,7 +74,9 @@ class Layer:
 
     ``block_output`` is the tensor at the end of the element-wise affine chain that follows the
     activation (BatchNorm, Dropout, …; SPEC §1's state point); it is ``name`` itself when no
-    such op follows, so both state points agree on networks without them.
+    such op follows, so both state points agree on networks without them. ``firing_output`` is
+    the activation's output when ``output > 0`` holds exactly where ``name > 0`` does, for every
+    float (``_same_sign_outputs``), so firing can be read where the fused kernel writes; else "".
     """
 
     name: str
@@ -89,6 +91,7 @@ class Layer:
     depth: int
     block_output: str = ""
     block_dtype: int | None = None
+    firing_output: str = ""  # the activation's output when it fires exactly where ``name`` does
 
     def state_tensor(self, states_at: str) -> str:
         """The tensor whose sign pattern is the layer's state at ``states_at`` (SPEC §1)."""
@@ -176,12 +179,18 @@ def describe(model: onnx.ModelProto) -> Structure:
             consumers.setdefault(name, []).append(node)
     graph_outputs = {o.name for o in graph.output}
     hidden: dict[str, Layer] = {}
+    same_sign = _same_sign_outputs(graph)
     for tensor, activation, activation_output in _pre_activations(graph, producers, constants):
         found = _walk_to_linear(tensor, producers, constants)
         if found is not None and tensor not in hidden:
             layer = _make_layer(tensor, activation, "hidden", found, producers, shapes, dtypes)
             block = _block_output(activation_output, consumers, constants, graph_outputs)
-            hidden[tensor] = replace(layer, block_output=block or tensor, block_dtype=dtypes.get(block or tensor))
+            hidden[tensor] = replace(
+                layer,
+                block_output=block or tensor,
+                block_dtype=dtypes.get(block or tensor),
+                firing_output=activation_output if activation_output in same_sign else "",
+            )
 
     output, logits, is_probability = _logits(graph, producers)
     found = _walk_to_linear(logits, producers, constants) if logits else None
@@ -203,12 +212,26 @@ def describe(model: onnx.ModelProto) -> Structure:
     )
 
 
-def expose(model: onnx.ModelProto, structure: Structure, states_at: str = "pre-activation") -> Exposed:
+def expose(
+    model: onnx.ModelProto,
+    structure: Structure,
+    states_at: str = "pre-activation",
+    *,
+    fast: bool = True,
+    integer_packing: bool = True,
+) -> Exposed:
     """A copy of ``model`` whose outputs add, per layer, packed firing bits and per-sample sums.
 
-    The firing bits are read at each layer's state tensor for ``states_at`` (SPEC §1); φ is
-    always the ``ReduceSum`` of the pre-activations over all units (SPEC §4), whatever the state
-    point. The original outputs stay first. Every added output is named in the result.
+    The firing bits are those of each layer's state tensor for ``states_at`` (SPEC §1); φ is
+    always the sum of the pre-activations over all units (SPEC §4), whatever the state point.
+    The original outputs stay first. Every added output is named in the result.
+
+    ``fast`` lets each layer take cheaper nodes that give the same numbers (docs/performance.md):
+    firing read where the fused Conv/Gemm+activation kernel writes (``Layer.firing_output``), and
+    φ through linearity where that reads less than a sum over the pre-activations (equal up to
+    float rounding). ``fast=False`` builds the straightforward graph, the oracle of the tests.
+    ``integer_packing`` packs with MatMulInteger, the fastest way on onnxruntime's CPU provider;
+    a CUDA session wants False (onnxruntime's CUDA MatMulInteger takes only int8 × int8).
     """
     if states_at not in STATE_POINTS:
         raise ModelError(f"states_at must be one of {STATE_POINTS}, got {states_at!r}")
@@ -216,6 +239,7 @@ def expose(model: onnx.ModelProto, structure: Structure, states_at: str = "pre-a
     exposed.CopyFrom(model)
     graph = exposed.graph
     taken = {o.name for o in graph.output}
+    integer = fast and integer_packing and structure.opset >= 10  # MatMulInteger arrived in opset 10
     outputs = []
     for index, layer in enumerate(structure.layers):
         if layer.axis is None:
@@ -230,8 +254,8 @@ def expose(model: onnx.ModelProto, structure: Structure, states_at: str = "pre-a
             )
         prefix = f"auditor/{index}"
         groups, group_axis = packing(layer)
-        nodes, inits, key_name = _pack_nodes(layer, states_at, prefix)
-        sum_nodes, sum_inits, sum_name = _sum_nodes(layer, structure.opset, prefix)
+        nodes, inits, key_name = _pack_nodes(layer, states_at, prefix, fast=fast, integer=integer)
+        sum_nodes, sum_inits, sum_name = _sum_nodes(layer, model.graph, structure.opset, prefix, fast=fast)
         graph.node.extend(nodes + sum_nodes)
         graph.initializer.extend(inits + sum_inits)
         if exposed.ir_version < 4:  # IR 3 requires every initializer to be listed among the inputs
@@ -494,62 +518,168 @@ def _output(name: str, elem_type: int | None, rank: int | None) -> onnx.ValueInf
     return helper.make_tensor_value_info(name, elem_type, [None] * rank)
 
 
-def _pack_nodes(layer: Layer, states_at: str, prefix: str) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
+def _same_sign_outputs(graph: onnx.GraphProto) -> set[str]:
+    """Outputs of the activations that fire exactly where their input does: ``y > 0`` ⟺ ``x > 0``
+    for every float x, NaN, ±inf and subnormals included (docs/performance.md).
+
+    - Relu, LeakyRelu (alpha ≥ 0) and ThresholdedRelu (alpha ≤ 0) return x or a non-positive
+      multiple of it; Clip with min 0 (ReLU6) clamps without arithmetic.
+    - Elu (alpha ≥ 0), Selu (alpha ≥ 0, gamma > 0.5) and Celu return x (Selu: gamma·x, which a
+      gamma > 0.5 keeps above zero even for the smallest subnormal) for x > 0, and
+      alpha·(exp(x) − 1) ≤ 0 otherwise, since exp(x) ≤ 1 for x ≤ 0: checked for every negative
+      float32 with onnxruntime's CPU kernels.
+    - Not Gelu, SiLU or HardSwish: x·Φ(x) rounds to 0 at the smallest subnormal x. Not Tanh:
+      onnxruntime's tanh returns 0 for subnormals below 1.4e-43. Not tanh-Gelu, which onnxruntime
+      makes slightly positive near x = −5. Not Sigmoid, HardSigmoid, Softplus (positive at 0),
+      Softsign (NaN at +inf), PRelu (data-dependent slopes), Mish or any other Clip.
+    """
+    found = set()
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Clip":
+            same = _clip_min(node, graph) == 0 and _clip_max(node, graph) > 0
+        else:
+            same = node.op_type in _SAME_SIGN and _SAME_SIGN[node.op_type](attrs)
+        if same:
+            found.add(node.output[0])
+    return found
+
+
+# Activation → whether its attributes keep y > 0 ⟺ x > 0 (defaults as in the ONNX operators).
+_SAME_SIGN: dict[str, Callable[[dict], bool]] = {
+    "Relu": lambda attrs: True,
+    "LeakyRelu": lambda attrs: attrs.get("alpha", 0.01) >= 0,
+    "ThresholdedRelu": lambda attrs: attrs.get("alpha", 1.0) <= 0,
+    "Elu": lambda attrs: attrs.get("alpha", 1.0) >= 0,
+    "Selu": lambda attrs: attrs.get("alpha", 1.67326) >= 0 and attrs.get("gamma", 1.0507) > 0.5,
+    "Celu": lambda attrs: attrs.get("alpha", 1.0) > 0,
+}
+
+
+def _clip_max(node: onnx.NodeProto, graph: onnx.GraphProto) -> float:
+    """Clip's upper bound (attribute before opset 11, input after); +inf when absent, −inf when
+    it is not a constant (so that no rule relies on it)."""
+    for attr in node.attribute:
+        if attr.name == "max":
+            return attr.f
+    if len(node.input) > 2 and node.input[2]:
+        bound = _constant_scalar(node.input[2], graph)
+        return -math.inf if bound is None else bound
+    return math.inf
+
+
+def _pack_nodes(
+    layer: Layer, states_at: str, prefix: str, *, fast: bool = True, integer: bool = True
+) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
     """Nodes that turn a layer's state tensor into int32 groups of firing bits.
 
-    ``x > 0`` gives the bits; a MatMul against a block-diagonal matrix of powers of two sums each
-    group exactly in float32: bits × W when neurons are the last axis, else W × bits viewed as
-    (batch, neurons, positions). A MatMul, unlike a 1×1 Conv, needs no layout reorders.
+    ``x > 0`` gives the bits. With ``fast``, at the pre-activation state point they are read at
+    the activation's output when it fires exactly where the pre-activation does
+    (``Layer.firing_output``): the same bits, and onnxruntime keeps its fused kernel. Then each
+    group's bits are summed with powers of two, exactly (float32 below 2**24):
+    - ``integer``: MatMulInteger of 8-bit bits against one byte weight per neuron gives a byte per
+      8 neurons, and a small float MatMul joins each group's bytes. On the CPU this costs 40%
+      less than the float path (docs/performance.md); the weights are uint8 on the left of the
+      product and the bits int8 on the right, onnxruntime's fastest pairing.
+    - otherwise a float MatMul against a block-diagonal matrix of powers of two.
+    Neurons on the last axis give bits × W; otherwise W × bits viewed as (batch, neurons,
+    positions). A MatMul, unlike a 1×1 Conv, needs no layout reorders.
     """
     nodes, inits = [], []
     source = layer.state_tensor(states_at)
     dtype = layer.dtype if source == layer.name else layer.block_dtype
+    if fast and source == layer.name and layer.firing_output:  # every same-sign activation keeps the dtype
+        source = layer.firing_output
     if dtype is None:  # unknown element type: compare in float32
         nodes.append(helper.make_node("Cast", [source], [f"{prefix}/as_float"], to=TensorProto.FLOAT))
         source, dtype = f"{prefix}/as_float", TensorProto.FLOAT
     zero = numpy_helper.from_array(np.zeros((), helper.tensor_dtype_to_np_dtype(dtype)), f"{prefix}/zero")
     layout, group_axis = packing(layer)
-    weights = np.zeros((layer.neurons, len(layout)), np.float32)
-    for g, (start, stop) in enumerate(layout):
-        weights[start:stop, g] = 2.0 ** np.arange(stop - start)
+    last = group_axis == -1
+    bits_type = TensorProto.FLOAT if not integer else TensorProto.UINT8 if last else TensorProto.INT8
     inits.append(zero)
     nodes += [
         helper.make_node("Greater", [source, zero.name], [f"{prefix}/fires"]),
-        helper.make_node("Cast", [f"{prefix}/fires"], [f"{prefix}/bits"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", [f"{prefix}/fires"], [f"{prefix}/bits"], to=bits_type),
     ]
     rank, axis = layer.rank, layer.axis % layer.rank
     bits = f"{prefix}/bits"
-    if group_axis == -1:
-        inits.append(numpy_helper.from_array(weights, f"{prefix}/pack_w"))
-        nodes.append(helper.make_node("MatMul", [bits, f"{prefix}/pack_w"], [f"{prefix}/packed"]))
-    else:
+    if not last:
         if axis != 1:
             perm = [0, axis, *(i for i in range(1, rank) if i != axis)]
             nodes.append(helper.make_node("Transpose", [bits], [f"{prefix}/bits_t"], perm=perm))
             bits = f"{prefix}/bits_t"
-        inits += [
-            numpy_helper.from_array(np.array([0, layer.neurons, -1], np.int64), f"{prefix}/rows"),
-            numpy_helper.from_array(np.ascontiguousarray(weights.T), f"{prefix}/pack_w"),
-        ]
+        inits.append(numpy_helper.from_array(np.array([0, layer.neurons, -1], np.int64), f"{prefix}/rows"))
+        nodes.append(helper.make_node("Reshape", [bits, f"{prefix}/rows"], [f"{prefix}/bits_rows"]))
+        bits = f"{prefix}/bits_rows"
+    weights, join = _packing_weights(layer.neurons, layout, integer)
+    inits.append(numpy_helper.from_array(weights if last else np.ascontiguousarray(weights.T), f"{prefix}/pack_w"))
+    product = [bits, f"{prefix}/pack_w"] if last else [f"{prefix}/pack_w", bits]
+    if not integer:
+        nodes.append(helper.make_node("MatMul", product, [f"{prefix}/packed"]))
+    elif join is None:  # one group of at most 8 neurons: its byte is the key
+        nodes.append(helper.make_node("MatMulInteger", product, [f"{prefix}/keys"]))
+        return nodes, inits, f"{prefix}/keys"
+    else:
+        inits.append(numpy_helper.from_array(join if last else np.ascontiguousarray(join.T), f"{prefix}/join_w"))
+        joined = [f"{prefix}/bytes_f", f"{prefix}/join_w"] if last else [f"{prefix}/join_w", f"{prefix}/bytes_f"]
         nodes += [
-            helper.make_node("Reshape", [bits, f"{prefix}/rows"], [f"{prefix}/bits_rows"]),
-            helper.make_node("MatMul", [f"{prefix}/pack_w", f"{prefix}/bits_rows"], [f"{prefix}/packed"]),
+            helper.make_node("MatMulInteger", product, [f"{prefix}/bytes"]),
+            helper.make_node("Cast", [f"{prefix}/bytes"], [f"{prefix}/bytes_f"], to=TensorProto.FLOAT),
+            helper.make_node("MatMul", joined, [f"{prefix}/packed"]),
         ]
     nodes.append(helper.make_node("Cast", [f"{prefix}/packed"], [f"{prefix}/keys"], to=TensorProto.INT32))
     return nodes, inits, f"{prefix}/keys"
 
 
-def _sum_nodes(layer: Layer, opset: int, prefix: str) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
+def _packing_weights(
+    neurons: int, layout: list[tuple[int, int]], integer: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The (neurons, columns) matrix that sums firing bits, and the (bytes, groups) matrix that
+    joins bytes into groups (None when not needed).
+
+    Float: column g holds 2**k at neuron ``start_g + k``. Integer: column j holds 2**k (uint8) at
+    neuron 8j + k; every group starts on a byte (``word_groups`` starts at multiples of 8), so
+    group g is the sum of its bytes times 256**i, exact in float32 below 2**24.
+    """
+    if not integer:
+        weights = np.zeros((neurons, len(layout)), np.float32)
+        for g, (start, stop) in enumerate(layout):
+            weights[start:stop, g] = 2.0 ** np.arange(stop - start)
+        return weights, None
+    index = np.arange(neurons)
+    weights = np.zeros((neurons, -(-neurons // 8)), np.uint8)
+    weights[index, index // 8] = 1 << (index % 8)
+    if len(layout) == 1 and neurons <= 8:
+        return weights, None
+    join = np.zeros((weights.shape[1], len(layout)), np.float32)
+    for g, (start, stop) in enumerate(layout):
+        first = start // 8
+        for byte in range(first, -(-stop // 8)):
+            join[byte, g] = 256.0 ** (byte - first)
+    return weights, join
+
+
+def _sum_nodes(
+    layer: Layer, graph: onnx.GraphProto, opset: int, prefix: str, *, fast: bool = True
+) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
     """Nodes computing φ, the per-sample sum of the layer's pre-activations (SPEC §4).
 
-    ``aggregate=mean`` divides this sum by the layer's units after the run, so the graph, and
-    the session built on it, do not depend on that metric setting.
+    With ``fast``, where ``_linear_partial`` can take φ through linearity for less than a pass
+    over the pre-activations, the sum is over its small per-position partial sums instead; φ
+    then agrees with the exact ``ReduceSum`` up to float rounding. ``aggregate=mean`` divides
+    this sum by the layer's units after the run, so the graph, and the session built on it, do
+    not depend on that metric setting.
     """
     nodes, inits = [], []
-    source = layer.name
-    if layer.dtype != TensorProto.FLOAT:
-        nodes.append(helper.make_node("Cast", [source], [f"{prefix}/sum_in"], to=TensorProto.FLOAT))
-        source = f"{prefix}/sum_in"
+    partial = _linear_partial(layer, graph, prefix) if fast else None
+    if partial is not None:
+        nodes, inits, source = partial
+    else:
+        source = layer.name
+        if layer.dtype != TensorProto.FLOAT:
+            nodes.append(helper.make_node("Cast", [source], [f"{prefix}/sum_in"], to=TensorProto.FLOAT))
+            source = f"{prefix}/sum_in"
     nodes.append(helper.make_node("Flatten", [source], [f"{prefix}/flat"], axis=1))
     if opset >= 13:  # ReduceSum takes its axes as an input from opset 13
         inits.append(numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axes"))
@@ -557,3 +687,104 @@ def _sum_nodes(layer: Layer, opset: int, prefix: str) -> tuple[list[onnx.NodePro
     else:
         nodes.append(helper.make_node("ReduceSum", [f"{prefix}/flat"], [f"{prefix}/sum"], axes=[1], keepdims=0))
     return nodes, inits, f"{prefix}/sum"
+
+
+def _linear_partial(
+    layer: Layer, graph: onnx.GraphProto, prefix: str
+) -> tuple[list[onnx.NodeProto], list[TensorProto], str] | None:
+    """Nodes giving, per sample and position, the sum of the pre-activation over the neurons,
+    computed from the linear op's input; None where that is not both exact algebra and cheaper.
+
+    It holds where the pre-activation is a Gemm, MatMul or Conv output, optionally plus a
+    constant bias, with constant weights: the sum over output neurons of ``x·W + b`` is
+    ``x·(W summed over outputs) + Σb`` (for a Conv, one output channel with the kernels summed).
+    BatchNorm, residual Adds, Transposes, ConvTranspose, Einsum and grouped Convs keep the exact
+    ``ReduceSum``. It is used only where the summed op reads fewer values per position than
+    there are neurons (``_LINEAR_READS``); on the CPU a one-channel k×k Conv costs more than
+    summing the pre-activations it replaces (docs/performance.md).
+    """
+    if layer.dtype is None or layer.neurons is None:
+        return None
+    producers = {out: node for node in graph.node for out in node.output}
+    constants = {init.name: init for init in graph.initializer}
+    linear, bias = producers.get(layer.name), None
+    if linear is not None and linear.op_type == "Add":
+        inputs = list(linear.input)
+        known = [name for name in inputs if name in constants]
+        rest = [name for name in inputs if name not in constants]
+        if len(inputs) != 2 or len(known) != 1 or len(rest) != 1:
+            return None
+        bias = _neuron_total(numpy_helper.to_array(constants[known[0]]), layer)
+        linear = producers.get(rest[0])
+    if bias is False or linear is None:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in linear.attribute}
+    if linear.op_type not in ("Gemm", "MatMul", "Conv") or linear.input[1] not in constants:
+        return None
+    w = numpy_helper.to_array(constants[linear.input[1]]).astype(np.float64)
+    c = 0.0 if bias is None else bias
+    if linear.op_type == "Gemm":
+        if attrs.get("transA", 0) or w.ndim != 2:
+            return None
+        summed = w.sum(axis=0 if attrs.get("transB", 0) else 1) * attrs.get("alpha", 1.0)
+        if len(linear.input) > 2 and linear.input[2]:
+            if linear.input[2] not in constants:
+                return None
+            gemm_bias = _neuron_total(numpy_helper.to_array(constants[linear.input[2]]), layer)
+            if gemm_bias is False:
+                return None
+            c += gemm_bias * attrs.get("beta", 1.0)
+        reads, kernel = len(summed), summed.reshape(-1, 1)
+    elif linear.op_type == "MatMul":
+        if w.ndim != 2 or layer.axis % layer.rank != layer.rank - 1:
+            return None
+        reads, kernel = w.shape[0], w.sum(axis=1, keepdims=True)
+    else:
+        if attrs.get("group", 1) != 1 or w.ndim < 3 or layer.axis % layer.rank != 1:
+            return None
+        if len(linear.input) > 2 and linear.input[2]:
+            if linear.input[2] not in constants:
+                return None
+            c += float(numpy_helper.to_array(constants[linear.input[2]]).astype(np.float64).sum())
+        reads, kernel = w[0].size, w.sum(axis=0, keepdims=True)
+    if reads * _LINEAR_READS >= layer.neurons:
+        return None
+    nodes, inits = [], []
+    x = linear.input[0]
+    if layer.dtype != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", [x], [f"{prefix}/sum_x"], to=TensorProto.FLOAT))
+        x = f"{prefix}/sum_x"
+    inits += [
+        numpy_helper.from_array(kernel.astype(np.float32), f"{prefix}/sum_w"),
+        numpy_helper.from_array(np.array([c], np.float32), f"{prefix}/sum_b"),
+    ]
+    if linear.op_type == "Conv":
+        geometry = {k: v for k, v in attrs.items() if k in ("auto_pad", "dilations", "kernel_shape", "pads", "strides")}
+        conv = helper.make_node("Conv", [x, f"{prefix}/sum_w", f"{prefix}/sum_b"], [f"{prefix}/partial"], **geometry)
+        nodes.append(conv)
+    else:
+        nodes += [
+            helper.make_node("MatMul", [x, f"{prefix}/sum_w"], [f"{prefix}/partial_w"]),
+            helper.make_node("Add", [f"{prefix}/partial_w", f"{prefix}/sum_b"], [f"{prefix}/partial"]),
+        ]
+    return nodes, inits, f"{prefix}/partial"
+
+
+_LINEAR_READS = 1
+"""φ goes through linearity only where the summed op reads fewer values per position than the
+layer has neurons, times this factor (docs/performance.md has the measurements)."""
+
+
+def _neuron_total(bias: np.ndarray, layer: Layer) -> float | bool:
+    """Σ over the neurons of a constant bias broadcast onto the layer, when it is the same at every
+    position and sample: a scalar, or N values along the neuron axis. False otherwise."""
+    b = bias.astype(np.float64)
+    if b.size == 1:
+        return float(b.reshape(())) * layer.neurons
+    axis = layer.axis % layer.rank
+    if b.ndim > layer.rank or b.size != layer.neurons:
+        return False
+    aligned = layer.rank - b.ndim  # right-aligned broadcasting
+    if axis < aligned or b.shape[axis - aligned] != layer.neurons:
+        return False
+    return float(b.sum())

@@ -312,7 +312,11 @@ def cna_area(
     Trapezoid rule on the shared grid of ``slope_entropy_curves``. Unlike the official code's
     signed polygon area, lobes on either side of a crossing add up instead of cancelling.
     """
-    grid, beta_train, beta_test = slope_entropy_curves(train, test, window, points)
+    return curve_area(*slope_entropy_curves(train, test, window, points))
+
+
+def curve_area(grid: np.ndarray, beta_train: np.ndarray, beta_test: np.ndarray) -> float:
+    """``∫ |β_train − β_test| dα`` over ``grid`` by the trapezoid rule (SPEC §5.2)."""
     return float(np.trapezoid(np.abs(beta_train - beta_test), grid))
 
 

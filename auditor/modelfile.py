@@ -18,6 +18,8 @@ from onnx import external_data_helper
 from auditor.errors import ModelError, first_line
 
 DEFAULT_MAX_BYTES = 2 * 1024**3  # protobuf's own ceiling for one serialized model
+MODEL_FILE = "model.onnx"  # the name a server stores every model under; no data file may take it
+MAX_DATA_NAME_BYTES = 1024  # an external data file's location, folders included
 
 
 @dataclass(frozen=True)
@@ -93,33 +95,85 @@ def external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [t for t in _tensors(proto.graph) if external_data_helper.uses_external_data(t)]
 
 
+def check_data_file_name(name: str, model_name: str = MODEL_FILE) -> str:
+    """Refuse an external-data location that could leave the model's folder or stand for the model.
+
+    The one rule for data file names, held by local loading, the client's upload and the
+    server's store alike, so that a model audits locally exactly when it audits on a server. A
+    location is a path relative to the model's folder with ``/`` between parts (``w.bin``,
+    ``weights/w.bin``): no absolute paths, no empty, ``.`` or ``..`` parts, no backslashes or
+    control characters, parts of at most 255 bytes and 1024 bytes in all, and neither the model's
+    own file name nor ``model.onnx`` (the name a server stores the model itself under).
+    """
+    size = len(name.encode("utf-8", "replace"))
+    parts = name.split("/")
+    if (
+        size == 0
+        or size > MAX_DATA_NAME_BYTES
+        or "\\" in name
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+        or any(part in ("", ".", "..") or len(part.encode("utf-8", "replace")) > 255 for part in parts)
+        or name in (MODEL_FILE, model_name)
+    ):
+        shown = repr(name[:80]) + ("..." if len(name) > 80 else "")
+        raise ModelError(
+            f"external data file name {shown} is not allowed: it could point outside the model's folder or "
+            f"stand for the model; use a path inside the folder ('w.bin' or 'weights/w.bin': no '..', no "
+            f"leading '/', no backslashes or control characters, at most {MAX_DATA_NAME_BYTES} bytes, not "
+            f"{model_name!r})"
+        )
+    return name
+
+
+def external_data_files(proto: onnx.ModelProto, folder: Path, model_name: str = MODEL_FILE) -> dict[str, Path]:
+    """Every external data file the model names, by location, each a plain file inside ``folder``.
+
+    Locations pass ``check_data_file_name``; no part of a path may be a symbolic link; each
+    tensor's offset and length must be >= 0 and end within its file. Nothing is read but the
+    files' sizes, so the client can hash and upload exactly the files a local audit would load.
+    """
+    files: dict[str, Path] = {}
+    for tensor in external_tensors(proto):
+        try:
+            info = external_data_helper.ExternalDataInfo(tensor)
+        except (ValueError, TypeError):
+            raise ModelError(f"{model_name}: the external data entry of tensor {tensor.name!r} is malformed") from None
+        name = check_data_file_name(info.location, model_name)
+        path = folder / name
+        steps = [folder.joinpath(*name.split("/")[: i + 1]) for i in range(name.count("/") + 1)]
+        if any(step.is_symlink() for step in steps):
+            raise ModelError(
+                f"{model_name}: external data file {name!r} is or lies under a symbolic link, which could point "
+                "outside the model's folder; copy the file itself into the folder"
+            )
+        if not path.is_file():
+            raise ModelError(
+                f"{model_name}: external data file {name!r} for tensor {tensor.name!r} is missing; "
+                "copy it into the model's folder"
+            )
+        offset, length = info.offset or 0, info.length or 0
+        if offset < 0 or length < 0:
+            raise ModelError(
+                f"{model_name}: external data of tensor {tensor.name!r} has a negative offset or length "
+                f"({offset}, {length}); the model is corrupt: re-export it"
+            )
+        if offset + length > path.stat().st_size:
+            raise ModelError(
+                f"{model_name}: external data for tensor {tensor.name!r} runs past the end of {name!r}; "
+                "the data file is truncated"
+            )
+        files[name] = path
+    return files
+
+
 def _load_external_data(proto: onnx.ModelProto, folder: Path | None, name: str) -> None:
-    tensors = external_tensors(proto)
-    if not tensors:
+    if not external_tensors(proto):
         return
     if folder is None:
         raise ModelError(
             f"{name} keeps weights in external data files; give the model by path with its data files beside it"
         )
-    for tensor in tensors:
-        info = external_data_helper.ExternalDataInfo(tensor)
-        target = (folder / info.location).resolve()
-        if os.path.isabs(info.location) or not target.is_relative_to(folder):
-            raise ModelError(
-                f"{name}: external data of tensor {tensor.name!r} points outside the model's folder "
-                f"({info.location!r}); refusing to read it — keep data files beside the model"
-            )
-        if not target.is_file():
-            raise ModelError(
-                f"{name}: external data file {info.location!r} for tensor {tensor.name!r} is missing; "
-                "copy it next to the model"
-            )
-        end = (info.offset or 0) + (info.length or 0)
-        if end > target.stat().st_size:
-            raise ModelError(
-                f"{name}: external data for tensor {tensor.name!r} runs past the end of {info.location!r}; "
-                "the data file is truncated"
-            )
+    external_data_files(proto, folder, name)
     external_data_helper.load_external_data_for_model(proto, str(folder))
 
 

@@ -1,4 +1,4 @@
-"""The audit report: plain data, its JSON form (schema ``auditor.report/v1``), and its renderings.
+"""The audit report: plain data, its JSON form (schema ``auditor.report/v1``), and its text table.
 
 The JSON key names are a contract that CI users parse; ``to_dict``/``from_dict`` are the one
 place that spells them. A metric that could not be computed is ``None`` (JSON ``null``) and the
@@ -8,7 +8,6 @@ reason is in ``warnings``.
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -59,6 +58,8 @@ class LayerStats:
     max_entropy_bits: float
     suggested_neurons: int
     wider_than_data: bool
+    top_probabilities: list[float] | None = None  # the most frequent states' probabilities, descending
+    probability_quantiles: dict[str, float] | None = None  # per-state probability at quantiles 0…1
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class SplitReport:
     aiq: float | None
     beta: float
     cna: float | None
+    cna_points: dict[str, list[float]] | None = None  # per-sample α and β, evenly thinned
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class CnaMargin:
     cna_margin_p5: float | None
     window: int
     points: int
+    curves: dict[str, list[float]] | None = None  # the shared α grid and both resampled β curves
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ class Report:
     cna_margin: CnaMargin | None
     config: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    spilled_bytes: int | None = None  # bytes of state counts written to spill files
+    sharding: dict[str, Any] | None = None  # how a sharded audit ran: Ray address, shards, partitions
 
     def to_dict(self) -> dict[str, Any]:
         """The report as the ``auditor.report/v1`` JSON object."""
@@ -124,6 +129,8 @@ class Report:
             cna_margin=CnaMargin(**margin) if margin else None,
             config=dict(data["config"]),
             warnings=list(data.get("warnings", [])),
+            spilled_bytes=data.get("spilled_bytes"),
+            sharding=data.get("sharding"),
         )
 
     @classmethod
@@ -199,72 +206,3 @@ def _short(name: str, width: int = 40) -> str:
 
 def _fmt(value: float | None) -> str:
     return "null" if value is None else f"{value:.4f}"
-
-
-@dataclass(frozen=True)
-class Check:
-    """One gate threshold and whether the report meets it."""
-
-    metric: str
-    split: str
-    value: float | None
-    threshold: float
-    op: str  # ">=" or "<="
-
-    @property
-    def passed(self) -> bool:
-        if self.value is None:
-            return False
-        return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
-
-    def describe(self) -> str:
-        shown = "null (see warnings)" if self.value is None else f"{self.value:.4f}"
-        verdict = "ok  " if self.passed else "FAIL"
-        return f"{verdict} {self.metric} on {self.split}: {shown} (needs {self.op} {self.threshold:g})"
-
-
-GATE_METRICS = {
-    "min_aiq": ("aiq", ">="),
-    "min_efficiency": ("network_efficiency", ">="),
-    "min_accuracy": ("accuracy", ">="),
-    "min_cna": ("cna", ">="),
-    "max_cna_margin": ("cna_margin_max", "<="),
-}
-
-
-def gate_checks(report: Report, thresholds: dict[str, float | None], split: str) -> list[Check]:
-    """One check per threshold given; metrics that are null fail their check."""
-    if split not in report.splits:
-        raise ValueError(f"the report has no {split!r} split (it has {sorted(report.splits)})")
-    checks = []
-    for key, threshold in thresholds.items():
-        if threshold is None:
-            continue
-        metric, op = GATE_METRICS[key]
-        if metric == "cna_margin_max":
-            value = report.cna_margin.cna_margin_max if report.cna_margin else None
-            checks.append(Check(metric, "train+test", value, threshold, op))
-        else:
-            checks.append(Check(metric, split, getattr(report.splits[split], metric), threshold, op))
-    return checks
-
-
-def junit_xml(checks: list[Check], report: Report) -> str:
-    """JUnit XML with one testcase per threshold, so CI systems show the gate natively."""
-    failures = [c for c in checks if not c.passed]
-    suites = ET.Element("testsuites", tests=str(len(checks)), failures=str(len(failures)))
-    suite = ET.SubElement(
-        suites,
-        "testsuite",
-        name=f"auditor.gate {report.model.name}",
-        tests=str(len(checks)),
-        failures=str(len(failures)),
-    )
-    for check in checks:
-        case = ET.SubElement(
-            suite, "testcase", classname="auditor.gate", name=f"{check.metric} {check.op} {check.threshold:g}"
-        )
-        if not check.passed:
-            ET.SubElement(case, "failure", message=check.describe()).text = check.describe()
-    ET.SubElement(suite, "system-out").text = render_table(report)
-    return ET.tostring(suites, encoding="unicode", xml_declaration=True)

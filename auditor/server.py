@@ -1,54 +1,77 @@
 """The gRPC service: ``auditor.v1.Auditor`` plus standard health and reflection.
 
-The servicer methods are short; the work is in ``auditor.audit`` (the same pipeline the CLI
-runs, so the numbers are the same), ``auditor.persist`` (reports and models on disk) and
-``auditor.wire`` (messages). One decorator turns ``AuditError`` kinds into status codes, hides
-every other exception behind INTERNAL, and logs one line per call.
+The server runs on grpc's asyncio server. A call that waits (an idle upload, an audit queued
+for a slot, a client that has gone quiet) then costs one coroutine, not a thread, so no number
+of open streams can starve the others: health checks and the cheap calls are answered on the
+event loop, or by a small pool of their own, however many streams are open. A thread-pool
+server would tie one worker thread to every open stream, which is exactly how ten idle uploads
+used to lock out health checks. Blocking work runs in three pools, each sized for its job:
+
+- ``audits``: exactly ``--max-concurrent`` threads, fed in order by the one ``AuditQueue``
+  (``auditor.jobs``) that streamed audits and detached jobs share;
+- ``models``: checking uploads and describing models (onnxruntime sessions: seconds);
+- ``lookups``: SQLite and upload writes (milliseconds).
+
+The servicer methods are short; the work is in ``auditor.audit`` (the same pipeline as the
+CLI, so the numbers are the same), ``auditor.persist`` and ``auditor.jobs`` (what is kept) and
+``auditor.wire`` (messages, checked as they arrive). One wrapper turns ``AuditError`` kinds into
+status codes (``auditor.transport``), hides every other exception behind INTERNAL, strips server
+paths from messages, and logs one line per call.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import hmac
-import inspect
 import logging
-import queue
 import re
 import signal
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from concurrent import futures
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+import auditor
 from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
 from auditor.audit import audit
-from auditor.config import DEVICES, AuditConfig
+from auditor.config import DEVICES, SessionSettings
+from auditor.count import MAX_MEMORY_BUDGET, MIN_MEMORY_BUDGET, parse_size
 from auditor.data import KNOWN_DATASETS, Batch, Dataset, open_splits
-from auditor.errors import GRPC_STATUS, AuditError, CancelledError, DataError, LimitError, UnauthenticatedError, require
-from auditor.persist import ModelStore, ReportStore
-from auditor.prepare import Prepared, prepare
-from auditor.report import Report
+from auditor.errors import AuditError, CancelledError, DataError, LimitError, UnauthenticatedError, require
+from auditor.jobs import DONE, AuditQueue, AuditSpec, Job, Jobs, JobStore, Progress, QueueFullError
+from auditor.persist import MAX_FILES, PAGE_SIZE, ModelStore, ReportStore, StoredReport, check_content_address, check_id
+from auditor.prepare import Prepared, describe_model, prepare
+from auditor.report import ModelInfo, Report
+from auditor.service_metrics import ServiceMetrics
+from auditor.transport import NO_RETRY, SERVICE, read_token, status_of
 
 log = logging.getLogger("auditor.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Auditor"].full_name
+T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 MB = 2**20
 _MESSAGE_HEADROOM = 64 * 1024  # framing and labels on top of a batch's samples
-_SPARE_WORKERS = 8  # threads for uploads, lookups and health checks while audits run
 _PREPARED_CACHE = 4  # onnxruntime sessions kept warm
+_DESCRIBED_CACHE = 64  # model descriptions kept (models never change under their address)
+_MODEL_WORKERS = 2
+_LOOKUP_WORKERS = 4
+# An absolute path of two parts or more; a refusal never shows one (the server's folders are its own).
+_SERVER_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"/]+/[^\s'\"]*")
 
 
 @dataclass(frozen=True)
@@ -56,8 +79,8 @@ class ServeOptions:
     """Every setting of the server; ``auditor serve`` flags map one to one onto these fields.
 
     ``data_dir`` is where named datasets (mnist, fashion-mnist) are read or downloaded to
-    (default: ``$AUDITOR_DATA_DIR``, then the user cache).
-    ``device`` is used for audits whose settings leave the device at "auto".
+    (default: ``$AUDITOR_DATA_DIR``, then the user cache). ``device`` is used for audits whose
+    settings leave the device at "auto". ``metrics_port`` None serves no metrics; 0 picks a port.
     """
 
     host: str = "127.0.0.1"
@@ -65,28 +88,42 @@ class ServeOptions:
     store: Path = field(default_factory=lambda: Path.home() / ".local" / "share" / "onnx-auditor")
     data_dir: Path | None = None
     max_concurrent: int = 2
+    max_queued: int = 64
+    idle_timeout: float = 60.0
     max_model_mb: int = 1024
     max_batch_mb: int = 64
+    audit_memory: int = 1 << 30
     tls_cert: Path | None = None
     tls_key: Path | None = None
     token_file: Path | None = None
     grace: float = 10.0
     device: str = "auto"
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         require(
             [
                 (self.max_concurrent >= 1, f"--max-concurrent must be >= 1, got {self.max_concurrent}"),
+                (self.max_queued >= 0, f"--max-queued must be >= 0, got {self.max_queued}"),
+                (self.idle_timeout > 0, f"--idle-timeout must be > 0 seconds, got {self.idle_timeout}"),
                 (self.max_model_mb >= 1, f"--max-model-mb must be >= 1, got {self.max_model_mb}"),
                 (self.max_batch_mb >= 1, f"--max-batch-mb must be >= 1, got {self.max_batch_mb}"),
+                (
+                    MIN_MEMORY_BUDGET <= self.audit_memory <= MAX_MEMORY_BUDGET,
+                    f"--audit-memory must be between 64M and 1P, got {self.audit_memory} bytes",
+                ),
                 (self.grace >= 0, f"--grace must be >= 0 seconds, got {self.grace}"),
                 ((self.tls_cert is None) == (self.tls_key is None), "give --tls-cert and --tls-key together"),
                 (self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}"),
+                (
+                    self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+                    f"--metrics-port must be in 0..65535, got {self.metrics_port}",
+                ),
             ]
         )
 
 
-# ---- the servicer ----------------------------------------------------------------------------
+# ---- one call: status codes and its log line ----------------------------------------------------
 
 
 class _Call:
@@ -97,184 +134,440 @@ class _Call:
         self.model = "-"
         self.samples: dict[str, int] = {}
 
-    @contextmanager
-    def serving(self, context: grpc.ServicerContext) -> Iterator[None]:
-        """Map errors to status codes (no traceback ever reaches the client) and log the call."""
+    @asynccontextmanager
+    async def serving(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Map errors to status codes (no traceback, no server path ever reaches the client) and log the call."""
         started, outcome = time.monotonic(), "OK"
         try:
             yield
         except AuditError as exc:
-            code = grpc.StatusCode[GRPC_STATUS[exc.kind]]
+            code, trailing = status_of(exc)
             outcome = code.name
-            context.abort(code, exc.message)
-        except GeneratorExit:  # the client went away while the server was streaming to it
+            await context.abort(code, _without_paths(exc.message), trailing)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
             outcome = "CANCELLED"
             raise
         except Exception:
             outcome = "INTERNAL"
             log.exception("%s failed unexpectedly", self.method)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error in the auditor server; see its log")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the auditor server; see its log", NO_RETRY)
         finally:
             log.info(
                 "%s model=%s samples=%d duration=%.3fs outcome=%s",
                 self.method,
-                self.model if re.fullmatch(r"[0-9a-f]{64}|-", self.model) else "(not a sha256)",
+                self.model if re.fullmatch(r"[0-9a-f]{64}|-", self.model) else "(not a content address)",
                 sum(self.samples.values()),
                 time.monotonic() - started,
                 outcome,
             )
 
 
+def _without_paths(message: str) -> str:
+    return _SERVER_PATH.sub("<path>", message)
+
+
 def _handled(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a servicer method a ``_Call`` and serve it through ``_Call.serving`` (streaming or not)."""
-    if inspect.isgeneratorfunction(method):
-
-        @functools.wraps(method)
-        def streaming(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            call = _Call(method.__name__)
-            with call.serving(context):
-                yield from method(self, request, context, call)
-
-        return streaming
+    """Give a servicer method a ``_Call`` and serve it through ``_Call.serving``."""
 
     @functools.wraps(method)
-    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(method.__name__)
-        with call.serving(context):
-            return method(self, request, context, call)
+        async with call.serving(context):
+            return await method(self, request, context, call)
 
-    return unary
+    return handler
+
+
+# ---- the servicer ----------------------------------------------------------------------------
 
 
 class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
-    """``auditor.v1.Auditor`` over a model store, a report store and a few warm sessions."""
+    """``auditor.v1.Auditor`` over a model store, a report store, the job table and a few warm sessions.
 
-    def __init__(self, options: ServeOptions) -> None:
+    Build it on the event loop that serves it (``async_init`` recovers the jobs of a stopped server).
+    """
+
+    def __init__(self, options: ServeOptions, metrics: ServiceMetrics) -> None:
         self._options = options
+        self._metrics = metrics
+        self._device = options.device
         self._models = ModelStore(options.store / "models", options.max_model_mb * MB)
         self._reports = ReportStore(options.store / "reports.sqlite3")
-        self._prepared = _PreparedCache(_PREPARED_CACHE)
-        self._slots = threading.BoundedSemaphore(options.max_concurrent)
+        self._prepared: _Cache[tuple[str, SessionSettings], Prepared] = _Cache(_PREPARED_CACHE)
+        self._described: _Cache[str, ModelInfo] = _Cache(_DESCRIBED_CACHE)
+        self._audit_pool = ThreadPoolExecutor(options.max_concurrent, thread_name_prefix="auditor-audit")
+        self._model_pool = ThreadPoolExecutor(_MODEL_WORKERS, thread_name_prefix="auditor-model")
+        self._lookup_pool = ThreadPoolExecutor(_LOOKUP_WORKERS, thread_name_prefix="auditor-lookup")
+        self._queue = AuditQueue(options.max_concurrent, options.max_queued, metrics.queue_changed)
+        job_store = JobStore(options.store / "reports.sqlite3")
+        self._jobs = Jobs(job_store, self._queue, self._run_job, self._lookup_pool, self._job_ended)
+
+    async def async_init(self) -> int:
+        """Queue again the jobs a stopped server left; how many there were."""
+        return await self._jobs.start()
+
+    async def stop(self, grace: float | None) -> None:
+        """Give running jobs ``grace`` seconds, interrupt them (they run again at the next start), release the pools."""
+        await self._jobs.stop(grace or 0.0)
+        for pool in (self._audit_pool, self._model_pool, self._lookup_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- models
 
     @_handled
-    def HasModel(self, request: pb.HasModelRequest, context: grpc.ServicerContext, call: _Call) -> pb.HasModelResponse:
-        call.model = request.sha256
+    async def HasModel(self, request: pb.HasModelRequest, context: Any, call: _Call) -> pb.HasModelResponse:
+        call.model = check_content_address(request.sha256)
         return pb.HasModelResponse(present=self._models.has(request.sha256))
 
     @_handled
-    def UploadModel(
-        self, request_iterator: Iterator[pb.UploadModelRequest], context: grpc.ServicerContext, call: _Call
-    ) -> pb.UploadModelResponse:
-        chunks = ((chunk.file, chunk.content) for chunk in _requests(request_iterator))
-        sha256, created = self._models.put(chunks, self._vet)
-        call.model = sha256
-        return pb.UploadModelResponse(sha256=sha256, created=created)
+    async def UploadModel(self, requests: Any, context: Any, call: _Call) -> pb.UploadModelResponse:
+        messages = _Messages(context, self._options.idle_timeout)
+        with self._models.receive() as upload:
+            while (message := await messages.next()) is not None:
+                self._metrics.upload_bytes.inc(len(message.content))
+                await self._on(self._lookup_pool, upload.write, message.file, message.content)
+            address, created = await self._on(self._model_pool, self._models.keep, upload, self._vet)
+        call.model = address
+        return pb.UploadModelResponse(sha256=address, created=created)
 
     @_handled
-    def DescribeModel(
-        self, request: pb.DescribeModelRequest, context: grpc.ServicerContext, call: _Call
+    async def DescribeModel(
+        self, request: pb.DescribeModelRequest, context: Any, call: _Call
     ) -> pb.DescribeModelResponse:
-        call.model = request.sha256
-        return wire.model_info_to_proto(self._prepare(request.sha256, AuditConfig()).model_info)
+        call.model = check_content_address(request.sha256)
+        path = self._models.path(request.sha256)
+        info = self._described.get(request.sha256)
+        if info is None:
+            info = await self._on(self._model_pool, describe_model, path)
+            self._described.put(request.sha256, info)
+        return wire.model_info_to_proto(info)
+
+    def _vet(self, model_path: Path, address: str) -> None:
+        """Refuse an upload the audit could not use; keep its session warm for the audit to come."""
+        prepared = prepare(model_path, device=self._device)
+        self._prepared.put((address, prepared.settings), prepared)
+
+    def _prepare(self, spec: AuditSpec) -> Prepared:
+        """A warm session for the spec's model and session settings ("auto" = the server's ``--device``)."""
+        session = spec.config.session
+        settings = replace(session, device=self._device if session.device == "auto" else session.device)
+        path = self._models.path(spec.content_address)
+        key = (spec.content_address, settings)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = prepare(path, device=settings.device, states_at=settings.states_at)
+            self._prepared.put(key, prepared)
+        return prepared
+
+    # ---- streamed audits
 
     @_handled
-    def Audit(
-        self, request_iterator: Iterator[pb.AuditRequest], context: grpc.ServicerContext, call: _Call
-    ) -> Iterator[pb.AuditResponse]:
-        requests = _requests(request_iterator)
-        start = _audit_start(next(requests, None))
-        call.model = start.model_sha256
-        config = wire.settings_to_config(start.settings)
-        self._models.path(start.model_sha256)  # NOT_FOUND before anything else
-        if start.HasField("dataset"):
-            batches = _dataset_batches(start.dataset, config, self._options.data_dir)
+    async def Audit(self, requests: Any, context: Any, call: _Call) -> None:
+        async with self._counted():
+            messages = _Messages(context, self._options.idle_timeout)
+            spec = self._spec(_audit_start(await messages.next()))
+            call.model = spec.content_address
+            self._models.path(spec.content_address)  # NOT_FOUND before anything else
+            stop = threading.Event()
+            loop = asyncio.get_running_loop()
+            tasks: list[asyncio.Task[Any]] = []
+            if spec.dataset is None:
+                first = await messages.next()  # a client that never sends a batch never takes a slot
+                if first is None:
+                    raise DataError("the dataset is empty: no samples reached the audit; send SampleBatch messages")
+                data = functools.partial(_client_batches, first, messages, loop, stop)
+            else:
+                tasks.append(asyncio.create_task(_refuse_batches(messages)))
+                data = None
+            progress = _ProgressStream(context, self._options.idle_timeout, call.samples)
+            tasks.append(asyncio.create_task(self._queued(spec, data, progress, stop)))
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in tasks:
+                    if task.done() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+                stored = tasks[-1].result()
+                await progress.finish()
+            finally:
+                progress.cancel()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.wait(tasks)
+            await context.write(pb.AuditResponse(report=wire.report_to_proto(stored)))
+
+    async def _queued(
+        self, spec: AuditSpec, data: Callable[[], Iterator[tuple[str, Batch]]] | None, progress: _ProgressStream,
+        stop: threading.Event,
+    ) -> StoredReport:  # fmt: skip
+        async with self._queue.slot(progress.queued):
+            return await self._compute(functools.partial(self._audit_work, spec, data), progress.running, stop)
+
+    @asynccontextmanager
+    async def _counted(self) -> AsyncIterator[None]:
+        """Count a streamed audit by how it ended: done, failed, cancelled, or rejected (queue full)."""
+        outcome = "failed"
+        try:
+            yield
+            outcome = "done"
+        except QueueFullError:
+            outcome = "rejected"
+            raise
+        except (asyncio.CancelledError, CancelledError):
+            outcome = "cancelled"
+            raise
+        finally:
+            self._metrics.audits.labels(outcome).inc()
+
+    async def _compute(
+        self, work: Callable[[Progress, Callable[[], bool]], StoredReport], on_progress: Progress, stop: threading.Event
+    ) -> StoredReport:
+        """Run ``work`` in an audit thread (the caller holds a slot); ``stop`` or cancelling this ends it early.
+
+        It returns only once the thread has finished, so no audit outlives its slot.
+        """
+        loop = asyncio.get_running_loop()
+        seen: dict[str, int] = {}
+
+        def progress(split: str, done: int) -> None:
+            self._metrics.samples.inc(done - seen.get(split, 0))
+            seen[split] = done
+            on_progress(split, done)
+
+        started = time.monotonic()
+        future = loop.run_in_executor(self._audit_pool, work, progress, stop.is_set)
+        try:
+            return await asyncio.shield(future)
+        finally:
+            if not future.done():
+                stop.set()
+                await asyncio.wait([future])
+            ok = not future.cancelled() and future.exception() is None
+            self._metrics.audit_ran(time.monotonic() - started, future.result().report.spilled_bytes if ok else None)
+
+    def _audit_work(
+        self,
+        spec: AuditSpec,
+        data: Callable[[], Iterator[tuple[str, Batch]]] | None,
+        progress: Progress,
+        cancelled: Callable[[], bool],
+    ) -> StoredReport:
+        """One audit, in an audit thread: the model's session, the data, the report, stored."""
+        prepared = self._prepare(spec)
+        batches: list[Dataset] | Iterator[tuple[str, Batch]]
+        if data is not None:
+            batches = data()
         else:
-            batches = _client_batches(requests)
-        with self._slot():
-            prepared = self._prepare(start.model_sha256, config)
-            for event in _run_audit(prepared, batches, config, lambda: not context.is_active()):
-                if isinstance(event, Report):
-                    stored = self._reports.add(start.model_sha256, _named(event, start.model_name))
-                    yield pb.AuditResponse(report=wire.report_to_proto(stored))
-                else:
-                    split, done = event
-                    call.samples[split] = done
-                    yield pb.AuditResponse(progress=pb.AuditProgress(split=split, samples_done=done))
+            ref = spec.dataset or _no_dataset()
+            batches = open_splits(ref.name, ref.split, limit=ref.limit, data_dir=self._options.data_dir)
+        report = audit(prepared, batches, spec.config, progress=progress, cancelled=cancelled)
+        return self._reports.add(spec.content_address, _named(report, spec.model_name))
+
+    def _spec(self, start: pb.AuditStart) -> AuditSpec:
+        """The audit an AuditStart asks for, within the server's per-audit memory budget."""
+        spec = wire.start_from_proto(start)
+        budget = min(spec.config.memory_budget, self._options.audit_memory)
+        return replace(spec, config=replace(spec.config, memory_budget=budget))
+
+    # ---- reports
 
     @_handled
-    def GetReport(self, request: pb.GetReportRequest, context: grpc.ServicerContext, call: _Call) -> pb.Report:
-        stored = self._reports.get(request.id)
-        call.model = stored.model_sha256
+    async def GetReport(self, request: pb.GetReportRequest, context: Any, call: _Call) -> pb.Report:
+        stored = await self._on(self._lookup_pool, self._reports.get, check_id(request.id, "report"))
+        call.model = stored.content_address
         return wire.report_to_proto(stored)
 
     @_handled
-    def ListReports(
-        self, request: pb.ListReportsRequest, context: grpc.ServicerContext, call: _Call
-    ) -> pb.ListReportsResponse:
+    async def ListReports(self, request: pb.ListReportsRequest, context: Any, call: _Call) -> pb.ListReportsResponse:
         call.model = request.model_sha256 or call.model
-        page, token = self._reports.page(request.model_sha256, request.page_size, request.page_token)
+        page, token = await self._on(
+            self._lookup_pool, self._reports.page, request.model_sha256, request.page_size, request.page_token
+        )
         return pb.ListReportsResponse(reports=[wire.summary_to_proto(s) for s in page], next_page_token=token)
 
-    def _vet(self, model_path: Path, sha256: str) -> None:
-        """Refuse an upload the audit could not use; keep its session warm for the audit to come."""
-        key = self._cache_key(sha256, AuditConfig())
-        self._prepared.put(key, prepare(model_path, device=key[1], states_at=key[2]))
+    # ---- jobs
 
-    def _prepare(self, sha256: str, config: AuditConfig) -> Prepared:
-        path = self._models.path(sha256)
-        key = self._cache_key(sha256, config)
-        return self._prepared.get(key, lambda: prepare(path, device=key[1], states_at=key[2]))
-
-    def _cache_key(self, sha256: str, config: AuditConfig) -> tuple[str, str, str]:
-        """What a prepared session depends on; "auto" means the server's own ``--device``."""
-        device = self._options.device if config.device == "auto" else config.device
-        return sha256, device, config.states_at
-
-    @contextmanager
-    def _slot(self) -> Iterator[None]:
-        """One of ``max_concurrent`` audit slots, or RESOURCE_EXHAUSTED at once (never a queue)."""
-        if not self._slots.acquire(blocking=False):
-            raise LimitError(
-                f"the server is already running {self._options.max_concurrent} audits, its limit "
-                "(serve --max-concurrent); retry later"
-            )
+    @_handled
+    async def SubmitJob(self, request: pb.SubmitJobRequest, context: Any, call: _Call) -> pb.Job:
+        spec = self._spec(request.audit)
+        call.model = spec.content_address
+        self._models.path(spec.content_address)
         try:
-            yield
-        finally:
-            self._slots.release()
+            job = await self._jobs.submit(spec)
+        except QueueFullError:
+            self._metrics.audits.labels("rejected").inc()
+            raise
+        log.info("job %s queued: model=%s dataset=%s", job.id, spec.content_address, spec.dataset)
+        return wire.job_to_proto(job)
+
+    @_handled
+    async def GetJob(self, request: pb.GetJobRequest, context: Any, call: _Call) -> pb.Job:
+        return wire.job_to_proto(await self._jobs.get(request.id))
+
+    @_handled
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Any, call: _Call) -> pb.ListJobsResponse:
+        jobs, token = await self._jobs.page(request.page_size, request.page_token)
+        return pb.ListJobsResponse(jobs=[wire.job_to_proto(job) for job in jobs], next_page_token=token)
+
+    @_handled
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Any, call: _Call) -> pb.Job:
+        return wire.job_to_proto(await self._jobs.cancel(request.id))
+
+    @_handled
+    async def WatchJob(self, request: pb.WatchJobRequest, context: Any, call: _Call) -> None:
+        last = None
+        async for job in self._jobs.watch(request.id):
+            await context.write(pb.JobEvent(job=wire.job_to_proto(job)))
+            last = job
+        if last is not None and last.state == DONE:
+            stored = await self._on(self._lookup_pool, self._reports.get, last.report_id)
+            await context.write(pb.JobEvent(report=wire.report_to_proto(stored)))
+
+    async def _run_job(self, job: Job, progress: Progress, stop: threading.Event) -> str:
+        try:
+            stored = await self._compute(functools.partial(self._audit_work, job.spec, None), progress, stop)
+        except AuditError as exc:  # the job's error is shown to clients: no server paths in it either
+            raise type(exc)(_without_paths(exc.message)) from None
+        log.info("job %s done: report %s", job.id, stored.id)
+        return stored.id
+
+    def _job_ended(self, job: Job) -> None:
+        self._metrics.audits.labels(job.state).inc()
+        if job.error:
+            log.info("job %s %s: %s", job.id, job.state, job.error)
+
+    # ---- the server
+
+    @_handled
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any, call: _Call
+    ) -> pb.ServerMetadataResponse:
+        options = self._options
+        extensions = ["audit-stream", "jobs", "server-datasets", "health", "reflection"]
+        extensions += ["metrics"] if options.metrics_port is not None else []
+        extensions += ["tls"] if options.tls_cert else []
+        extensions += ["bearer-token"] if options.token_file else []
+        limits = pb.ServerLimits(
+            max_concurrent=options.max_concurrent,
+            max_queued=options.max_queued,
+            max_model_bytes=options.max_model_mb * MB,
+            max_message_bytes=_message_limit(options),
+            max_data_files=MAX_FILES,
+            idle_timeout_seconds=options.idle_timeout,
+            audit_memory_bytes=options.audit_memory,
+            page_size=PAGE_SIZE,
+        )
+        return pb.ServerMetadataResponse(
+            name="onnx-auditor",
+            version=auditor.__version__,
+            extensions=extensions,
+            limits=limits,
+            datasets=KNOWN_DATASETS,
+            device=options.device,
+        )
+
+    async def _on(self, pool: Executor, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
 
-class _PreparedCache:
-    """The few most recently used prepared models, keyed by (sha256, device, aggregate)."""
+class _Cache(Generic[K, V]):
+    """The few most recently used values; used from the event loop and the worker threads."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._items: OrderedDict[tuple[str, str, str], Prepared] = OrderedDict()
+        self._items: OrderedDict[K, V] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, str, str], make: Callable[[], Prepared]) -> Prepared:
+    def get(self, key: K) -> V | None:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
-                return self._items[key]
-        prepared = make()  # outside the lock: other models need not wait for this one
-        self.put(key, prepared)
-        return prepared
+            return self._items.get(key)
 
-    def put(self, key: tuple[str, str, str], prepared: Prepared) -> None:
+    def put(self, key: K, value: V) -> None:
         with self._lock:
-            self._items[key] = prepared
+            self._items[key] = value
             self._items.move_to_end(key)
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
 
 
-def _requests(request_iterator: Iterator[Any]) -> Iterator[Any]:
-    """The client's messages; a client that cancels or times out mid-stream ends in CancelledError."""
-    try:
-        yield from request_iterator
-    except grpc.RpcError:
-        raise CancelledError("the client cancelled the call or its deadline passed") from None
+# ---- the streams of one call ---------------------------------------------------------------------
+
+
+class _Messages:
+    """The client's messages, one at a time; a client silent for ``idle_timeout`` loses its call."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, idle_timeout: float) -> None:
+        self._context = context
+        self._idle_timeout = idle_timeout
+
+    async def next(self, *, idle_timeout: bool = True) -> Any:
+        """The next message, or None once the client has closed its side."""
+        try:
+            read = self._context.read()
+            message = await (asyncio.wait_for(read, self._idle_timeout) if idle_timeout else read)
+        except TimeoutError:
+            raise LimitError(
+                f"the client sent nothing for {self._idle_timeout:g} s (serve --idle-timeout); the call was "
+                "closed to free its place"
+            ) from None
+        return None if message is grpc.aio.EOF else message
+
+
+class _ProgressStream:
+    """Progress events to the client from one writer task: queue positions, then samples per split.
+
+    Events are coalesced (the newest per split, in order of first appearance), so a client that
+    reads slowly never holds up the audit; one that reads nothing for ``idle_timeout`` is dropped.
+    """
+
+    def __init__(self, context: grpc.aio.ServicerContext, idle_timeout: float, samples: dict[str, int]) -> None:
+        self._context = context
+        self._idle_timeout = idle_timeout
+        self._samples = samples  # samples done per split, for the call's log line
+        self._loop = asyncio.get_running_loop()
+        self._pending: dict[str, pb.AuditProgress] = {}
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task = asyncio.create_task(self._write())
+
+    def queued(self, position: int) -> None:
+        """On the event loop: the audit waits, ``position`` audits ahead of it."""
+        self._put("", pb.AuditProgress(queue_position=position))
+
+    def running(self, split: str, done: int) -> None:
+        """From any thread: ``done`` samples of ``split`` audited."""
+        self._samples[split] = done
+        self._loop.call_soon_threadsafe(self._put, split, pb.AuditProgress(split=split, samples_done=done))
+
+    async def finish(self) -> None:
+        """Send what is pending, then stop."""
+        self._closing = True
+        self._wake.set()
+        await self._task
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    def _put(self, key: str, event: pb.AuditProgress) -> None:
+        self._pending[key] = event
+        self._wake.set()
+
+    async def _write(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                event = self._pending.pop(next(iter(self._pending)))
+                try:
+                    await asyncio.wait_for(self._context.write(pb.AuditResponse(progress=event)), self._idle_timeout)
+                except TimeoutError:
+                    raise LimitError(
+                        f"the client read nothing for {self._idle_timeout:g} s (serve --idle-timeout); the call "
+                        "was closed"
+                    ) from None
+            if self._closing:
+                return
 
 
 def _audit_start(request: pb.AuditRequest | None) -> pb.AuditStart:
@@ -283,22 +576,37 @@ def _audit_start(request: pb.AuditRequest | None) -> pb.AuditStart:
     return request.start
 
 
-def _dataset_batches(dataset: pb.DatasetRef, config: AuditConfig, data_dir: Path | None) -> list[Dataset]:
-    """Batches of a dataset the server holds; only known names, never a path on the server."""
-    if dataset.name not in KNOWN_DATASETS:
-        raise DataError(
-            f"the server resolves only the datasets {', '.join(KNOWN_DATASETS)}, not {dataset.name!r}; "
-            "send other data as batches"
+async def _refuse_batches(messages: _Messages) -> None:
+    """With a DatasetRef the client sends nothing more; a batch makes the request ambiguous."""
+    if await messages.next(idle_timeout=False) is not None:
+        raise AuditError(
+            "the AuditStart names a server-side dataset (DatasetRef) and the client sent batches too; send "
+            "one or the other"
         )
-    limit = dataset.limit if dataset.HasField("limit") else None
-    return open_splits(dataset.name, dataset.split, limit=limit, data_dir=data_dir)
 
 
-def _client_batches(requests: Iterator[pb.AuditRequest]) -> Iterator[tuple[str, Batch]]:
-    for request in requests:
-        if not request.HasField("batch"):
+def _client_batches(
+    first: pb.AuditRequest, messages: _Messages, loop: asyncio.AbstractEventLoop, stop: threading.Event
+) -> Iterator[tuple[str, Batch]]:
+    """In an audit thread: the client's batches, each read on the event loop when the audit wants it."""
+    message = first
+    while message is not None:
+        if not message.HasField("batch"):
             raise AuditError("after AuditStart, an Audit call sends only SampleBatch messages")
-        yield wire.batch_from_proto(request.batch)
+        yield wire.batch_from_proto(message.batch)
+        future = asyncio.run_coroutine_threadsafe(messages.next(), loop)
+        while True:
+            try:
+                message = future.result(timeout=0.25)
+                break
+            except TimeoutError:
+                if stop.is_set():
+                    future.cancel()
+                    raise CancelledError("the audit was stopped while waiting for the client's next batch") from None
+
+
+def _no_dataset() -> Any:
+    raise DataError("the audit names no dataset and streams no batches; send one or the other")
 
 
 def _named(report: Report, model_name: str) -> Report:
@@ -306,51 +614,7 @@ def _named(report: Report, model_name: str) -> Report:
     return replace(report, model=replace(report.model, name=model_name)) if model_name else report
 
 
-def _run_audit(
-    prepared: Prepared,
-    batches: list[Dataset] | Iterator[tuple[str, Batch]],
-    config: AuditConfig,
-    cancelled: Callable[[], bool],
-) -> Iterator[tuple[str, int] | Report]:
-    """``audit`` in a worker thread: its progress events as they happen, then its report.
-
-    The thread lets progress reach the client while the audit runs. Leaving early (an error,
-    or the client going away) stops the audit and waits for it, so no work outlives the call.
-    """
-    events: queue.Queue[tuple[str, int] | Report | BaseException] = queue.Queue()
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            events.put(
-                audit(
-                    prepared,
-                    batches,
-                    config,
-                    progress=lambda split, done: events.put((split, done)),
-                    cancelled=lambda: stop.is_set() or cancelled(),
-                )
-            )
-        except BaseException as exc:
-            events.put(exc)
-
-    worker = threading.Thread(target=work, name="auditor-audit", daemon=True)
-    worker.start()
-    try:
-        while True:
-            event = events.get()
-            if isinstance(event, BaseException):
-                raise event
-            yield event
-            if isinstance(event, Report):
-                return
-    finally:
-        stop.set()
-        worker.join()
-
-
 # ---- assembling and running the server --------------------------------------------------------
-
 
 # A handler of each kind, by (request streaming, response streaming).
 _HANDLER_FACTORIES = {
@@ -361,19 +625,17 @@ _HANDLER_FACTORIES = {
 }
 
 
-class _BearerToken(grpc.ServerInterceptor):
+class _BearerToken(grpc.aio.ServerInterceptor):
     """Serve a call only with metadata ``authorization: Bearer <token>``; health and reflection stay open."""
 
     def __init__(self, token: str, open_services: tuple[str, ...]) -> None:
         self._expected = f"Bearer {token}".encode()
         self._open = tuple(f"/{name}/" for name in open_services)
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        details: grpc.HandlerCallDetails,
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
+        handler = await continuation(details)
         if handler is None or details.method.startswith(self._open) or self._authorized(details):
             return handler
         factory = _HANDLER_FACTORIES[(handler.request_streaming, handler.response_streaming)]
@@ -384,37 +646,73 @@ class _BearerToken(grpc.ServerInterceptor):
         return hmac.compare_digest(sent.encode() if isinstance(sent, str) else sent, self._expected)
 
 
-def _refuse(method: str, request: Any, context: grpc.ServicerContext) -> None:
-    with _Call(method.rsplit("/", 1)[-1]).serving(context):
+async def _refuse(method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+    async with _Call(method.rsplit("/", 1)[-1]).serving(context):
         raise UnauthenticatedError(
             "this server needs a bearer token: send metadata 'authorization: Bearer <token>' (--token-file)"
         )
 
 
-def read_token(path: Path) -> str:
-    """The bearer token in a token file (surrounding whitespace dropped); server and client share it."""
-    try:
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise AuditError(f"cannot read the token file {path}: {exc.strerror}") from None
-    if not token:
-        raise AuditError(f"the token file {path} is empty; put the bearer token in it")
-    return token
+def _message_limit(options: ServeOptions) -> int:
+    return options.max_batch_mb * MB + _MESSAGE_HEADROOM
 
 
-def _configure_health(server: grpc.Server) -> health.HealthServicer:
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    for service in ("", SERVICE_NAME):
-        servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return servicer
+class _Service:
+    """The whole server on one event loop: gRPC (auditor, health, reflection) and the metrics endpoint."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.metrics = ServiceMetrics()
+        self.metrics_port: int | None = None
+        self._metrics_http: Any = None
+
+    async def bind(self) -> int:
+        """Build the server and bind its port (0 picks a free one); nothing is served yet."""
+        options = self.options
+        open_services = (HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+        interceptors = [_BearerToken(read_token(options.token_file), open_services)] if options.token_file else []
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", _message_limit(options)),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
+            ],
+        )
+        self.servicer = AuditorServicer(options, self.metrics)
+        auditor_pb2_grpc.add_AuditorServicer_to_server(self.servicer, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = _bind(self.server, options)
+        return self.port
+
+    async def start(self) -> None:
+        """Queue the jobs a stopped server left, then serve; and serve ``/metrics`` when asked to."""
+        recovered = await self.servicer.async_init()
+        if recovered:
+            log.info("queued again %d job(s) a stopped server left queued or running", recovered)
+        if self.options.metrics_port is not None:
+            tls = (self.options.tls_cert, self.options.tls_key) if self.options.tls_cert else None
+            try:
+                self._metrics_http = self.metrics.serve(self.options.host, self.options.metrics_port, tls)  # type: ignore[arg-type]
+            except OSError as exc:
+                raise AuditError(f"cannot serve metrics on port {self.options.metrics_port}: {exc.strerror}") from None
+            self.metrics_port = self._metrics_http.server_port
+        await self.server.start()
+        for service in ("", SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None) -> None:
+        """Health turns NOT_SERVING, new calls are refused, in-flight audits and jobs get ``grace`` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await asyncio.gather(self.server.stop(grace), self.servicer.stop(grace))
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
 
 
-def _configure_reflection(server: grpc.Server) -> None:
-    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
-
-
-def _bind(server: grpc.Server, options: ServeOptions) -> int:
+def _bind(server: grpc.aio.Server, options: ServeOptions) -> int:
     host = f"[{options.host}]" if ":" in options.host else options.host
     address = f"{host}:{options.port}"
     try:
@@ -426,30 +724,49 @@ def _bind(server: grpc.Server, options: ServeOptions) -> int:
         raise AuditError(f"cannot listen on {address}: {exc}") from None
 
 
-def _assemble(options: ServeOptions) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """The server, bound but not started, with its port and health servicer."""
-    open_services = (HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
-    interceptors = [_BearerToken(read_token(options.token_file), open_services)] if options.token_file else []
-    limit = options.max_batch_mb * MB + _MESSAGE_HEADROOM
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=options.max_concurrent + _SPARE_WORKERS),
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
-        ],
-    )
-    auditor_pb2_grpc.add_AuditorServicer_to_server(AuditorServicer(options), server)
-    health_servicer = _configure_health(server)
-    _configure_reflection(server)
-    return server, _bind(server, options), health_servicer
+class Server:
+    """A server on an event loop thread of its own: the synchronous face that tests and embedders use.
+
+    ``start()`` serves; ``stop(grace)`` returns an event that is set once the server has stopped.
+    """
+
+    def __init__(self, options: ServeOptions) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="auditor-server", daemon=True)
+        self._thread.start()
+        self._service = _Service(options)
+        self._stopped: threading.Event | None = None
+        try:
+            self.port = self._run(self._service.bind())
+        except BaseException:
+            self._close()
+            raise
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._service.metrics_port
+
+    def start(self) -> None:
+        self._run(self._service.start())
+
+    def stop(self, grace: float | None) -> threading.Event:
+        if self._stopped is None:
+            self._stopped = threading.Event()
+            future = asyncio.run_coroutine_threadsafe(self._service.stop(grace), self._loop)
+            future.add_done_callback(lambda _: (self._close(), self._stopped.set()))  # type: ignore[union-attr]
+        return self._stopped
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
 
 
-def build_server(options: ServeOptions) -> tuple[grpc.Server, int]:
+def build_server(options: ServeOptions) -> tuple[Server, int]:
     """A ready-to-start server and the port it bound (port 0 picks a free one, as tests do)."""
-    server, port, _ = _assemble(options)
-    return server, port
+    server = Server(options)
+    return server, server.port
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -461,36 +778,63 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir", type=Path, default=None, help="named datasets' folder (default: $AUDITOR_DATA_DIR)"
     )
-    parser.add_argument("--max-concurrent", type=int, default=d.max_concurrent, help="audits at once; more are refused")
+    parser.add_argument("--max-concurrent", type=int, default=d.max_concurrent, help="audits running at once")
+    parser.add_argument(
+        "--max-queued", type=int, default=d.max_queued, help=f"audits waiting for a slot (default: {d.max_queued})"
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=d.idle_timeout,
+        metavar="SECONDS",
+        help=f"close a stream that sends nothing this long (default: {d.idle_timeout:g})",
+    )
     parser.add_argument("--max-model-mb", type=int, default=d.max_model_mb, help="largest upload, data files included")
     parser.add_argument("--max-batch-mb", type=int, default=d.max_batch_mb, help="largest message a client may send")
+    parser.add_argument(
+        "--audit-memory",
+        type=parse_size,
+        default=d.audit_memory,
+        metavar="SIZE",
+        help="memory budget of each audit, e.g. 512M or 4G (default: 1G); see docs/service.md",
+    )
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain; serve TLS (needs --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send")
     parser.add_argument("--grace", type=float, default=d.grace, help="seconds in-flight audits get on SIGTERM")
     parser.add_argument("--device", choices=DEVICES, default=d.device, help="device for audits that leave it to auto")
+    parser.add_argument(
+        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port (0 picks one)"
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT, then shut down gracefully; exit code 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
-    server, port, health_servicer = _assemble(options)
-    stop = threading.Event()
+    return asyncio.run(_serve(options))
+
+
+async def _serve(options: ServeOptions) -> int:
+    service = _Service(options)
+    port = await service.bind()
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    server.start()
+        loop.add_signal_handler(sig, stop.set)
     log.info(
         "serving %s on %s:%d (store %s, tls %s)",
-        SERVICE_NAME,
+        SERVICE,
         options.host,
         port,
         options.store,
         "on" if options.tls_cert else "off",
     )
-    stop.wait()
+    if service.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", options.host, service.metrics_port)
+    await stop.wait()
     log.info("shutting down: in-flight audits get %g s to finish", options.grace)
-    health_servicer.enter_graceful_shutdown()
-    server.stop(options.grace).wait()
+    await service.stop(options.grace)
     log.info("stopped")
     return 0

@@ -13,11 +13,15 @@ import numpy as np
 
 from auditor import metrics
 from auditor.config import AuditConfig, MetricSettings
+from auditor.count import QUANTILES, StateSummary
+from auditor.graph import Layer
 from auditor.report import CnaMargin, LayerStats, ModelInfo, Report, SplitReport
-from auditor.tally import SplitTally
+from auditor.tally import SplitFigures, SplitResult
 
 CNA_WINDOW = 25
 CNA_POINTS = 100
+TOP_STATES = 100  # state probabilities a report keeps per layer, most frequent first
+CNA_SCATTER = 1000  # per-sample (α, β) points a report keeps per split
 
 
 @dataclass(frozen=True)
@@ -30,15 +34,26 @@ class _SplitFigures:
     warnings: list[str]
 
 
-def summarize(model: ModelInfo, providers: list[str], tallies: dict[str, SplitTally], config: AuditConfig) -> Report:
-    """The report of an audit: every split's figures (train first), then CNA-Margin when both ran."""
+def summarize(
+    model: ModelInfo,
+    providers: list[str],
+    layers: list[Layer],
+    results: dict[str, SplitResult],
+    config: AuditConfig,
+    data_warnings: list[str] | None = None,
+) -> Report:
+    """The report of an audit: every split's figures (train first), then CNA-Margin when both ran.
+
+    ``layers`` are the model's layers in depth order (``Structure.layers``). ``data_warnings``
+    come from reading the data (images skipped as bad) and lead the warnings.
+    """
     settings = config.metrics
-    order = sorted(tallies, key=lambda split: (split != "train", split))
-    figures = {name: _split(name, tallies[name], config) for name in order}
-    warnings = [w for split in figures.values() for w in split.warnings]
+    order = sorted(results, key=lambda split: (split != "train", split))
+    figures = {name: _split(name, layers, results[name], config) for name in order}
+    warnings = [*(data_warnings or []), *(w for split in figures.values() for w in split.warnings)]
     margin = None
-    if "train" in tallies and "test" in tallies:
-        margin, margin_warnings = cna_margin(tallies["train"], figures["train"], figures["test"], settings)
+    if "train" in results and "test" in results:
+        margin, margin_warnings = cna_margin(results["train"].figures, figures["train"], figures["test"], settings)
         warnings += margin_warnings
     else:
         warnings.append("CNA-Margin is null: it compares a train and a test split; audit with --split both")
@@ -52,29 +67,36 @@ def summarize(model: ModelInfo, providers: list[str], tallies: dict[str, SplitTa
     )
 
 
-def layer_stats(tally: SplitTally, name: str, settings: MetricSettings) -> LayerStats:
-    """State-space figures of one counted layer (SPEC §2, §6)."""
-    counter = tally.counters[name]
-    counts = counter.counts()
-    entropy = metrics.entropy_bits(counts)
+def layer_stats(layer: Layer, states: StateSummary, units: int, settings: MetricSettings) -> LayerStats:
+    """State-space figures of one counted layer (SPEC §2, §6), with a bounded view of its
+    state distribution: the top probabilities and the per-state probability quantiles."""
+    neurons, total, entropy = layer.neurons, states.total, states.entropy_bits
     return LayerStats(
-        name=name,
-        neurons=counter.neurons,
-        positions=tally.units[name] // counter.neurons,
-        states_total=counter.total,
-        states_distinct=len(counts),
+        name=layer.name,
+        neurons=neurons,
+        positions=units // neurons,
+        states_total=total,
+        states_distinct=states.distinct,
         entropy_bits=entropy,
-        efficiency=metrics.efficiency(entropy, counter.neurons),
-        max_entropy_bits=metrics.max_entropy_bits(counter.total),
-        suggested_neurons=metrics.suggested_neurons(entropy, counter.neurons, settings.target_efficiency),
-        wider_than_data=metrics.wider_than_data(counter.neurons, counter.total),
+        efficiency=metrics.efficiency(entropy, neurons),
+        max_entropy_bits=metrics.max_entropy_bits(total),
+        suggested_neurons=metrics.suggested_neurons(entropy, neurons, settings.target_efficiency),
+        wider_than_data=metrics.wider_than_data(neurons, total),
+        top_probabilities=[int(c) / total for c in states.top_counts],
+        probability_quantiles={
+            f"{q:g}": float(c) / total for q, c in zip(QUANTILES, states.count_quantiles, strict=True)
+        },
     )
 
 
-def _split(name: str, tally: SplitTally, config: AuditConfig) -> _SplitFigures:
+def _split(name: str, layers: list[Layer], result: SplitResult, config: AuditConfig) -> _SplitFigures:
     """The figures of one split (SPEC §2–§4) and the warnings they come with."""
-    settings, warnings = config.metrics, []
-    stats = [layer_stats(tally, layer, settings) for layer in tally.counters]
+    settings, warnings, tally = config.metrics, [], result.figures
+    stats = [
+        layer_stats(layer, result.states[layer.name], tally.units[layer.name], settings)
+        for layer in layers
+        if layer.name in result.states
+    ]
     efficiency = metrics.network_efficiency([s.efficiency for s in stats])
     accuracy = tally.correct / tally.labelled if tally.labelled == tally.samples else None
     if accuracy is None:
@@ -93,7 +115,7 @@ def _split(name: str, tally: SplitTally, config: AuditConfig) -> _SplitFigures:
             f"{list(config.alpha_range)} and were clipped for CNA's input entropy"
         )
     alpha = np.concatenate(tally.alpha)
-    cna, beta, cna_warnings = split_cna(name, tally, alpha, settings)
+    cna, beta, cna_warnings = split_cna(name, layers, tally, alpha, settings)
     report = SplitReport(
         samples=tally.samples,
         accuracy=accuracy,
@@ -102,29 +124,38 @@ def _split(name: str, tally: SplitTally, config: AuditConfig) -> _SplitFigures:
         aiq=metrics.aiq(accuracy, efficiency, settings.beta),
         beta=settings.beta,
         cna=cna,
+        cna_points=None if beta is None else thinned_points(alpha, beta, CNA_SCATTER),
     )
     return _SplitFigures(report, alpha, beta, warnings + cna_warnings)
 
 
+def thinned_points(alpha: np.ndarray, beta: np.ndarray, most: int) -> dict[str, list[float]]:
+    """At most ``most`` per-sample (α, β) pairs, evenly spaced in sample order, for the report's scatter."""
+    keep = np.unique(np.linspace(0, len(alpha) - 1, min(len(alpha), most)).round().astype(np.int64))
+    return {"alpha": alpha[keep].tolist(), "beta": beta[keep].tolist()}
+
+
 def split_cna(
-    name: str, tally: SplitTally, alpha: np.ndarray, settings: MetricSettings
+    name: str, layers: list[Layer], tally: SplitFigures, alpha: np.ndarray, settings: MetricSettings
 ) -> tuple[float | None, np.ndarray | None, list[str]]:
-    """CNA of a split (SPEC §4), the per-sample slopes β it came from, and its warnings."""
+    """CNA of a split (SPEC §4), the per-sample slopes β it came from, and its warnings.
+
+    ``tally.sums`` holds φ of every layer, in the order of ``layers``.
+    """
     roles = {"hidden", "output"} if settings.cna_include_output_layer else {"hidden"}
-    layers = tally.exposed.layers
-    columns = [i for i, out in enumerate(layers) if out.layer.role in roles]
+    columns = [i for i, layer in enumerate(layers) if layer.role in roles]
     if len(columns) < 2:
         return None, None, [f"{name}: CNA needs at least 2 layers, found {len(columns)}; CNA is null"]
     phi = np.concatenate(tally.sums)[:, columns]
     if settings.aggregate == "mean":
-        phi = phi / np.array([tally.units[layers[i].layer.name] for i in columns], np.float64)
+        phi = phi / np.array([tally.units[layers[i].name] for i in columns], np.float64)
     beta = metrics.slopes(phi)
     cna, reason = metrics.pearson(alpha, beta)
     return cna, beta, [] if cna is not None else [f"{name}: CNA is null: {reason}"]
 
 
 def cna_margin(
-    tally: SplitTally, train: _SplitFigures, test: _SplitFigures, settings: MetricSettings
+    tally: SplitFigures, train: _SplitFigures, test: _SplitFigures, settings: MetricSettings
 ) -> tuple[CnaMargin | None, list[str]]:
     """CNA-Margin from the train and test slope–entropy curves (SPEC §5), and its warnings."""
     if train.beta is None or test.beta is None:
@@ -132,10 +163,12 @@ def cna_margin(
     if tally.labelled != tally.samples:
         return None, ["CNA-Margin is null: it needs labels for every training sample"]
     try:
-        curves = (train.alpha, train.beta), (test.alpha, test.beta)
-        area = metrics.cna_area(*curves, window=CNA_WINDOW, points=CNA_POINTS)
+        grid, beta_train, beta_test = metrics.slope_entropy_curves(
+            (train.alpha, train.beta), (test.alpha, test.beta), window=CNA_WINDOW, points=CNA_POINTS
+        )
     except ValueError as exc:
         return None, [f"CNA-Margin is null: {exc}"]
+    area = metrics.curve_area(grid, beta_train, beta_test)
     margins = np.concatenate(tally.probability_margins)
     logit_margins = np.concatenate(tally.logit_margins) if tally.logit_margins else None
     bad = int(np.count_nonzero(~np.isfinite(margins)))
@@ -155,5 +188,6 @@ def cna_margin(
         cna_margin_p5=None if margin_p5 is None else margin_p5 * area,
         window=CNA_WINDOW,
         points=CNA_POINTS,
+        curves={"alpha": grid.tolist(), "train": beta_train.tolist(), "test": beta_test.tolist()},
     )
     return margin, warnings

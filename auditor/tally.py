@@ -1,9 +1,12 @@
 """What one split accumulates over its batches: state counts, φ sums, α, accuracy and margins.
 
-A ``SplitTally`` reads the runner's outputs by the names ``graph.expose`` gave them. Everything
-in it merges by adding (SPEC §2), so batching, interleaved splits and shards never change the
-counts. It holds the distinct states of each counted layer (bounded by the counting store) and
-a few floats per sample for CNA and CNA-Margin.
+A ``SplitTally`` reads the runner's outputs by the names ``graph.expose`` gave them. It keeps two
+things apart: the state counters of the counted layers, held within the audit's
+``MemoryBudget`` (past it they spill sorted runs to disk), and ``SplitFigures``, everything
+else: counts of samples and a few floats per sample for CNA and CNA-Margin. Both merge by
+adding (SPEC §2), so batching, interleaved splits and shards never change the counts.
+``finish`` turns a tally into a ``SplitResult``, which is what the summary reads, whether the
+split was counted here or by shards on a cluster.
 """
 
 from __future__ import annotations
@@ -13,15 +16,55 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from auditor import metrics
-from auditor.count import LayerCounter
+from auditor.count import LayerCounter, MemoryBudget, StateSummary
 from auditor.errors import DataError
 from auditor.feed import Feed
 from auditor.graph import Exposed
 
 
 @dataclass
+class SplitFigures:
+    """A split's figures other than its state counts: plain data that pickles and merges.
+
+    Per-sample arrays are kept in sample order, one array per batch; ``merge`` appends another
+    part of the same split that comes after this one (a later shard).
+    """
+
+    samples: int = 0
+    labelled: int = 0
+    correct: int = 0
+    clipped: int = 0
+    nonfinite_outputs: int = 0
+    units: dict[str, int] = field(default_factory=dict)  # neurons × positions of each layer
+    nonfinite_sums: dict[str, int] = field(default_factory=dict)
+    alpha: list[np.ndarray] = field(default_factory=list)
+    sums: list[np.ndarray] = field(default_factory=list)  # (samples, layers) float64 φ per batch
+    probability_margins: list[np.ndarray] = field(default_factory=list)
+    uniforms: list[np.ndarray] = field(default_factory=list)
+    logit_margins: list[np.ndarray] = field(default_factory=list)
+
+    def merge(self, later: SplitFigures) -> None:
+        """Add the figures of the samples that follow these in the same split."""
+        for name in ("samples", "labelled", "correct", "clipped", "nonfinite_outputs"):
+            setattr(self, name, getattr(self, name) + getattr(later, name))
+        self.units = {**later.units, **self.units}
+        for layer, bad in later.nonfinite_sums.items():
+            self.nonfinite_sums[layer] = self.nonfinite_sums.get(layer, 0) + bad
+        for name in ("alpha", "sums", "probability_margins", "uniforms", "logit_margins"):
+            getattr(self, name).extend(getattr(later, name))
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """A finished split: its figures, and the state summary of each counted layer by name."""
+
+    figures: SplitFigures
+    states: dict[str, StateSummary]
+
+
+@dataclass
 class SplitTally:
-    """Everything one split accumulates, keyed by layer name where it is per layer.
+    """Everything one split accumulates while its batches run.
 
     ``counted`` names the layers whose states are counted (the efficiency layers); every
     layer's φ is kept, in ``exposed.layers`` order, for CNA.
@@ -31,47 +74,41 @@ class SplitTally:
     counted: frozenset[str]
     margin_seed: int
     output_is_probability: bool
-    samples: int = 0
-    labelled: int = 0
-    correct: int = 0
-    clipped: int = 0
-    nonfinite_outputs: int = 0
+    budget: MemoryBudget
+    figures: SplitFigures = field(default_factory=SplitFigures)
     counters: dict[str, LayerCounter] = field(default_factory=dict)
-    units: dict[str, int] = field(default_factory=dict)  # neurons × positions of each layer
-    nonfinite_sums: dict[str, int] = field(default_factory=dict)
-    alpha: list[np.ndarray] = field(default_factory=list)
-    sums: list[np.ndarray] = field(default_factory=list)  # (samples, layers) float64 φ per batch
-    probability_margins: list[np.ndarray] = field(default_factory=list)
-    uniforms: list[np.ndarray] = field(default_factory=list)
-    logit_margins: list[np.ndarray] = field(default_factory=list)
 
     def add(self, batch: Feed, outputs: dict[str, np.ndarray]) -> None:
         """Tally one batch from its ``Feed`` and the runner's outputs, read by name."""
-        n = batch.samples
+        figures, n = self.figures, batch.samples
         for out in self.exposed.layers:
             name, keys = out.layer.name, outputs[out.keys]
-            if name not in self.units:
-                self.units[name] = out.layer.neurons * (keys.size // (n * len(out.groups)))
-                self.nonfinite_sums[name] = 0
+            if name not in figures.units:
+                figures.units[name] = out.layer.neurons * (keys.size // (n * len(out.groups)))
+                figures.nonfinite_sums[name] = 0
                 if name in self.counted:
-                    self.counters[name] = LayerCounter(out.layer.neurons, out.groups, out.group_axis)
+                    self.counters[name] = LayerCounter(out.layer.neurons, out.groups, out.group_axis, self.budget)
             if name in self.counters:
                 self.counters[name].add(keys)
         sums = np.stack([outputs[out.sum] for out in self.exposed.layers], axis=1).astype(np.float64)
         for out, bad in zip(self.exposed.layers, np.count_nonzero(~np.isfinite(sums), axis=0), strict=True):
-            self.nonfinite_sums[out.layer.name] += int(bad)
-        self.sums.append(sums)
-        self.alpha.append(batch.alpha)
-        self.clipped += batch.clipped
-        self.samples += n
+            figures.nonfinite_sums[out.layer.name] += int(bad)
+        figures.sums.append(sums)
+        figures.alpha.append(batch.alpha)
+        figures.clipped += batch.clipped
+        figures.samples += n
         scores = outputs[self.exposed.prediction].reshape(n, -1).astype(np.float32, copy=False)
-        self.nonfinite_outputs += int(np.count_nonzero(~np.isfinite(scores)))
+        figures.nonfinite_outputs += int(np.count_nonzero(~np.isfinite(scores)))
         if batch.labels is not None:
             logits = outputs[self.exposed.logits] if self.exposed.logits is not None else None
             self._score(batch, scores, logits)
 
+    def finish(self, top_k: int) -> SplitResult:
+        """The split's figures and each counted layer's state summary (one streaming merge each)."""
+        return SplitResult(self.figures, {name: counter.summary(top_k) for name, counter in self.counters.items()})
+
     def _score(self, batch: Feed, scores: np.ndarray, logits: np.ndarray | None) -> None:
-        labels, classes = batch.labels, scores.shape[1]
+        figures, labels, classes = self.figures, batch.labels, scores.shape[1]
         if classes < 2:
             raise DataError(
                 f"the model gives {classes} score per sample, so labels cannot be scored; "
@@ -82,12 +119,12 @@ class SplitTally:
                 f"{batch.split} labels run from {labels.min()} to {labels.max()} but the model has {classes} "
                 f"classes (0–{classes - 1}); fix the labels or the model"
             )
-        self.labelled += len(labels)
-        self.correct += int(np.count_nonzero(scores.argmax(axis=1) == labels))
+        figures.labelled += len(labels)
+        figures.correct += int(np.count_nonzero(scores.argmax(axis=1) == labels))
         index = np.arange(batch.start, batch.start + len(labels), dtype=np.int64)
-        self.uniforms.append(metrics.sample_uniforms(index, self.margin_seed))
-        self.probability_margins.append(metrics.probability_margins(scores, labels, self.output_is_probability))
+        figures.uniforms.append(metrics.sample_uniforms(index, self.margin_seed))
+        figures.probability_margins.append(metrics.probability_margins(scores, labels, self.output_is_probability))
         if logits is not None:
-            self.logit_margins.append(
+            figures.logit_margins.append(
                 metrics.logit_margins(logits.reshape(len(labels), -1).astype(np.float32, copy=False), labels)
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -17,8 +17,9 @@ import numpy as np
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor.config import AuditConfig
 from auditor.data import SPLITS, Batch
-from auditor.errors import DataError
-from auditor.persist import StoredReport
+from auditor.errors import AuditError, DataError
+from auditor.jobs import AuditSpec, DatasetRef, Job
+from auditor.persist import StoredReport, check_content_address
 from auditor.report import ModelInfo, Report
 
 # KServe v2 datatype names and the numpy types they carry (always little-endian on the wire).
@@ -32,6 +33,16 @@ DATATYPES: dict[str, np.dtype] = {
 }  # fmt: skip
 _NAMES = {dtype.newbyteorder("="): name for name, dtype in DATATYPES.items()}
 SUMMARY_FIELDS = ("accuracy", "aiq", "network_efficiency", "cna")
+MAX_RANK = 16  # samples first; image data has 4 dims, numpy allows 64
+MAX_DIM = 2**40
+MAX_NAME_BYTES = 255  # a model's name in its report
+JOB_STATES = {
+    "queued": pb.JOB_STATE_QUEUED,
+    "running": pb.JOB_STATE_RUNNING,
+    "done": pb.JOB_STATE_DONE,
+    "failed": pb.JOB_STATE_FAILED,
+    "cancelled": pb.JOB_STATE_CANCELLED,
+}
 
 
 def array_to_tensor(array: np.ndarray) -> pb.Tensor:
@@ -50,8 +61,10 @@ def tensor_to_array(tensor: pb.Tensor, what: str) -> np.ndarray:
     if dtype is None:
         raise DataError(f"{what}: unknown datatype {tensor.datatype!r}; use one of {sorted(DATATYPES)}")
     shape = tuple(tensor.shape)
-    if not shape or any(d < 0 for d in shape):
-        raise DataError(f"{what}: shape {list(shape)} is not valid: samples first, no negative dims")
+    if not 1 <= len(shape) <= MAX_RANK:
+        raise DataError(f"{what}: a tensor has 1 to {MAX_RANK} dims (samples first), not {len(shape)}")
+    if any(not 0 <= d <= MAX_DIM for d in shape):
+        raise DataError(f"{what}: shape {list(shape)} is not valid: every dim in 0..2**40")
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(tensor.raw_contents):
         raise DataError(
@@ -91,16 +104,103 @@ def settings_to_config(settings: pb.AuditSettings) -> AuditConfig:
     values: dict[str, Any] = {
         f.name: getattr(settings, f.name)
         for f in fields(AuditConfig)
-        if f.name != "alpha_range" and settings.HasField(f.name)
+        if f.name != "alpha_range" and f.name in _SETTINGS and settings.HasField(f.name)
     }
     if settings.HasField("alpha_range"):
         values["alpha_range"] = (settings.alpha_range.low, settings.alpha_range.high)
     return AuditConfig.from_dict(values)
 
 
+_SETTINGS = frozenset(pb.AuditSettings.DESCRIPTOR.fields_by_name)
+
+
+def dataset_to_proto(ref: DatasetRef) -> pb.DatasetRef:
+    return pb.DatasetRef(name=ref.name, split=ref.split, limit=ref.limit)
+
+
+def dataset_from_proto(message: pb.DatasetRef) -> DatasetRef:
+    """The dataset a DatasetRef names; an empty split means "test", as on the command line."""
+    limit = message.limit if message.HasField("limit") else None
+    return DatasetRef(message.name, message.split or "test", limit)
+
+
+def start_to_proto(spec: AuditSpec) -> pb.AuditStart:
+    start = pb.AuditStart(
+        model_sha256=spec.content_address, settings=config_to_settings(spec.config), model_name=spec.model_name
+    )
+    if spec.dataset is not None:
+        start.dataset.CopyFrom(dataset_to_proto(spec.dataset))
+    return start
+
+
+def start_from_proto(start: pb.AuditStart) -> AuditSpec:
+    """What an AuditStart asks for, every part checked: the address's form, the name, the settings."""
+    return AuditSpec(
+        content_address=check_content_address(start.model_sha256),
+        model_name=check_model_name(start.model_name),
+        config=settings_to_config(start.settings),
+        dataset=dataset_from_proto(start.dataset) if start.HasField("dataset") else None,
+    )
+
+
+def check_model_name(name: str) -> str:
+    """A model's name for its report: at most 255 bytes, no control characters ("" = keep the stored name)."""
+    if len(name.encode()) > MAX_NAME_BYTES or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise AuditError(f"model_name must be at most {MAX_NAME_BYTES} bytes with no control characters")
+    return name
+
+
+def job_to_proto(job: Job) -> pb.Job:
+    start = start_to_proto(job.spec)
+    message = pb.Job(
+        id=job.id,
+        content_address=job.spec.content_address,
+        model_name=job.spec.model_name,
+        dataset=start.dataset,
+        settings=start.settings,
+        state=JOB_STATES[job.state],
+        samples_done=dict(job.samples),
+        queue_position=job.queue_position,
+        error=job.error,
+        report_id=job.report_id,
+        restarts=job.restarts,
+    )
+    for name in ("created", "started", "finished"):
+        if getattr(job, name) is not None:
+            getattr(message, name).FromDatetime(getattr(job, name))
+    return message
+
+
+def job_from_proto(message: pb.Job) -> Job:
+    states = {number: name for name, number in JOB_STATES.items()}
+    spec = AuditSpec(
+        message.content_address,
+        message.model_name,
+        settings_to_config(message.settings),
+        dataset_from_proto(message.dataset) if message.HasField("dataset") else None,
+    )
+    return Job(
+        id=message.id,
+        spec=spec,
+        state=states.get(message.state, "unknown"),
+        samples=dict(message.samples_done),
+        error=message.error,
+        report_id=message.report_id,
+        created=message.created.ToDatetime(tzinfo=UTC),
+        started=_time(message, "started"),
+        finished=_time(message, "finished"),
+        restarts=message.restarts,
+        queue_position=message.queue_position if message.HasField("queue_position") else None,
+    )
+
+
+def _time(message: pb.Job, name: str) -> datetime | None:
+    return getattr(message, name).ToDatetime(tzinfo=UTC) if message.HasField(name) else None
+
+
 def summary_to_proto(stored: StoredReport) -> pb.ReportSummary:
     """The typed headline figures of a stored report."""
-    summary = pb.ReportSummary(id=stored.id, model_sha256=stored.model_sha256)
+    summary = pb.ReportSummary(id=stored.id, model_sha256=stored.content_address)
     summary.created.FromDatetime(stored.created)
     for name, split in stored.report.splits.items():
         figures = summary.splits[name]
@@ -153,6 +253,7 @@ def model_info_to_proto(info: ModelInfo) -> pb.DescribeModelResponse:
                 role=layer.role,
                 neurons=layer.neurons,
                 positions=layer.positions,
+                block_output=layer.block_output,
             )
             for layer in info.layers
         ],

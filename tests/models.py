@@ -1,14 +1,17 @@
-"""Small real ONNX models built with ``onnx.helper`` for the graph and counting tests.
+"""Small real ONNX models built with ``onnx.helper``: the one place tests get their models from.
 
-Every model here passes ``onnx.checker`` and runs in onnxruntime; weights are fixed by a seed so
-that a test's numbers never change between runs. The reference helpers compute layer states the
-slow, obvious way (SPEC §2) from tensors that onnxruntime itself produced.
+Every model here passes ``onnx.checker`` and runs in onnxruntime; weights are given or fixed by a
+seed, so that a test's numbers never change between runs. ``Net`` builds any graph a test needs;
+``mlp``, ``dense_model`` and ``lenet_model`` are the networks most tests share. The reference
+helpers compute layer states the slow, obvious way (SPEC §2) from tensors that onnxruntime itself
+produced.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -66,26 +69,45 @@ class Net:
         return self.rng.standard_normal(shape).astype(self.np_dtype)
 
     def dense(
-        self, x: str, n_in: int, n_out: int, *, weight: object = None, bias: bool = True, out: str | None = None
+        self, x: str, n_in: int, n_out: int, *, weight: object = None, bias: object = True, out: str | None = None
     ) -> str:
-        """``Gemm(x, W, b)`` with ``W`` of shape (n_in, n_out): random unless ``weight`` is given."""
+        """``Gemm(x, W, b)`` with ``W`` of shape (n_in, n_out): random unless ``weight`` is given.
+
+        ``bias`` is True for a random bias, False for none, or the bias values themselves.
+        """
         w = self.const(self.random(n_in, n_out) if weight is None else weight)
-        inputs = [x, w, self.const(self.random(n_out) * 0.5, "b")] if bias else [x, w]
-        return self.op("Gemm", *inputs, out=out)
+        if bias is False:
+            return self.op("Gemm", x, w, out=out)
+        b = self.const(self.random(n_out) * 0.5 if bias is True else bias, "b")
+        return self.op("Gemm", x, w, b, out=out)
 
     def matmul(self, x: str, n_in: int, n_out: int, *, out: str | None = None) -> str:
         """``Add(MatMul(x, W), b)``: a dense layer as PyTorch and Keras often export it."""
         product = self.op("MatMul", x, self.const(self.random(n_in, n_out)))
         return self.op("Add", product, self.const(self.random(n_out) * 0.5, "b"), out=out)
 
-    def conv(self, x: str, c_in: int, c_out: int, *, kernel: int = 3, bias: bool = True, out: str | None = None) -> str:
-        """A same-padded ``Conv`` with a random ``kernel``×``kernel`` filter bank."""
-        w = self.const(self.random(c_out, c_in, kernel, kernel) / kernel)
+    def conv(
+        self,
+        x: str,
+        c_in: int,
+        c_out: int,
+        *,
+        kernel: int = 3,
+        bias: bool = True,
+        same: bool = True,
+        scale: float | None = None,
+        out: str | None = None,
+    ) -> str:
+        """A ``Conv`` with a random ``kernel``×``kernel`` filter bank (weights × ``scale``, by default
+        1/kernel), same-padded unless ``same`` is False."""
+        w = self.const(self.random(c_out, c_in, kernel, kernel) * (1 / kernel if scale is None else scale))
         inputs = [x, w, self.const(self.random(c_out) * 0.5, "b")] if bias else [x, w]
-        pad = kernel // 2
+        pad = kernel // 2 if same else 0
         return self.op("Conv", *inputs, out=out, pads=[pad] * 4)
 
-    def build(self, *outputs: str, ir_version: int = IR_VERSION, inits_as_inputs: bool = False) -> onnx.ModelProto:
+    def build(
+        self, *outputs: str, ir_version: int = IR_VERSION, inits_as_inputs: bool = False, name: str = "test"
+    ) -> onnx.ModelProto:
         """The finished, checked model with ``outputs`` as its graph outputs.
 
         ``inits_as_inputs`` also lists every initializer as a graph input, as IR 3 requires.
@@ -95,7 +117,7 @@ class Net:
             inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in self.inits]
         graph = helper.make_graph(
             self.nodes,
-            "test",
+            name,
             inputs,
             [helper.make_tensor_value_info(name, self.dtype, None) for name in outputs],
             self.inits,
@@ -109,10 +131,21 @@ class Net:
 
 
 def mlp(
-    widths: Sequence[int], *, activation: str = "Relu", head: str | None = None, seed: int = 0, opset: int = 13
+    widths: Sequence[int],
+    *,
+    activation: str = "Relu",
+    head: str | None = None,
+    seed: int = 0,
+    opset: int = 13,
+    batch: int | str = "batch",
 ) -> onnx.ModelProto:
-    """``Gemm → activation → … → Gemm`` with layer widths ``widths`` (input first, logits last)."""
-    net = Net(("batch", widths[0]), seed=seed, opset=opset)
+    """``Gemm → activation → … → Gemm`` with layer widths ``widths`` (input first, logits last).
+
+    Pre-activations are ``pre1``, ``pre2``, …, the last Gemm gives ``logits`` and a ``head``
+    (Softmax, LogSoftmax) gives ``probs``. ``batch`` is the input's batch dimension: a name, or a
+    fixed size; the weights depend only on ``widths`` and ``seed``.
+    """
+    net = Net((batch, widths[0]), seed=seed, opset=opset)
     x = net.input
     for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
         last = i == len(widths) - 2
@@ -122,6 +155,59 @@ def mlp(
     if head is not None:
         x = net.op(head, x, out="probs", axis=-1)
     return net.build(x)
+
+
+def dense_model(
+    layers: Sequence[tuple[object, object]], *, batch: int | str = "N", softmax: bool = False, name: str = "dense"
+) -> onnx.ModelProto:
+    """``x → Gemm → Relu → … → Gemm (→ Softmax)`` with the weights given: (W of shape (in, out), b)
+    per Gemm, so that a test can work out every figure by hand.
+
+    Pre-activations are named ``h1``, ``h2``, …; the last Gemm gives ``logits``, the Softmax
+    ``probs``. Opset 17.
+    """
+    n_in = np.shape(layers[0][0])[0]
+    net = Net((batch, n_in), opset=17)
+    x = net.input
+    for i, (w, b) in enumerate(layers, 1):
+        last = i == len(layers)
+        x = net.dense(x, *np.shape(w), weight=w, bias=b, out="logits" if last else f"h{i}")
+        if not last:
+            x = net.op("Relu", x, out=f"a{i}")
+    if softmax:
+        x = net.op("Softmax", x, out="probs", axis=1)
+    return net.build(x, name=name)
+
+
+def mnist_layers(seed: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Random weights for a 784 → 16 → 12 → 10 ``dense_model`` on MNIST, fixed by ``seed``."""
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.standard_normal((784, 16)) * 0.1, rng.standard_normal(16) * 0.1),
+        (rng.standard_normal((16, 12)) * 0.5, rng.standard_normal(12) * 0.1),
+        (rng.standard_normal((12, 10)) * 0.5, rng.standard_normal(10) * 0.1),
+    ]
+
+
+def lenet_model(batch: int | str = "N", seed: int = 0) -> onnx.ModelProto:
+    """A LeNet-5-shaped model with random weights, input (batch, 1, 28, 28) float32:
+    Conv(4, 5×5) ``c1`` → Relu → MaxPool → Conv(8, 5×5) ``c2`` → Relu → MaxPool → Flatten →
+    Gemm(16) ``f1`` → Relu → Gemm(10) ``logits``. Positions per layer: 576, 64, 1."""
+    net = Net((batch, 1, 28, 28), opset=17, seed=seed)
+
+    def block(x: str, c_in: int, c_out: int, scale: float, out: str) -> str:
+        conv = net.conv(x, c_in, c_out, kernel=5, same=False, scale=scale, out=out)
+        return net.op("MaxPool", net.op("Relu", conv), kernel_shape=[2, 2], strides=[2, 2])
+
+    flat = net.op("Flatten", block(block(net.input, 1, 4, 0.3, "c1"), 4, 8, 0.1, "c2"), axis=1)
+    f1 = net.dense(flat, 128, 16, weight=net.random(128, 16) * 0.1, out="f1")
+    return net.build(net.dense(net.op("Relu", f1), 16, 10, weight=net.random(16, 10) * 0.3, out="logits"), name="lenet")
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    """Write ``model`` to ``path`` and return the path."""
+    path.write_bytes(model.SerializeToString())
+    return path
 
 
 def run(model: onnx.ModelProto, x: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:

@@ -7,17 +7,34 @@ packing, key joining and stores must give exactly the same sorted count vector.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
+import resource
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import onnx
 import pytest
 from models import Net, reference_counts, reference_entropy, run, state_rows
 
-from auditor import count
-from auditor.audit import audit, prepare
-from auditor.count import HistogramStore, LayerCounter, SortedStore, join_groups, make_store
+from auditor import audit, count, metrics, prepare
+from auditor.count import (
+    HistogramStore,
+    LayerCounter,
+    MemoryBudget,
+    RunStore,
+    add_histograms,
+    count_of_counts,
+    join_groups,
+    make_store,
+    parse_size,
+    summarize,
+)
 from auditor.data import Batch
+from auditor.errors import AuditError, CancelledError, LimitError
 from auditor.graph import word_groups
 
 NEURONS = [1, 3, 16, 20, 21, 24, 25, 32, 33, 64, 65, 130]
@@ -194,7 +211,9 @@ def batch_reports() -> dict[int, dict]:
 
 def test_batch_size_does_not_change_counts_or_metrics(batch_reports: dict[int, dict]) -> None:
     """Batches of 1, 7 and 256: every layer figure, accuracy, η_N and aIQ are bit-identical (SPEC §2)."""
-    without_cna = {size: {**splits["test"], "cna": None} for size, splits in batch_reports.items()}
+    without_cna = {  # CNA's per-sample sums may move by float rounding with the batch size
+        size: {**splits["test"], "cna": None, "cna_points": None} for size, splits in batch_reports.items()
+    }
     assert without_cna[1] == without_cna[7] == without_cna[256]
     split = batch_reports[256]["test"]
     assert [layer["states_total"] for layer in split["layers"]] == [120 * 25, 120]
@@ -204,8 +223,51 @@ def test_batch_size_does_not_change_counts_or_metrics(batch_reports: dict[int, d
 
 
 # --- Stores ------------------------------------------------------------------------------------
+#
+# Every store is run three ways: a dense histogram, runs held in memory (a budget that never
+# fills) and runs that all spill (a budget of one byte: every add folds, spills and is merged
+# back from files). All must give np.unique's counts exactly.
 
-STORES = {"histogram": lambda: HistogramStore(12), "sorted": SortedStore}
+HUGE = 1 << 40  # a budget that never fills
+
+
+STORES = {
+    "histogram": lambda budget: HistogramStore(12),
+    "held": lambda budget: RunStore(1, budget),
+    "spilled": lambda budget: RunStore(1, budget),
+}
+LIMITS = {"histogram": HUGE, "held": HUGE, "spilled": 1}
+
+
+@pytest.fixture
+def make(tmp_path):
+    """``make(kind, words=1)``: a store of that kind in its own budget, spilling under ``tmp_path``."""
+    budgets: list[MemoryBudget] = []
+
+    def build(kind: str, words: int = 1):
+        budget = MemoryBudget(LIMITS[kind], tmp_path)
+        budgets.append(budget)
+        return STORES[kind](budget) if words == 1 else RunStore(words, budget)
+
+    yield build
+    for budget in budgets:
+        budget.close()
+    assert not list(tmp_path.iterdir())  # closing removed every spill file and folder
+
+
+def feed(store, *pieces: np.ndarray) -> None:
+    for piece in pieces:
+        store.add(piece)
+
+
+def items(store) -> tuple[np.ndarray, np.ndarray]:
+    """A store's distinct keys (heads, or rows of words) and counts, sorted as np.unique sorts."""
+    runs = list(store.merged())
+    record = runs[0].dtype if runs else count.record_dtype(1)
+    merged = np.concatenate(runs) if runs else np.zeros(0, record)
+    keys = merged["words"] if "words" in record.names else merged["head"]
+    order = np.lexsort(keys.T[::-1]) if keys.ndim == 2 else np.argsort(keys, kind="stable")
+    return keys[order], merged["count"][order]
 
 
 def reference(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -214,9 +276,9 @@ def reference(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def assert_same(store, keys: np.ndarray) -> None:
-    got_keys, got_counts = store.items()
+    got_keys, got_counts = items(store)
     want_keys, want_counts = reference(keys)
-    np.testing.assert_array_equal(np.asarray(got_keys), want_keys)
+    np.testing.assert_array_equal(got_keys, want_keys.astype(got_keys.dtype))
     np.testing.assert_array_equal(got_counts, want_counts)
     assert got_counts.sum() == len(keys)
 
@@ -240,28 +302,28 @@ def wide_keys(seed: int = 0, n: int = 4000, words: int = 3) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", STORES)
-def test_store_adds_in_pieces_like_at_once(kind: str) -> None:
+def test_store_adds_in_pieces_like_at_once(make, kind: str) -> None:
     keys = some_keys()
-    whole = STORES[kind]()
-    whole.add(keys)
+    whole = make(kind)
+    feed(whole, keys)
     assert_same(whole, keys)
-    pieces = STORES[kind]()
-    for piece in np.array_split(keys, [1, 2, 700, 701, 3000]):
-        pieces.add(piece)
+    pieces = make(kind)
+    feed(pieces, *np.array_split(keys, [1, 2, 700, 701, 3000]))
     assert_same(pieces, keys)
+    if kind == "spilled":
+        assert pieces.spilled and not pieces.runs  # the comparison above read everything back from files
 
 
 @pytest.mark.parametrize("kind", STORES)
-def test_store_merge_adds_counts(kind: str) -> None:
+def test_store_merge_adds_counts(make, kind: str) -> None:
     """SPEC §2: counts from workers merge by adding, equal to one store fed everything."""
     keys = some_keys(1)
-    parts = np.array_split(keys, [1200, 3100])
     workers = []
-    for part in parts:
-        worker = STORES[kind]()
-        worker.add(part)
+    for part in np.array_split(keys, [1200, 3100]):
+        worker = make(kind)
+        feed(worker, part)
         workers.append(worker)
-    total = STORES[kind]()
+    total = make(kind)
     for worker in workers:
         total.merge(worker)
     assert_same(total, keys)
@@ -271,83 +333,379 @@ def test_store_merge_adds_counts(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", STORES)
-def test_store_merge_of_empty_stores(kind: str) -> None:
+def test_store_merge_of_empty_stores(make, kind: str) -> None:
     """A worker that saw no data merges as nothing, however often and in whatever order."""
     keys = some_keys(2)
-    store = STORES[kind]()
-    store.merge(STORES[kind]())
-    store.merge(STORES[kind]())
-    store.add(keys)
-    store.merge(STORES[kind]())
+    store = make(kind)
+    store.merge(make(kind))
+    store.merge(make(kind))
+    feed(store, keys)
+    store.merge(make(kind))
     assert_same(store, keys)
-    assert np.asarray(store.items()[0]).dtype.kind in "iu"  # keys stay integers
 
 
 @pytest.mark.parametrize("kind", STORES)
-def test_store_merge_then_add_keeps_counting(kind: str) -> None:
+def test_store_merge_then_add_keeps_counting(make, kind: str) -> None:
     keys = some_keys(3)
-    a, b = STORES[kind](), STORES[kind]()
-    a.add(keys[:100])
-    b.add(keys[100:2000])
+    a, b = make(kind), make(kind)
+    feed(a, keys[:100])
+    feed(b, keys[100:2000])
     a.merge(b)
-    a.add(keys[2000:])
-    assert a.items()[1].sum() == len(keys)
+    feed(a, keys[2000:])
     assert_same(a, keys)
 
 
-def test_sorted_store_counts_multiword_rows_exactly() -> None:
+@pytest.mark.parametrize("kinds", [("histogram", "spilled"), ("spilled", "histogram"), ("held", "spilled")])
+def test_stores_of_different_kinds_merge(make, kinds: tuple[str, str]) -> None:
+    """Shards with different budgets may pick different stores for one layer; their counts still add."""
+    keys = some_keys(4)
+    a, b = make(kinds[0]), make(kinds[1])
+    feed(a, keys[:2500])
+    feed(b, keys[2500:])
+    a.merge(b)
+    assert_same(a, keys)
+
+
+@pytest.mark.parametrize("kind", ["held", "spilled"])
+def test_run_store_counts_multiword_rows_exactly(make, kind: str) -> None:
     keys = wide_keys()
-    store = SortedStore()
+    store = make(kind, words=3)
     for piece in np.array_split(keys, 7):
-        store.add(piece)
+        feed(store, piece)
     assert_same(store, keys)
-    assert len(store.items()[1]) == 50  # twins that differ in a single bit are distinct
+    assert len(items(store)[1]) == 50  # twins that differ in a single bit are distinct
 
 
-def test_sorted_store_merges_multiword_rows() -> None:
+@pytest.mark.parametrize("kind", ["held", "spilled"])
+def test_run_store_merges_multiword_rows_and_empty_stores(make, kind: str) -> None:
+    """An empty worker's store holds no rows; merging it must not break 2-D keys."""
     keys = wide_keys(1)
-    a, b = SortedStore(), SortedStore()
-    a.add(keys[:1500])
-    b.add(keys[1500:])
+    a, b = make(kind, words=3), make(kind, words=3)
+    a.merge(make(kind, words=3))
+    feed(a, keys[:1500])
+    feed(b, keys[1500:])
+    a.merge(b)
+    a.merge(make(kind, words=3))
+    assert_same(a, keys)
+
+
+@pytest.mark.parametrize("kind", ["held", "spilled"])
+def test_hash_collisions_never_merge_different_rows(make, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """SPEC §2: equality is decided on whole keys. With a hash that collides all the time
+    (two values for 50 rows), folding, merging and spilling must still count every row apart."""
+    monkeypatch.setattr(count, "hash_rows", lambda rows: rows[:, -1] & np.uint64(1))
+    keys = wide_keys(2)
+    a, b = make(kind, words=3), make(kind, words=3)
+    for piece in np.array_split(keys[:2000], 5):
+        feed(a, piece)
+    feed(b, keys[2000:])
     a.merge(b)
     assert_same(a, keys)
 
 
-def test_sorted_store_merges_empty_stores_into_multiword_rows() -> None:
-    """An empty worker's store holds no rows; merging it must not break 2-D keys."""
-    keys = wide_keys(2)
-    store = SortedStore()
-    store.merge(SortedStore())
-    store.add(keys[:1000])
-    store.merge(SortedStore())
-    store.add(keys[1000:])
+@pytest.mark.parametrize("wide", [False, True], ids=["1-word", "3-words"])
+def test_the_merge_reads_spilled_runs_in_bounded_ranges(make, monkeypatch: pytest.MonkeyPatch, wide: bool) -> None:
+    """A merge step holds at most ``merge_rows`` records (unless they share one head): the merge
+    streams the runs range by range, in key order, and the counts stay exact."""
+    monkeypatch.setattr(count, "MERGE_ROWS_MIN", 40)
+    rng = np.random.default_rng(5)
+    pool = rng.integers(0, 2**64 - 1, size=(2000, 3 if wide else 1), dtype=np.uint64, endpoint=True)
+    keys = pool[rng.integers(len(pool), size=6000)]
+    keys = keys if wide else keys[:, 0]
+    store = make("spilled", words=3 if wide else 1)
+    for piece in np.array_split(keys, 30):
+        feed(store, piece)
+    pieces = list(store.merged())
+    assert len(pieces) > 3 and max(len(piece) for piece in pieces) <= 40
+    heads = np.concatenate([piece["head"] for piece in pieces])
+    assert np.all(heads[1:] >= heads[:-1])  # ranges come in key order
     assert_same(store, keys)
 
 
-@pytest.mark.parametrize("wide", [False, True], ids=["1-D", "rows"])
-def test_sorted_store_folding_early_gives_the_same_counts(monkeypatch: pytest.MonkeyPatch, wide: bool) -> None:
-    """COMPACT_AT small: the queue is folded many times; counts are unchanged."""
-    monkeypatch.setattr(count, "COMPACT_AT", 50)
-    keys = wide_keys(3) if wide else some_keys(4).astype(np.uint64)
-    store = SortedStore()
-    for piece in np.array_split(keys, 97):
-        store.add(piece)
-    assert store.keys is not None and store.pending_size < 50  # folded along the way, not only at the end
+def test_too_many_spilled_runs_are_merged_into_one_file(make, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(count, "MAX_SPILLED_RUNS", 3)
+    keys = some_keys(6)
+    store = make("spilled")
+    for piece in np.array_split(keys, 40):
+        feed(store, piece)
+        assert len(store.spilled) <= 4
+    folder = next(store.budget.spill_dir.iterdir())
+    assert len(list(folder.iterdir())) == len(store.spilled)  # merged-away files are deleted
     assert_same(store, keys)
 
 
-def test_make_store_picks_dense_for_narrow_layers() -> None:
-    assert isinstance(make_store(1), HistogramStore)
-    assert isinstance(make_store(count.HISTOGRAM_BITS), HistogramStore)
-    assert isinstance(make_store(count.HISTOGRAM_BITS + 1), SortedStore)
+def test_make_store_picks_dense_for_narrow_layers_when_the_budget_has_room(tmp_path) -> None:
+    """Dense histograms of all layers share a quarter of the budget; layers past that get runs."""
+    with MemoryBudget(HUGE) as roomy, MemoryBudget(4 << 20, tmp_path) as small:
+        assert isinstance(make_store(1, roomy), HistogramStore)
+        assert isinstance(make_store(count.HISTOGRAM_BITS, roomy), HistogramStore)
+        assert isinstance(make_store(count.HISTOGRAM_BITS + 1, roomy), RunStore)
+        assert isinstance(make_store(65, roomy), RunStore) and make_store(65, roomy).dtype["words"].shape == (2,)
+        assert isinstance(make_store(17, small), HistogramStore)  # 1 MiB: a quarter of 4 MiB
+        assert isinstance(make_store(16, small), RunStore)  # 512 KiB more would pass the quarter
+        assert isinstance(make_store(1, small), RunStore)
 
 
 @pytest.mark.parametrize("neurons", [1, 5, 20])
 def test_histogram_store_covers_every_key_of_its_width(neurons: int) -> None:
     keys = np.array([0, (1 << neurons) - 1, (1 << neurons) - 1], np.int32)
-    store = make_store(neurons)
-    store.add(keys)
-    assert_same(store, keys)
+    with MemoryBudget(HUGE) as budget:
+        store = make_store(neurons, budget)
+        feed(store, keys)
+        assert_same(store, keys)
+
+
+def test_the_budget_bounds_what_stores_hold(tmp_path) -> None:
+    """After every add, all stores of one budget together hold at most three quarters of it."""
+    limit = 64 << 10
+    with MemoryBudget(limit, tmp_path) as budget:
+        stores = [RunStore(1, budget), RunStore(3, budget)]
+        narrow, wide = some_keys(7, n=40_000).astype(np.uint64), wide_keys(7, n=20_000)
+        for a, b in zip(np.array_split(narrow, 50), np.array_split(wide, 50), strict=True):
+            stores[0].add(a)
+            stores[1].add(b)
+            assert budget.held_bytes <= limit * 3 // 4
+        assert budget.spilled_bytes > 0
+        assert_same(stores[0], narrow)
+        assert_same(stores[1], wide)
+
+
+# --- LayerCounter: packed groups in, figures out -------------------------------------------------
+
+
+def layer_bits(neurons: int, seed: int, samples: int = 120) -> np.ndarray:
+    """(samples, neurons, 2, 3) firing bits drawn from a small pattern pool, so states repeat unevenly."""
+    rng = np.random.default_rng(seed)
+    pool = rng.random((25, neurons)) < 0.5
+    pick = (rng.random((samples, 2, 3)) ** 2 * len(pool)).astype(int)
+    return np.moveaxis(pool[pick], -1, 1)
+
+
+def packed_batches(bits: np.ndarray, pieces: int = 4) -> tuple[list[np.ndarray], list[tuple[int, int]], int]:
+    groups = word_groups(bits.shape[1])
+    packed, axis = pack(bits, 1, groups, "nchw")
+    return np.array_split(packed, pieces), groups, axis
+
+
+@pytest.mark.parametrize("neurons", NEURONS)
+def test_counter_summary_matches_the_reference_whether_held_or_spilled(tmp_path, neurons: int) -> None:
+    """Narrow (dense), ≤ 64-bit and multi-word layers: exact figures, and bit-identical entropy
+    whether nothing spills or everything does."""
+    bits = layer_bits(neurons, seed=neurons)
+    want = np.unique(state_rows(bits, 1), axis=0, return_counts=True)[1]
+    batches, groups, axis = packed_batches(bits)
+    summaries = []
+    for limit in (HUGE, 1):
+        with MemoryBudget(limit, tmp_path) as budget:
+            counter = LayerCounter(neurons, groups, axis, budget)
+            for batch in batches:
+                counter.add(batch)
+            summaries.append(counter.summary(top_k=7))
+            assert (budget.spilled_bytes > 0) == (limit == 1)
+    held, spilled = summaries
+    for summary in summaries:
+        assert summary.total == want.sum() == bits.shape[0] * 6
+        assert summary.distinct == len(want)
+        np.testing.assert_array_equal(summary.top_counts, np.sort(want)[::-1][:7])
+        np.testing.assert_array_equal(summary.count_quantiles, np.quantile(want, count.QUANTILES))
+        assert summary.entropy_bits == pytest.approx(reference_entropy(want), rel=1e-12, abs=1e-15)
+    assert held.entropy_bits == spilled.entropy_bits  # bit for bit
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("neurons", [16, 40, 130])
+def test_counters_of_shards_merge_to_a_single_pass(tmp_path, neurons: int) -> None:
+    """Ray shards: three counters, each in its own tiny budget (all spilled), merged into a fourth,
+    equal one counter that saw everything."""
+    bits = layer_bits(neurons, seed=100 + neurons, samples=300)
+    batches, groups, axis = packed_batches(bits, pieces=6)
+    with MemoryBudget(HUGE) as whole_budget:
+        whole = LayerCounter(neurons, groups, axis, whole_budget)
+        for batch in batches:
+            whole.add(batch)
+        want = whole.summary()
+        with contextlib.ExitStack() as stack:
+            shards = []
+            for part in (batches[:1], batches[1:4], batches[4:]):
+                budget = stack.enter_context(MemoryBudget(1, tmp_path))
+                shard = LayerCounter(neurons, groups, axis, budget)
+                for batch in part:
+                    shard.add(batch)
+                shards.append(shard)
+            driver = LayerCounter(neurons, groups, axis, stack.enter_context(MemoryBudget(1, tmp_path)))
+            for shard in shards:
+                driver.merge(shard)
+            got = driver.summary()
+    assert (got.total, got.distinct, got.entropy_bits) == (want.total, want.distinct, want.entropy_bits)
+    np.testing.assert_array_equal(got.top_counts, want.top_counts)
+    np.testing.assert_array_equal(got.count_quantiles, want.count_quantiles)
+    assert not list(tmp_path.iterdir())
+
+
+def test_counter_refuses_to_merge_another_layer() -> None:
+    with MemoryBudget(HUGE) as budget:
+        a = LayerCounter(30, word_groups(30), -1, budget)
+        with pytest.raises(ValueError, match="30"):
+            a.merge(LayerCounter(31, word_groups(31), -1, budget))
+
+
+# --- Summaries from a count of counts ------------------------------------------------------------
+
+
+def test_summary_of_hand_worked_cases() -> None:
+    four = summarize(*count_of_counts(np.array([3, 3, 3, 3])))
+    assert (four.total, four.distinct, four.entropy_bits) == (12, 4, 2.0)
+    one = summarize(*count_of_counts(np.array([9])))
+    assert (one.total, one.distinct, one.entropy_bits) == (9, 1, 0.0)
+    np.testing.assert_array_equal(one.top_counts, [9])
+    np.testing.assert_array_equal(one.count_quantiles, [9, 9, 9, 9, 9])
+    skewed = summarize(*count_of_counts(np.array([1, 1, 2])), top_k=2)  # p = 1/4, 1/4, 1/2
+    assert skewed.entropy_bits == 1.5
+    np.testing.assert_array_equal(skewed.top_counts, [2, 1])
+    with pytest.raises(ValueError):
+        summarize(*count_of_counts(np.zeros(0, np.int64)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_summary_matches_numpy_on_random_counts(seed: int) -> None:
+    """Quantiles equal numpy.quantile's bit for bit, top counts equal a full sort, entropy agrees
+    with the direct −Σ p log2 p (and metrics.entropy_bits) to rounding."""
+    rng = np.random.default_rng(seed)
+    counts = (rng.pareto(1.0 + seed / 3, size=int(rng.integers(1, 3000))) + 1).astype(np.int64)
+    summary = summarize(*count_of_counts(rng.permutation(counts)), top_k=50)
+    assert summary.total == counts.sum() and summary.distinct == len(counts)
+    np.testing.assert_array_equal(summary.top_counts, np.sort(counts)[::-1][:50])
+    np.testing.assert_array_equal(summary.count_quantiles, np.quantile(counts, count.QUANTILES))
+    assert summary.entropy_bits == pytest.approx(reference_entropy(counts), rel=1e-13, abs=1e-15)
+    assert summary.entropy_bits == pytest.approx(metrics.entropy_bits(counts), rel=1e-13, abs=1e-15)
+
+
+def test_histograms_of_disjoint_states_add() -> None:
+    a, b = np.array([1, 1, 4, 9]), np.array([4, 2, 1])
+    np.testing.assert_array_equal(
+        np.stack(add_histograms(count_of_counts(a), count_of_counts(b))),
+        np.stack(count_of_counts(np.concatenate([a, b]))),
+    )
+
+
+# --- Budgets: sizes, spill folders, and cleaning up ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("512M", 512 << 20),
+        ("4G", 4 << 30),
+        ("1.5G", 3 << 29),
+        ("64MiB", 64 << 20),
+        ("2gb", 2 << 30),
+        (" 1G ", 1 << 30),
+        (str(100 << 20), 100 << 20),
+        ("65536K", 64 << 20),
+    ],
+)
+def test_parse_size_reads_binary_units(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["1M", "0", "63M", "-1G", "", "G", "abc", "1.2.3G", "1e9", "4X", "2P", "1 G B"])
+def test_parse_size_refuses_with_one_line(text: str) -> None:
+    with pytest.raises(AuditError) as caught:
+        parse_size(text)
+    assert "memory budget" in caught.value.message and "\n" not in caught.value.message
+
+
+def spill_something(budget: MemoryBudget) -> RunStore:
+    store = RunStore(1, budget)
+    store.add(some_keys(8))
+    store.spill()
+    return store
+
+
+@pytest.mark.parametrize(
+    "interruption",
+    [None, RuntimeError("mid-audit failure"), KeyboardInterrupt(), CancelledError("the audit was cancelled")],
+    ids=["success", "error", "ctrl-c", "cancelled"],
+)
+def test_spill_files_are_removed_however_the_audit_ends(tmp_path, interruption: BaseException | None) -> None:
+    seen = []
+    with contextlib.suppress(type(interruption) if interruption else ()), MemoryBudget(1, tmp_path) as budget:
+        store = spill_something(budget)
+        store.add(some_keys(9))  # raised between adds, as an audit's loop would
+        seen = list(tmp_path.rglob("*.run"))
+        if interruption:
+            raise interruption
+    assert seen and budget.spilled_bytes > 0
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_dropped_budget_removes_its_files(tmp_path) -> None:
+    budget = MemoryBudget(1, tmp_path)
+    spill_something(budget)
+    assert list(tmp_path.iterdir())
+    del budget
+    gc.collect()  # store and budget refer to each other
+    assert not list(tmp_path.iterdir())
+
+
+CTRL_C_CHILD = """
+import sys, time
+import numpy as np
+from auditor.count import MemoryBudget, RunStore
+with MemoryBudget(1, sys.argv[1]) as budget:
+    store = RunStore(1, budget)
+    for i in range(100_000):
+        store.add(np.arange(i, i + 500, dtype=np.uint64))
+        if i == 3:
+            print("spilling", flush=True)
+        time.sleep(0.005)
+"""
+
+
+def test_ctrl_c_removes_spill_files(tmp_path) -> None:
+    """A real SIGINT to a process that is spilling: it stops, and its spill folder is gone."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_CHILD, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "spilling"
+        assert list(tmp_path.rglob("*.run"))
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert "KeyboardInterrupt" in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("where", ["missing", "a file"])
+def test_an_unusable_spill_folder_is_refused_in_one_line(tmp_path, where: str) -> None:
+    target = tmp_path / "spill"
+    if where == "a file":
+        target.write_text("not a folder")
+    with pytest.raises(AuditError) as caught:
+        MemoryBudget(1 << 30, target)
+    message = caught.value.message
+    assert "--spill-dir" in message and str(tmp_path) not in message and "\n" not in message
+
+
+def test_a_full_spill_folder_is_refused_in_one_line_and_leaves_nothing(tmp_path) -> None:
+    """A real write failure: the file-size limit (RLIMIT_FSIZE) makes writes past 64 KiB fail with EFBIG,
+    as a full disk does with ENOSPC."""
+    keys = np.arange(100_000, dtype=np.uint64)  # a 1.6 MB run
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    with MemoryBudget(1, tmp_path) as budget:
+        store = RunStore(1, budget)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))
+        try:
+            with pytest.raises(LimitError) as caught:
+                store.add(keys)  # a budget of one byte spills at once
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert not list(tmp_path.rglob("*.run"))  # the partial file is gone
+    message = caught.value.message
+    assert "full" in message and "--spill-dir" in message and str(tmp_path) not in message
+    assert not list(tmp_path.iterdir())
 
 
 # --- join_groups ---------------------------------------------------------------------------------

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import shutil
 import socket
 import struct
 import threading
+import tracemalloc
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -400,3 +403,63 @@ def test_unreachable_mirror_gives_one_clear_line(tmp_path: Path, monkeypatch: py
         "place the files in $AUDITOR_DATA_DIR/fashion-mnist/ or allow network access",
     )
     assert not list((tmp_path / "data" / "fashion-mnist").iterdir())
+
+
+# --- .npz members are streamed, never inflated whole --------------------------------------------
+
+
+def _npz_with_header(path: Path, key: str, header: dict, body: bytes) -> Path:
+    """A .npz whose member ``key`` has the given .npy header and body (which may disagree with it)."""
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, header)
+    with (
+        zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive,
+        archive.open(f"{key}.npy", "w", force_zip64=True) as member,
+    ):
+        member.write(head.getvalue())
+        member.write(body)
+    return path
+
+
+def test_a_zip_bomb_costs_only_the_samples_taken(tmp_path: Path) -> None:
+    # about 1.5 GB of zero images compressed into about 1.5 MB
+    header = {"descr": "|u1", "fortran_order": False, "shape": (2_000_000, 28, 28)}
+    path = _npz_with_header(tmp_path / "bomb.npz", "x", header, bytes(28 * 28 * 2_000_000))
+    assert path.stat().st_size < 4 * 2**20
+    tracemalloc.start()
+    try:
+        (dataset,) = open_splits(str(path), "test", limit=100)
+        batches = list(dataset.batches(32))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert dataset.count == 100 and [len(b.x) for b in batches] == [32, 32, 32, 4]
+    assert peak < 16 * 2**20, peak
+
+
+def test_npz_members_stream_the_same_samples_as_numpy_reads(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).integers(0, 255, (50, 3, 4), dtype=np.uint8)
+    y = np.arange(50, dtype=np.int32) % 7
+    np.savez_compressed(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:9], y_test=y[:9])
+    train, test = open_splits(str(tmp_path / "d.npz"), "both")
+    got = list(train.batches(16))
+    np.testing.assert_array_equal(np.concatenate([b.x for b in got]), x)
+    np.testing.assert_array_equal(np.concatenate([b.y for b in got]), y)
+    assert all(b.y.dtype == np.int64 for b in got)
+    assert test.count == 9
+
+
+def test_a_member_shorter_than_its_header_is_refused_when_read(tmp_path: Path) -> None:
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10, 4)}
+    path = _npz_with_header(tmp_path / "short.npz", "x", header, bytes(4 * 4 * 3))
+    (dataset,) = open_splits(str(path), "test")
+    refused(DataError, lambda: list(dataset.batches(4)), "declares 10 rows but ends early")
+
+
+def test_fortran_ordered_and_object_members_are_refused(tmp_path: Path) -> None:
+    header = {"descr": "<f4", "fortran_order": True, "shape": (10, 4)}
+    path = _npz_with_header(tmp_path / "f.npz", "x", header, bytes(4 * 40))
+    refused(DataError, lambda: open_splits(str(path), "test"), "Fortran order")
+    header = {"descr": "|O", "fortran_order": False, "shape": (3,)}
+    path = _npz_with_header(tmp_path / "o.npz", "x", header, b"")
+    refused(DataError, lambda: open_splits(str(path), "test"), "objects")

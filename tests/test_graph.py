@@ -2,14 +2,14 @@
 
 Every model is a real ONNX graph; where a test audits one, it runs in a real onnxruntime
 session and the figures are checked against states counted from onnxruntime's own tensors.
+Reading model files (external data included) is tested in ``test_modelfile``; sizes measured
+when shape inference gives up, in ``test_prepare``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,10 @@ from models import (
     reference_entropy,
     run,
 )
-from onnx import external_data_helper, helper, numpy_helper
+from onnx import helper, numpy_helper
+from refusals import refused
 
-from auditor.audit import audit, prepare
-from auditor.config import AuditConfig
+from auditor import AuditConfig, audit, prepare
 from auditor.data import Batch
 from auditor.errors import ModelError
 from auditor.graph import Layer, describe, expose, find_layers, packing, word_groups
@@ -59,21 +59,6 @@ def assert_states(stats, pre_activation: np.ndarray, axis: int) -> None:
     assert stats.states_total == counts.sum()
     assert stats.states_distinct == len(counts)
     assert stats.entropy_bits == pytest.approx(reference_entropy(counts), rel=1e-12, abs=1e-12)
-
-
-def refusal(call, *fragments: str) -> str:
-    """Run ``call``; it must raise a one-line ModelError holding every fragment."""
-    with pytest.raises(ModelError) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --- Hidden layers and the output layer ------------------------------------------------------
@@ -472,75 +457,6 @@ def test_real_float16_squeezenet_audits(shared_models: Path) -> None:
     assert all(0.0 <= s.efficiency <= 1.0 for s in stats)
 
 
-# --- External data ---------------------------------------------------------------------------
-
-
-def external_model(folder: Path) -> tuple[Path, onnx.ModelProto]:
-    """A model saved with all its weights in ``folder/weights.bin``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model = mlp([4, 5, 3])
-    path = folder / "model.onnx"
-    copy = onnx.ModelProto.FromString(model.SerializeToString())  # saving rewrites the proto it is given
-    onnx.save_model(
-        copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0
-    )
-    return path, model
-
-
-def relocate(path: Path, location: str) -> None:
-    """Rewrite the model file so every external tensor points at ``location`` (data not read)."""
-    proto = onnx.load(path, load_external_data=False)
-    for tensor in external_data_helper._get_all_tensors(proto):
-        if external_data_helper.uses_external_data(tensor):
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = location
-    path.write_bytes(proto.SerializeToString())
-
-
-def test_external_data_beside_the_model_loads(tmp_path: Path) -> None:
-    path, original = external_model(tmp_path / "m")
-    assert (tmp_path / "m" / "weights.bin").stat().st_size > 0
-    loaded = load_model(path).proto
-    for mine, theirs in zip(original.graph.initializer, loaded.graph.initializer, strict=True):
-        np.testing.assert_array_equal(numpy_helper.to_array(mine), numpy_helper.to_array(theirs))
-    assert [lay.name for lay in find_layers(loaded)] == ["pre1", "logits"]
-    x = np.random.default_rng(12).standard_normal((10, 4)).astype(np.float32)
-    assert audited(path, x)[0].states_total == 10
-
-
-def test_external_data_given_as_bytes_is_refused(tmp_path: Path) -> None:
-    path, _ = external_model(tmp_path / "m")
-    refusal(lambda: load_model(path.read_bytes()), "external data", "by path")
-
-
-@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
-def test_external_data_outside_the_model_folder_is_refused(tmp_path: Path, where: str) -> None:
-    """The outside file holds valid weights, so only a refusal before reading explains the error."""
-    path, _ = external_model(tmp_path / "m")
-    outside = tmp_path / "outside.bin"
-    outside.write_bytes((tmp_path / "m" / "weights.bin").read_bytes())
-    (tmp_path / "m" / "weights.bin").unlink()
-    if where == "parent":
-        location = "../outside.bin"
-    elif where == "absolute":
-        location = str(outside)
-    else:
-        os.symlink(outside, tmp_path / "m" / "link.bin")
-        location = "link.bin"
-    relocate(path, location)
-    refusal(lambda: load_model(path), "outside")
-    refusal(lambda: prepare(path), "outside")
-
-
-def test_relocated_external_data_inside_the_folder_still_loads(tmp_path: Path) -> None:
-    """Control for the refusals above: the same rewrite with an inside location works."""
-    path, _ = external_model(tmp_path / "m")
-    (tmp_path / "m" / "weights.bin").rename(tmp_path / "m" / "inside.bin")
-    relocate(path, "inside.bin")
-    assert [lay.name for lay in find_layers(load_model(path).proto)] == ["pre1", "logits"]
-
-
 # --- Models the auditor cannot use -----------------------------------------------------------
 
 
@@ -552,7 +468,7 @@ def test_sklearn_logistic_regression_has_no_layers() -> None:
     x = rng.standard_normal((60, 4)).astype(np.float32)
     clf = LogisticRegression(max_iter=200).fit(x, rng.integers(0, 3, 60))
     model = skl2onnx.to_onnx(clf, x[:1], target_opset={"": 13, "ai.onnx.ml": 3})
-    message = refusal(lambda: prepare(model))
+    message = refused(ModelError, lambda: prepare(model))
     assert message.startswith("no layers the auditor can use")
 
 
@@ -574,7 +490,7 @@ def test_sklearn_mlp_hidden_layer_is_found() -> None:
 def test_linear_only_network_has_no_layers() -> None:
     net = Net(("batch", 4))
     model = net.build(net.dense(net.dense(net.input, 4, 5), 5, 3))
-    message = refusal(lambda: describe(model))
+    message = refused(ModelError, lambda: describe(model))
     assert message.startswith("no layers the auditor can use")
 
 
@@ -582,7 +498,7 @@ def test_activation_without_a_linear_op_is_no_layer() -> None:
     """A Relu straight on the input (nothing linear above it) is not a layer."""
     net = Net(("batch", 4))
     model = net.build(net.dense(net.op("Relu", net.input), 4, 3))
-    assert refusal(lambda: describe(model)).startswith("no layers the auditor can use")
+    assert refused(ModelError, lambda: describe(model)).startswith("no layers the auditor can use")
 
 
 def test_two_data_inputs_are_refused() -> None:
@@ -590,7 +506,7 @@ def test_two_data_inputs_are_refused() -> None:
     net.inputs.append(helper.make_tensor_value_info("z", FLOAT, ["batch", 4]))
     both = net.op("Add", net.input, "z")
     model = net.build(net.dense(net.op("Relu", net.dense(both, 4, 5)), 5, 3))
-    refusal(lambda: describe(model), "2 data inputs", "'x'", "'z'")
+    refused(ModelError, lambda: describe(model), "2 data inputs", "'x'", "'z'")
 
 
 # --- Real models from other tools ------------------------------------------------------------
@@ -697,16 +613,6 @@ def test_expose_of_hand_built_models_passes_the_checker(build) -> None:
     assert exposed.model.graph.output[0].name == model.graph.output[0].name
 
 
-def test_prepare_does_not_touch_the_file(tmp_path: Path, shared_models: Path) -> None:
-    path = tmp_path / "mnist.onnx"
-    path.write_bytes((shared_models / "mnist-8_cntk_opset8.onnx").read_bytes())
-    digest, mtime = sha256(path), path.stat().st_mtime_ns
-    prepared = prepare(path)
-    assert prepared.model.sha256 == digest
-    assert sha256(path) == digest and path.stat().st_mtime_ns == mtime
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist.onnx"]
-
-
 def test_exposed_outputs_are_typed_for_onnxruntime() -> None:
     """Keys are int32 groups per position, sums one float32 per sample."""
     model = mlp([4, 30, 3])
@@ -779,25 +685,6 @@ def test_a_transpose_without_perm_or_shapes_is_refused_in_one_line() -> None:
     assert layer.axis is None and layer.rank is None
     with pytest.raises(ModelError, match="cannot be traced"):
         expose(model, describe(model))
-
-
-def test_shapes_shape_inference_cannot_see_are_measured_on_one_sample() -> None:
-    """A conv whose weights come through a computed Reshape: its width is unknown until it runs."""
-    net = Net(shape=("batch", 2, 5, 5))
-    flat = net.const(net.random(3 * 2 * 3 * 3).ravel())
-    shape = net.op("Identity", net.const([3, 2, 3, 3], dtype=np.int64))  # not an initializer any more
-    conv = net.op("Conv", net.input, net.op("Reshape", flat, shape), pads=[1, 1, 1, 1])
-    logits = net.dense(net.op("Flatten", net.op("Relu", conv)), 75, 2)
-    model = net.build(logits)
-    (hidden,) = [layer for layer in find_layers(model) if layer.role == "hidden"]
-    assert hidden.neurons is None  # shape inference gave up on the Reshape
-    prepared = prepare(model)
-    layer = prepared.structure.layers[0]
-    assert (layer.neurons, layer.positions, layer.rank) == (3, 25, 4)
-    x = net.random(6, 2, 5, 5)
-    report = audit(prepared, [("test", Batch(x))], AuditConfig(device="cpu"))
-    (pre,) = run(model, x, [conv])
-    assert report.splits["test"].layers[0].states_distinct == len(reference_counts(pre, 1))
 
 
 @pytest.mark.slow

@@ -1,14 +1,20 @@
-"""The LeNet trainer: architectures, recipe, export, grids and the grid report, on real MNIST.
+"""The LeNet trainer: architectures, records, recipe, export, grids and the study report, on real MNIST.
 
-Everything runs for real (PyTorch, onnxruntime, the auditor) on small slices of MNIST and one
-epoch, so the whole file stays well under a minute on two cores. The one-epoch accuracy check on
-the full training set and the Ray run are marked slow.
+Everything runs for real (PyTorch, onnxruntime, the auditor, headless Chromium) on small slices of
+MNIST and one epoch. The table logic is also checked on hand-made audited networks whose answers
+can be worked out by hand. The one-epoch accuracy check on the full training set, the grid →
+report run through the command line, and the Ray run are marked slow.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
+import re
+import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,20 +25,23 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the trainer needs the 'train' extra")
 
-from auditor import AuditConfig  # noqa: E402
+from auditor import find_layers  # noqa: E402
 from auditor.data import load_arrays  # noqa: E402
 from auditor.errors import AuditError  # noqa: E402
-from trainers import manifest  # noqa: E402
+from tests.models import mlp  # noqa: E402
+from trainers import manifest, tables  # noqa: E402
 from trainers.cli import main  # noqa: E402
-from trainers.data import randomize_labels  # noqa: E402
 from trainers.export import to_onnx, verify  # noqa: E402
 from trainers.files import TEMP_MARK  # noqa: E402
 from trainers.grid import plan, run_grid, width_combinations  # noqa: E402
-from trainers.job import Job, run_job  # noqa: E402
-from trainers.models import Architecture, build, parameter_count  # noqa: E402
-from trainers.report import make_report, summarize  # noqa: E402
-from trainers.stats import mean_ci, t_critical  # noqa: E402
-from trainers.train import Recipe, fit, make_optimizer  # noqa: E402
+from trainers.job import run_job  # noqa: E402
+from trainers.label_noise import randomize_labels  # noqa: E402
+from trainers.lenet import build, parameter_count  # noqa: E402
+from trainers.records import Architecture, Job, Recipe, TrainedNetwork  # noqa: E402
+from trainers.stats import Estimate, RankCorrelation, estimate, kendall_tau, mean_ci, t_critical  # noqa: E402
+from trainers.study import AuditedNetwork, SplitFigures, StudySettings, find_networks, make_report  # noqa: E402
+from trainers.study_page import format_estimate  # noqa: E402
+from trainers.train import fit, make_optimizer  # noqa: E402
 
 FAST = Recipe(max_epochs=1)
 LIMIT = 1000
@@ -57,11 +66,26 @@ def metadata(data: bytes) -> dict[str, str]:
         ("lenet-300-100", (300, 100), "none", 266_610),  # the original LeNet-300-100
         ("lenet-5", (32, 64, 128), "none", 184_586),  # 832 + 51,264 + 131,200 + 1,290
         ("lenet-300-100", (11, 4), "batchnorm", 8_733 + 2 * (11 + 4)),  # gamma and beta per neuron
+        ("lenet-300-100", (10, 6), "batchnorm-pre", 7_986 + 2 * (10 + 6)),
         ("lenet-5", (3, 9, 4), "dropout", 1_392),
+        ("lenet-5", (3, 9, 4), "batchnorm-pre", 1_392 + 2 * (3 + 9 + 4)),
     ],
 )
 def test_parameter_counts_match_the_paper(arch, widths, variant, expected):
-    assert parameter_count(build(Architecture(arch, widths, variant))) == expected
+    architecture = Architecture(arch, widths, variant)
+    assert parameter_count(build(architecture)) == expected == architecture.parameter_count
+
+
+def test_batchnorm_sits_after_or_before_the_activation():
+    after = [type(m).__name__ for m in build(Architecture("lenet-300-100", (4, 2), "batchnorm"))]
+    before = [type(m).__name__ for m in build(Architecture("lenet-300-100", (4, 2), "batchnorm-pre"))]
+    assert after[1:4] == ["Linear", "ELU", "BatchNorm1d"]
+    assert before[1:4] == ["Linear", "BatchNorm1d", "ELU"]
+    # Exported, the auditor's pre-activation of a Dense → BatchNorm → ELU block is the BatchNorm output.
+    proto = onnx.load_from_string(run_job(tiny_job(net={"variant": "batchnorm-pre"})).onnx)
+    producers = {out: node.op_type for node in proto.graph.node for out in node.output}
+    hidden = [layer for layer in find_layers(proto) if layer.role == "hidden"]
+    assert [producers[layer.name] for layer in hidden] == ["BatchNormalization", "BatchNormalization"]
 
 
 def test_lenet5_shapes_run_28_24_12_8_4():
@@ -107,11 +131,43 @@ def test_bad_architectures_are_refused(arch, widths, variant, message):
         Architecture(arch, widths, variant)
 
 
+# --- records ---------------------------------------------------------------------------------
+
+
+def test_a_network_reads_back_from_its_metadata_and_its_manifest_line():
+    result = run_job(tiny_job("lenet-5", (3, 9, 4), net={"variant": "dropout", "dropout_p": 0.25}, label_noise=0.5))
+    network = result.network
+    assert TrainedNetwork.from_metadata(metadata(result.onnx)) == replace(
+        network, train_history=(), seconds=None, device=None
+    )  # the run-dependent fields live only in the manifest
+    line = json.loads(json.dumps(network.to_manifest()))
+    assert TrainedNetwork.from_manifest(line) == network
+    assert line["file"] == f"{network.name}.onnx" == network.file
+
+
+@pytest.mark.parametrize(
+    ("props", "message"),
+    [
+        ({}, "not a network exported by auditor-train"),
+        ({"trainer": "auditor-train", "arch": "lenet-5"}, "incomplete or malformed"),
+    ],
+)
+def test_foreign_metadata_is_refused(props, message):
+    with pytest.raises(AuditError, match=message):
+        TrainedNetwork.from_metadata(props)
+
+
+def test_a_manifest_line_that_is_not_a_network_is_refused_in_one_line(tmp_path):
+    (tmp_path / manifest.MANIFEST).write_text('{"name": "x"}\n')
+    with pytest.raises(AuditError, match="line 1 is not a network record"):
+        manifest.read(tmp_path / manifest.MANIFEST)
+
+
 # --- recipe ----------------------------------------------------------------------------------
 
 
 def test_early_stopping_waits_patience_epochs_after_the_best():
-    from trainers.data import Split
+    from trainers.training_data import Split
 
     torch.manual_seed(0)
     model = build(Architecture("lenet-300-100", (2, 2)))
@@ -146,14 +202,14 @@ def test_label_noise_leaves_test_labels_untouched():
     x, y = load_arrays("mnist", "test", limit=LIMIT)
     session = ort.InferenceSession(result.onnx, providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"input": (x[:, None] / 255.0).astype(np.float32)})
-    assert result.record["test_accuracy"] == pytest.approx(float(np.mean(logits.argmax(1) == y)))
+    assert result.network.test_accuracy == pytest.approx(float(np.mean(logits.argmax(1) == y)))
     assert np.array_equal(load_arrays("mnist", "test", limit=LIMIT)[1], y)
 
 
 # --- export ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["none", "batchnorm", "dropout"])
+@pytest.mark.parametrize("variant", ["none", "batchnorm", "batchnorm-pre", "dropout"])
 def test_export_matches_pytorch_in_onnxruntime(variant):
     torch.manual_seed(1)
     model = build(Architecture("lenet-5", (3, 9, 4), variant))
@@ -197,8 +253,8 @@ def test_job_metadata_carries_architecture_recipe_and_results():
         "5",
     )
     assert props["optimizer"] == "sgd-nesterov" and props["init"] == "glorot-uniform"
-    assert float(props["train_accuracy"]) == result.record["train_accuracy"]
-    assert float(props["test_accuracy"]) == result.record["test_accuracy"]
+    assert float(props["train_accuracy"]) == result.network.train_accuracy
+    assert float(props["test_accuracy"]) == result.network.test_accuracy
     assert props["params"] == str(1_392 + 2 * (3 + 9 + 4))
 
 
@@ -230,6 +286,19 @@ def test_plan_names_are_predictable():
     assert replace(jobs[0], label_noise=0.25).name == "lenet-300-100_w11-4_none_n0.25_s0"
 
 
+def test_plan_covers_every_variant_and_noise_level():
+    jobs = plan(tiny_job(), [(2, 2), (4, 2)], 2, variants=["none", "dropout", "none"], label_noises=[0.0, 0.5])
+    assert len(jobs) == 2 * 2 * 2 * 2 == len({job.name for job in jobs})
+    assert [job.name for job in jobs[:3]] == [
+        "lenet-300-100_w2-2_none_n0_s0",
+        "lenet-300-100_w2-2_none_n0_s1",
+        "lenet-300-100_w4-2_none_n0_s0",
+    ]
+    assert jobs[-1].name == "lenet-300-100_w4-2_dropout_n0.5_s1"
+    with pytest.raises(AuditError, match="unknown variant"):
+        plan(tiny_job(), [(2, 2)], 1, variants=["none", "maxout"])
+
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory) -> Path:
     """A finished 2×2 LeNet-300-100 grid with two replicates: 8 networks."""
@@ -241,10 +310,11 @@ def grid(tmp_path_factory) -> Path:
 
 def test_grid_writes_one_file_and_one_manifest_line_per_network(grid):
     records = manifest.read(grid / manifest.MANIFEST)
-    assert len(records) == 8 == len({r["name"] for r in records})
-    assert sorted(p.name for p in grid.glob("*.onnx")) == sorted(r["file"] for r in records)
-    assert {tuple(r["widths"]) for r in records} == {(2, 2), (2, 4), (4, 2), (4, 4)}
-    assert {r["seed"] for r in records} == {0, 1}
+    assert len(records) == 8 == len({r.name for r in records})
+    assert sorted(p.name for p in grid.glob("*.onnx")) == sorted(r.file for r in records)
+    assert {r.job.architecture.widths for r in records} == {(2, 2), (2, 4), (4, 2), (4, 4)}
+    assert {r.job.seed for r in records} == {0, 1}
+    assert all(r.seconds > 0 and r.device == "cpu" and len(r.train_history) == 1 for r in records)
 
 
 def test_grid_resumes_only_what_is_missing(grid, tmp_path):
@@ -253,16 +323,16 @@ def test_grid_resumes_only_what_is_missing(grid, tmp_path):
     for path in grid.iterdir():
         (folder / path.name).write_bytes(path.read_bytes())
     records = manifest.read(folder / manifest.MANIFEST)
-    deleted, interrupted = records[1]["name"], records[2]["name"]
+    deleted, interrupted = records[1].name, records[2].name
     # One file lost after it was listed; one network interrupted mid-write: a temporary file and
     # no manifest line; and a torn last line from a crash while appending.
     (folder / f"{deleted}.onnx").unlink()
     (folder / f"{interrupted}.onnx").unlink()
     (folder / f"{interrupted}.onnx{TEMP_MARK}4242").write_bytes(b"half a model")
-    kept = [r for r in records if r["name"] != interrupted]
-    text = "".join(json.dumps(r) + "\n" for r in kept) + '{"name": "torn'
+    kept = [r for r in records if r.name != interrupted]
+    text = "".join(json.dumps(r.to_manifest()) + "\n" for r in kept) + '{"name": "torn'
     (folder / manifest.MANIFEST).write_text(text)
-    untouched = folder / records[0]["file"]
+    untouched = folder / records[0].file
     before = untouched.stat().st_mtime_ns
 
     jobs = plan(tiny_job(), width_combinations("lenet-300-100", [2, 4]), 2)
@@ -270,7 +340,7 @@ def test_grid_resumes_only_what_is_missing(grid, tmp_path):
 
     assert sorted(outcome.trained) == sorted([deleted, interrupted]) and len(outcome.skipped) == 6
     after = manifest.read(folder / manifest.MANIFEST)
-    assert len(after) == 8 == len({r["name"] for r in after})
+    assert len(after) == 8 == len({r.name for r in after})
     assert not list(folder.glob(f"*{TEMP_MARK}*"))
     assert untouched.stat().st_mtime_ns == before
     # Same seeds, same machine, same threads: the redone networks are bit-identical.
@@ -292,7 +362,7 @@ def test_parallel_grid_matches_serial_grid(grid, tmp_path):
         assert (tmp_path / f"{job.name}.onnx").read_bytes() == (grid / f"{job.name}.onnx").read_bytes()
 
 
-# --- report ----------------------------------------------------------------------------------
+# --- statistics ------------------------------------------------------------------------------
 
 
 def test_t_critical_values_and_intervals():
@@ -303,37 +373,233 @@ def test_t_critical_values_and_intervals():
     assert mean == 2.0 and half == pytest.approx(4.3027 * 1 / math.sqrt(3), abs=1e-4)
 
 
-def test_summarize_pools_replicates_and_counts_fold_decrease():
-    def row(widths, seed, accuracy, params):
-        return {"arch": "lenet-300-100", "widths": widths, "variant": "none", "dropout_p": 0.5,
-                "label_noise": 0.0, "seed": seed, "params": params, "accuracy": accuracy,
-                "aiq": None, "network_efficiency": 0.5, "layer1_efficiency": 0.4}  # fmt: skip
-
-    table = summarize([row([4, 4], 0, 0.9, 4000), row([4, 4], 1, 0.8, 4000), row([2, 2], 0, 0.7, 1000)])
-    assert [r["widths"] for r in table] == [[2, 2], [4, 4]]
-    small, big = table
-    assert big["replicates"] == 2 and big["accuracy_mean"] == pytest.approx(0.85)
-    assert big["accuracy_ci95"] == pytest.approx(12.7062 * 0.1 / 2, abs=1e-4)
-    assert small["accuracy_ci95"] is None and small["aiq_mean"] is None
-    assert (small["fold_decrease"], big["fold_decrease"]) == (4.0, 1.0)
+def test_intervals_are_flagged_not_hidden():
+    two = estimate([0.1, 0.5])  # mean 0.3, s = 0.2828, half-width 12.7062 · 0.2828 / √2 = 2.5412
+    assert (two.n, two.few, two.wide) == (2, True, True)
+    assert two.ci95 == pytest.approx(2.5412, abs=1e-4)  # not clipped at the mean
+    assert format_estimate(two, 2) == '0.30 ± 2.54 <span class="flag">†‡</span>'
+    three = estimate([0.80, 0.82, 0.84])
+    assert not three.few and not three.wide and format_estimate(three, 2) == "0.82 ± 0.05"
+    one = estimate([0.8, None])
+    assert (one.n, one.ci95, one.few) == (1, None, False) and format_estimate(one, 2) == "0.80"
+    assert format_estimate(Estimate(None, None, 0), 2) == "–"
 
 
-def test_report_on_a_tiny_grid(grid, tmp_path, capsys):
-    summary = make_report(grid, tmp_path, dataset="mnist", limit=LIMIT, config=AuditConfig(), top_k=2)
-    table = json.loads((tmp_path / "table.json").read_text())
-    networks = json.loads((tmp_path / "networks.json").read_text())
-    assert len(table) == 4 and len(networks) == 8
-    assert all(r["replicates"] == 2 and r["accuracy_ci95"] is not None for r in table)
-    assert {"layer1_efficiency_mean", "layer2_efficiency_ci95", "aiq_mean", "fold_decrease"} <= set(table[0])
-    # The auditor sees the same test images the trainer scored: the accuracies agree.
-    for network in networks:
-        assert network["accuracy"] == pytest.approx(network["test_accuracy"])
-    assert (tmp_path / "table.csv").read_text().count("\n") == 5
-    for metric in ("accuracy", "aiq", "layer1_efficiency", "layer2_efficiency"):
-        assert (tmp_path / f"heatmap_lenet-300-100_none_n0_{metric}.png").read_bytes()[:4] == b"\x89PNG"
-    page = (tmp_path / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and "<table>" in page
+def test_kendall_tau_on_hand_worked_examples():
+    # 10 pairs: 7 concordant, 3 discordant, no ties: τ = 4/10; Var(C − D) = n(n−1)(2n+5)/18 = 50/3.
+    result = kendall_tau([1, 2, 3, 4, 5], [3, 1, 2, 5, 4])
+    assert (result.tau, result.n) == (pytest.approx(0.4), 5)
+    assert (
+        result.p_value
+        == pytest.approx(math.erfc(4 / math.sqrt(50 / 3) / math.sqrt(2)))
+        == pytest.approx(0.3272, abs=1e-4)
+    )
+    # One pair tied in x, another tied in y, the other 4 concordant: τ-b = 4 / √((6 − 1)(6 − 1)) = 0.8.
+    assert kendall_tau([1, 1, 2, 3], [1, 2, 2, 3]).tau == pytest.approx(0.8)
+    assert kendall_tau([3, 2, 1], [1, 2, 3]).tau == pytest.approx(-1.0)
+    # Pairs with a missing value are dropped; a constant side has no τ (and no p).
+    assert kendall_tau([None, 1, 2, 3], [9, 1, 2, float("nan")]).n == 2
+    assert kendall_tau([1, 1, 1], [1, 2, 3]) == RankCorrelation(tau=None, p_value=None, n=3)
+
+
+def test_kendall_tau_matches_scipy_asymptotic():
+    scipy_stats = pytest.importorskip("scipy.stats", reason="scipy (from the dev extra) is the reference here")
+    rng = np.random.default_rng(0)
+    for n, tied in [(3, False), (12, True), (40, False), (150, True)]:
+        x = rng.normal(size=n)
+        y = 0.4 * x + rng.normal(size=n)
+        if tied:
+            x, y = np.round(x), np.round(2 * y)
+        ours = kendall_tau(list(x), list(y))
+        theirs = scipy_stats.kendalltau(x, y, method="asymptotic")
+        assert ours.tau == pytest.approx(theirs.statistic, abs=1e-12)
+        assert ours.p_value == pytest.approx(theirs.pvalue, rel=1e-9)
+
+
+# --- tables, on hand-made audited networks ---------------------------------------------------
+
+
+def audited(widths=(4, 4), seed=0, *, variant="none", noise=0.0, dropout_p=0.5, accuracy=0.9, aiq=0.8, gap=0.05):
+    """A network as the study sees it, with figures chosen by the test."""
+    job = Job(Architecture("lenet-300-100", widths, variant, dropout_p), seed=seed, label_noise=noise)
+    network = TrainedNetwork(
+        job, epochs=3, best_epoch=2, stopped_early=True, train_accuracy=accuracy + gap, test_accuracy=accuracy,
+        params=job.architecture.parameter_count,
+    )  # fmt: skip
+
+    def split(value: float) -> SplitFigures:
+        return SplitFigures(100, value, aiq, 0.6, 0.1, (0.5, 0.7))
+
+    return AuditedNetwork(network.file, network, split(accuracy + gap), split(accuracy), 0.2, None)
+
+
+def test_cells_pool_replicates_and_measure_fold_decrease():
+    networks = [audited((4, 4), 0, accuracy=0.9), audited((4, 4), 1, accuracy=0.8), audited((2, 2), 0, accuracy=0.7)]
+    p44, p22 = (Architecture("lenet-300-100", w).parameter_count for w in [(4, 4), (2, 2)])
+    reference = tables.references(networks, [])
+    assert reference["lenet-300-100"].widths == (4, 4)  # the largest network trained
+    small, big = tables.make_cells(networks, reference)
+    assert big.replicates == 2 and big.metrics["accuracy"].mean == pytest.approx(0.85)
+    assert big.metrics["accuracy"].ci95 == pytest.approx(12.7062 * 0.1 / 2, abs=1e-4)
+    assert small.metrics["accuracy"].ci95 is None and small.metrics["gap"].mean == pytest.approx(0.05)
+    assert (small.fold_decrease, big.fold_decrease) == (p44 / p22, 1.0)
+    named = tables.references(networks, [Architecture("lenet-300-100", (300, 100), "batchnorm")])
+    assert tables.make_cells(networks, named)[1].fold_decrease == 266_610 / p44  # the plain form's count
+
+
+def test_dropout_p_matters_only_for_the_dropout_variant():
+    networks = [
+        audited(seed=0, dropout_p=0.5),
+        audited(seed=1, dropout_p=0.3),  # the same plain network: its dropout p means nothing
+        audited(variant="dropout", dropout_p=0.5),
+        audited(variant="dropout", dropout_p=0.3),
+    ]
+    cells = tables.make_cells(networks, tables.references(networks, []))
+    assert [(c.architecture.variant, c.dropout_p, c.replicates) for c in cells] == [
+        ("none", None, 2),
+        ("dropout", 0.3, 1),
+        ("dropout", 0.5, 1),
+    ]
+    rows = tables.cells_table(cells, tables.Scale(), "").flat_rows(rounded=False)
+    assert [row["dropout_p"] for row in rows] == [None, 0.3, 0.5]
+
+
+def study_networks() -> list[AuditedNetwork]:
+    """Three architectures × two variants × two noise levels × two seeds, with known winners:
+    (8,8) has the best accuracy and (4,4) the best aIQ; noise costs half its level in accuracy."""
+    accuracy = {(2, 2): 0.80, (4, 4): 0.90, (8, 8): 0.95}
+    aiq = {(2, 2): 0.70, (4, 4): 0.90, (8, 8): 0.80}
+    return [
+        audited(widths, seed, variant=variant, noise=noise, aiq=aiq[widths] + seed / 100,
+                accuracy=accuracy[widths] - noise / 2 + (variant == "batchnorm") / 100 + seed / 1000)
+        for variant in ("none", "batchnorm") for noise in (0.0, 0.5) for widths in accuracy for seed in (0, 1)
+    ]  # fmt: skip
+
+
+def test_tables_1_2_3_pick_the_paper_rows():
+    study = tables.build(study_networks(), "mnist", StudySettings(top_k=2))
+    by_name = {table.name: table.to_json() for table in study.tables}
+    assert list(by_name) == ["table1", "table2", "table3", "generalization", "cells", "networks"]
+    table1 = by_name["table1"]["rows"]
+    assert [(r["ranked_by"], r["widths"]) for r in table1] == [
+        ("accuracy", "8,8"),
+        ("accuracy", "4,4"),
+        ("aIQ", "4,4"),
+        ("aIQ", "8,8"),
+    ]  # variant none, no label noise
+    assert table1[0]["accuracy_mean"] == pytest.approx(0.9505) and table1[0]["replicates"] == 2
+    table2 = by_name["table2"]["rows"]
+    assert [(r["widths"], r["variant"]) for r in table2] == [
+        ("4,4", "none"),
+        ("4,4", "batchnorm"),
+        ("8,8", "none"),
+        ("8,8", "batchnorm"),
+    ]
+    table3 = by_name["table3"]["rows"]
+    assert [(r["variant"], r["pick"], r["widths"]) for r in table3] == [
+        ("none", "best aIQ", "4,4"),
+        ("none", "best accuracy", "8,8"),
+        ("batchnorm", "best aIQ", "4,4"),
+        ("batchnorm", "best accuracy", "8,8"),
+    ]
+    assert table3[0]["accuracy_n0.5_mean"] == pytest.approx(0.9 - 0.25 + 0.0005)
+    assert table3[0]["train_accuracy_n0.5_mean"] == pytest.approx(0.9 - 0.25 + 0.0005 + 0.05)
+    assert all(r["dropout_p"] is None for r in table2 + table3)
+    tau = {(r["metric"], r["split"]): r for r in by_name["generalization"]["rows"]}
+    assert len(tau) == len(tables.GENERALIZATION) and tau[("aIQ", "test")]["networks"] == 24
+    assert tau[("CNA", "test")]["tau"] is None  # constant CNA: no τ, said so rather than 0
+    assert "2 replicate seed(s) per cell" in study.caption and "at most" not in study.caption
+
+
+def test_tables_need_what_they_show():
+    only_dropout = [audited(seed=s, variant="dropout") for s in (0, 1)]
+    study = tables.build(only_dropout, "mnist", StudySettings())
+    assert [t.name for t in study.tables] == ["generalization", "cells", "networks"]
+    assert len(study.notes) == 3 and all(note.endswith("not written") for note in study.notes)
+
+
+def test_csv_rounds_json_keeps_full_precision_and_percent_scales_fractions_only():
+    networks = [audited(seed=0, accuracy=0.9), audited(seed=1, accuracy=0.91234567)]
+    plain, percent = (tables.build(networks, "mnist", StudySettings(percent=p)) for p in (False, True))
+    cells = {t.name: t for t in percent.tables}["cells"]
+    row = cells.to_json()["rows"][0]
+    assert row["accuracy_mean"] == pytest.approx(90.6172835) and cells.to_json()["unit"] == "percent"
+    assert row["cna_mean"] == pytest.approx(0.1)  # CNA is not a fraction of 1: never scaled
+    csv_row = next(csv.DictReader(io.StringIO(cells.to_csv())))
+    assert csv_row["accuracy_mean"] == "90.62" and csv_row["dropout_p"] == "" and csv_row["widths"] == "4,4"
+    plain_row = next(csv.DictReader(io.StringIO({t.name: t for t in plain.tables}["cells"].to_csv())))
+    assert plain_row["accuracy_mean"] == "0.9062" and plain_row["fold_decrease"] == "1.0"
+    assert "×100" in percent.caption and "0–1 scale" in plain.caption
+
+
+# --- the study on real networks ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def report_dir(grid, tmp_path_factory) -> tuple[Path, str]:
+    """The report of the 8-network grid, audited on the first LIMIT samples of each split."""
+    out = tmp_path_factory.mktemp("report")
+    return out, make_report(grid, out, StudySettings(limit=LIMIT, top_k=2))
+
+
+def test_report_on_a_tiny_grid(grid, report_dir):
+    out, summary = report_dir
+    cells = json.loads((out / "cells.json").read_text())["rows"]
+    networks = json.loads((out / "networks.json").read_text())["rows"]
+    assert len(cells) == 4 and len(networks) == 8
+    assert all(r["replicates"] == 2 and r["accuracy_ci95"] is not None for r in cells)
+    assert {"layer1_efficiency_mean", "layer2_efficiency_ci95", "aiq_mean", "fold_decrease"} <= set(cells[0])
+    # The auditor sees the images and labels the trainer scored: both accuracies agree.
+    for row in networks:
+        props = metadata((grid / row["file"]).read_bytes())
+        assert row["accuracy"] == pytest.approx(float(props["test_accuracy"]))
+        assert row["train_accuracy"] == pytest.approx(float(props["train_accuracy"]))
+    assert (out / "cells.csv").read_text().count("\n") == 5
+    assert len(json.loads((out / "table1.json").read_text())["rows"]) == 2 * 2
+    assert not (out / "table2.json").exists() and "Table 2 needs" in summary
+    assert all(row["networks"] == 8 for row in json.loads((out / "generalization.json").read_text())["rows"])
+    for metric in ("accuracy", "aiq", "network_efficiency", "layer1_efficiency", "layer2_efficiency"):
+        assert (out / f"heatmap_lenet-300-100_{metric}.png").read_bytes()[:4] == b"\x89PNG"
+    for metric in ("cna", "cna_margin_max", "cna_margin_p5", "aiq", "network_efficiency"):
+        assert (out / f"scatter_{metric}.png").read_bytes()[:4] == b"\x89PNG"
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 10 and page.count("<table") == 4
     assert "top 2 by accuracy:" in summary and "top 2 by aiq:" in summary
+
+
+def test_states_at_reaches_the_audit(grid, report_dir, tmp_path, capsys):
+    folder = tmp_path / "nets"
+    folder.mkdir()
+    for path in sorted(grid.glob("*_s0.onnx")):
+        shutil.copy(path, folder / path.name)
+    out = tmp_path / "block"
+    argv = ["report", str(folder), "--limit", str(LIMIT), "--states-at", "block-output", "--out", str(out)]
+    assert main(argv) == 0
+    cells = json.loads((out / "cells.json").read_text())
+    assert "States read at: block-output" in cells["caption"] and cells["config"]["states_at"] == "block-output"
+    # No BatchNorm or Dropout after these activations: both state points read the same states (SPEC §1).
+    pre = {r["file"]: r for r in json.loads((report_dir[0] / "networks.json").read_text())["rows"]}
+    for row in json.loads((out / "networks.json").read_text())["rows"]:
+        assert row["network_efficiency"] == pre[row["file"]]["network_efficiency"]
+    assert "States read at: pre-activation" in report_dir[1]
+
+
+def test_find_networks_reads_metadata_and_leaves_out_the_rest(grid, tmp_path):
+    folder = tmp_path / "gathered"
+    (folder / "z-copies").mkdir(parents=True)
+    names = sorted(p.name for p in grid.glob("*.onnx"))[:2]
+    for name in names:
+        shutil.copy(grid / name, folder / name)
+    shutil.copy(grid / names[0], folder / "z-copies" / "again.onnx")
+    onnx.save(mlp([4, 3, 2]), folder / "someone-elses.onnx")
+    (folder / "broken.onnx").write_bytes(b"not a model")
+    found, notes = find_networks(folder)
+    assert [relative for relative, _ in found] == names
+    assert found[0][1] == TrainedNetwork.from_metadata(metadata((grid / names[0]).read_bytes()))
+    assert notes == [
+        "left out 2 file(s) not exported by auditor-train: broken.onnx, someone-elses.onnx",
+        "left out 1 copy(ies) of networks already found: z-copies/again.onnx",
+    ]
 
 
 # --- CLI -------------------------------------------------------------------------------------
@@ -348,7 +614,13 @@ def test_report_on_a_tiny_grid(grid, tmp_path, capsys):
         (["train", "--arch", "lenet-5", "--widths", "2,2,2", "--randomize-labels", "1.5", "--out", "m"], "[0, 1]"),
         (["train", "--arch", "lenet-5", "--widths", "2,2,2", "--variant", "maxout", "--out", "m"], "variant"),
         (["grid", "--arch", "lenet-5", "--layer-widths", "2;4", "--out", "g"], "3 hidden layers"),
-        (["report", "no-such-grid", "--out", "r"], "no finished networks"),
+        (["grid", "--arch", "lenet-300-100", "--widths", "2", "--variant", "none,maxout", "--out", "g"], "variant"),
+        (["grid", "--arch", "lenet-300-100", "--widths", "2", "--randomize-labels", "0,2", "--out", "g"], "[0, 1]"),
+        (["report", "no-such-folder", "--out", "r"], "is not a folder"),
+        (["report", ".", "--out", "r"], "no networks made by 'auditor-train'"),
+        (["report", ".", "--reference", "lenet-300-100", "--out", "r"], "--reference expects ARCH:WIDTHS"),
+        (["report", ".", "--reference", "lenet-7:2,2", "--out", "r"], "unknown architecture"),
+        (["report", ".", "--states-at", "output", "--out", "r"], "invalid choice"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
@@ -361,6 +633,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, m
     assert not list(tmp_path.iterdir())
 
 
+def test_cli_report_names_the_network_it_cannot_audit(grid, tmp_path, capsys):
+    impostor = mlp([4, 3, 2])  # carries a real network's metadata, but takes 4 inputs, not 28x28
+    onnx.helper.set_model_props(impostor, metadata((grid / "lenet-300-100_w2-2_none_n0_s0.onnx").read_bytes()))
+    (tmp_path / "nets").mkdir()
+    onnx.save(impostor, tmp_path / "nets" / "impostor.onnx")
+    assert main(["report", str(tmp_path / "nets"), "--limit", "50", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("auditor-train: error: impostor.onnx: ") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_train_writes_a_verified_model(tmp_path, capsys):
     out = tmp_path / "m.onnx"
     argv = ["train", "--arch", "lenet-300-100", "--widths", "4,2", "--max-epochs", "1", "--limit", "500"]
@@ -370,15 +653,66 @@ def test_cli_train_writes_a_verified_model(tmp_path, capsys):
     assert "wrote" in captured.out and "epoch 1: train accuracy" in captured.err
 
 
-# --- slow: acceptance and Ray ----------------------------------------------------------------
+# --- slow: acceptance, a whole study, and Ray ---------------------------------------------------
+
+# Run in the page by Chromium once it has loaded: record each image's decoded size on <body>.
+IMAGE_PROBE = (
+    "<script>window.addEventListener('load', () => { document.body.dataset.images = Array.from(document.images)"
+    ".map(i => i.complete && i.naturalWidth > 0 ? i.naturalWidth + 'x' + i.naturalHeight : 'broken').join(' '); });"
+    "</script>"
+)
+
+
+def rendered(page: Path, profile: Path) -> tuple[str, list[str]]:
+    """The DOM headless Chromium builds from ``page``, and each image's decoded size (or "broken")."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium)")
+    probe = page.with_name("probe.html")
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", IMAGE_PROBE + "</body>"), encoding="utf-8")
+    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}"]
+    command += ["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=True)
+    sizes = re.search(r'data-images="([^"]*)"', result.stdout)
+    assert sizes is not None, "Chromium did not run the page's load handler"
+    return result.stdout, sizes.group(1).split()
+
+
+@pytest.mark.slow
+def test_one_grid_command_then_report_tell_the_whole_story(tmp_path, capsys):
+    folder, out = tmp_path / "grid", tmp_path / "report"
+    argv = ["grid", "--arch", "lenet-300-100", "--layer-widths", "2,4;3", "--variant", "none,batchnorm"]
+    argv += ["--randomize-labels", "0,0.5", "--replicates", "2", "--max-epochs", "1", "--limit", "300"]
+    assert main([*argv, "--out", str(folder)]) == 0
+    assert "16 trained, 0 already done" in capsys.readouterr().out
+    assert main([*argv, "--out", str(folder)]) == 0
+    assert "0 trained, 16 already done" in capsys.readouterr().out  # resumes: nothing left to train
+    assert main(["report", str(folder), "--percent", "--out", str(out)]) == 0
+    names = ["table1", "table2", "table3", "generalization", "cells", "networks"]
+    for name in names:
+        assert (out / f"{name}.csv").stat().st_size > 0
+        assert json.loads((out / f"{name}.json").read_text())["unit"] in ("percent", "fraction")
+    table3 = json.loads((out / "table3.json").read_text())["rows"]
+    assert {row["variant"] for row in table3} == {"none", "batchnorm"}
+    assert all(row["accuracy_n0.5_mean"] is not None for row in table3)
+    heatmaps = sorted(p.name for p in out.glob("heatmap_*.png"))
+    scatters = sorted(p.name for p in out.glob("scatter_*.png"))
+    assert len(heatmaps) == 5 and len(scatters) == 5
+
+    dom, images = rendered(out / "index.html", tmp_path / "chromium")
+    assert len(images) == 10 and "broken" not in images
+    assert all(int(size.split("x")[0]) > 300 for size in images)
+    assert [name for name in names if f'data-name="{name}"' in dom] == names
+    assert "Do the metrics predict generalization?" in dom and "Kendall τ-b" in dom
+    assert "2 replicate seed(s) per cell" in dom and "at most 1 epoch" in dom
 
 
 @pytest.mark.slow
 def test_lenet300_11_4_reaches_70_percent_after_one_epoch_on_60k():
     job = Job(Architecture("lenet-300-100", (11, 4)), recipe=Recipe(max_epochs=1))
-    record = run_job(job).record
-    assert record["epochs"] == 1
-    assert record["test_accuracy"] >= 0.70
+    network = run_job(job).network
+    assert network.epochs == 1
+    assert network.test_accuracy >= 0.70
 
 
 @pytest.mark.slow

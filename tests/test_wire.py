@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
+from refusals import refused
 
 from auditor import audit, prepare
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor.config import AuditConfig
 from auditor.data import Batch, open_splits, tagged
 from auditor.errors import AuditError, DataError
+from auditor.jobs import AuditSpec, DatasetRef, Job
 from auditor.persist import StoredReport
 from auditor.report import LayerInfo, ModelInfo
 from auditor.wire import (
@@ -22,10 +25,14 @@ from auditor.wire import (
     batch_from_proto,
     batch_to_proto,
     config_to_settings,
+    job_from_proto,
+    job_to_proto,
     model_info_to_proto,
     report_from_proto,
     report_to_proto,
     settings_to_config,
+    start_from_proto,
+    start_to_proto,
     summary_from_proto,
     summary_to_proto,
     tensor_to_array,
@@ -60,10 +67,13 @@ def test_non_numeric_arrays_are_refused(dtype: object) -> None:
     ("tensor", "message"),
     [
         (pb.Tensor(datatype="FP128", shape=[1], raw_contents=b"\0" * 16), "unknown datatype"),
-        (pb.Tensor(datatype="FP32", shape=[], raw_contents=b"\0" * 4), "not valid"),
+        (pb.Tensor(datatype="FP32", shape=[], raw_contents=b"\0" * 4), "1 to 16 dims"),
         (pb.Tensor(datatype="FP32", shape=[2, -1], raw_contents=b""), "not valid"),
         (pb.Tensor(datatype="FP32", shape=[2, 3], raw_contents=b"\0" * 23), "needs 24 bytes but 23 arrived"),
         (pb.Tensor(datatype="UINT8", shape=[1 << 40, 1 << 40], raw_contents=b"\0"), "bytes but 1 arrived"),
+        (pb.Tensor(datatype="UINT8", shape=[1] * 65, raw_contents=b"\0"), "1 to 16 dims"),
+        (pb.Tensor(datatype="UINT8", shape=[1] * 17, raw_contents=b"\0"), "1 to 16 dims"),
+        (pb.Tensor(datatype="UINT8", shape=[1 << 62, 0], raw_contents=b""), "not valid"),
     ],
 )
 def test_malformed_tensors_are_refused_naming_the_field(tensor: pb.Tensor, message: str) -> None:
@@ -93,7 +103,7 @@ def test_a_batch_of_an_unknown_split_is_refused() -> None:
         AuditConfig(
             beta=0.5, batch_size=7, include_output_layer=True, cna_include_output_layer=False, aggregate="mean",
             margin_fraction=0.25, margin_seed=11, target_efficiency=0.9, alpha_range=(-1.0, 3.5), scale=0.1,
-            mean=0.1307, std=0.3081, device="cpu",
+            mean=0.1307, std=0.3081, device="cpu", states_at="block-output", memory_budget=512 << 20,
         ),
     ],
 )  # fmt: skip
@@ -102,6 +112,39 @@ def test_settings_carry_every_config_field_exactly(config: AuditConfig) -> None:
     back = settings_to_config(pb.AuditSettings.FromString(settings.SerializeToString()))
     assert back == config
     assert back.to_dict() == config.to_dict()
+
+
+def test_every_config_field_has_a_settings_field() -> None:
+    """A setting the wire could not carry would be silently dropped on the way to a server."""
+    config_fields = {f.name for f in fields(AuditConfig)}
+    assert config_fields <= set(pb.AuditSettings.DESCRIPTOR.fields_by_name)
+
+
+def test_audit_starts_and_jobs_round_trip() -> None:
+    spec = AuditSpec("a" * 64, "net.onnx", AuditConfig(beta=3.0), DatasetRef("mnist", "both", 100))
+    assert start_from_proto(pb.AuditStart.FromString(start_to_proto(spec).SerializeToString())) == spec
+    created = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    for job in (
+        Job("b" * 32, spec, created=created, queue_position=3),
+        Job("c" * 32, spec, "done", {"train": 100, "test": 100}, "", "d" * 32, created, created, created, 2),
+        Job("e" * 32, spec, "failed", {"train": 7}, "the dataset is empty", created=created, finished=created),
+    ):
+        assert job_from_proto(pb.Job.FromString(job_to_proto(job).SerializeToString())) == job
+
+
+@pytest.mark.parametrize(
+    ("start", "message"),
+    [
+        (pb.AuditStart(model_sha256="../x"), "64 lowercase hex digits"),
+        (pb.AuditStart(model_sha256="a" * 64, model_name="a\nb"), "no control characters"),
+        (pb.AuditStart(model_sha256="a" * 64, model_name="m" * 256), "at most 255 bytes"),
+        (pb.AuditStart(model_sha256="a" * 64, dataset=pb.DatasetRef(name="imagenet")), "resolves only"),
+        (pb.AuditStart(model_sha256="a" * 64, dataset=pb.DatasetRef(name="mnist", split="x")), "split must be"),
+        (pb.AuditStart(model_sha256="a" * 64, dataset=pb.DatasetRef(name="mnist", limit=0)), "at least 1"),
+    ],
+)
+def test_ill_formed_audit_starts_are_refused_naming_the_field(start: pb.AuditStart, message: str) -> None:
+    refused(AuditError, lambda: start_from_proto(start), message)
 
 
 def test_unset_settings_take_the_defaults_and_bad_ones_are_refused() -> None:
@@ -123,7 +166,7 @@ def unlabelled_report(shared_models):
 
 def test_summaries_carry_the_headline_figures_and_nulls(unlabelled_report) -> None:
     created = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-    stored = StoredReport("abc", "f" * 64, created, unlabelled_report)
+    stored = StoredReport("abc", "f" * 64, created, unlabelled_report)  # id, content address, ...
     row = summary_from_proto(pb.ReportSummary.FromString(summary_to_proto(stored).SerializeToString()))
     assert row["id"] == "abc" and row["model_sha256"] == "f" * 64
     assert row["created"] == "2025-01-02T03:04:05.678901+00:00"

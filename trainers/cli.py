@@ -1,8 +1,9 @@
 """``auditor-train``: thin subcommands over the trainer's functions.
 
     auditor-train train  --arch lenet-300-100 --widths 11,4 --seed 0 --out m.onnx
-    auditor-train grid   --arch lenet-300-100 --widths 2,4,8,16 --replicates 3 --jobs 2 --out grid/
-    auditor-train report grid/ --data mnist --out grid-report/
+    auditor-train grid   --arch lenet-300-100 --widths 2,4,8,16 --variant none,dropout \
+                         --randomize-labels 0,0.5 --replicates 3 --jobs 2 --out grid/
+    auditor-train report grid/ --out grid-report/
 
 Bad input is one line on stderr and exit code 2, never a traceback. Heavy modules (torch,
 matplotlib, the auditor's engine) are imported by the subcommand that needs them.
@@ -16,10 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from auditor.config import STATE_POINTS
 from auditor.errors import AuditError
 
 if TYPE_CHECKING:
-    from trainers.job import Job
+    from trainers.records import Architecture, Job
 
 PROG = "auditor-train"
 EXIT_BAD_INPUT = 2
@@ -41,6 +43,22 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _fractions(text: str) -> list[float]:
+    """``"0,0.25,1"`` -> ``[0.0, 0.25, 1.0]``, each in [0, 1]."""
+    values = [_fraction(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number in [0, 1]")
+    return values
+
+
+def _words(text: str) -> list[str]:
+    """``"none,dropout"`` -> ``["none", "dropout"]`` (checked where they are used)."""
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one name")
     return values
 
 
@@ -69,21 +87,39 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_network_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``train`` and ``grid``: the network, its data, and the recipe (SPEC §7)."""
-    from trainers.models import ARCHS, VARIANTS
+def _add_network_args(parser: argparse.ArgumentParser, *, lists: bool) -> None:
+    """Options shared by ``train`` and ``grid``: the network, its data, and the recipe (SPEC §7).
+
+    With ``lists`` (``grid``), ``--variant`` and ``--randomize-labels`` take comma-separated lists:
+    the study axes, every combination of which is trained.
+    """
+    from trainers.records import ARCHS, VARIANTS
 
     parser.add_argument("--arch", required=True, help=f"one of: {', '.join(ARCHS)}")
-    parser.add_argument("--variant", default="none", help=f"one of: {', '.join(VARIANTS)} (default none)")
+    if lists:
+        parser.add_argument(
+            "--variant", type=_words, default=["none"], help=f"comma-separated, from: {', '.join(VARIANTS)}"
+        )
+        parser.add_argument(
+            "--randomize-labels",
+            type=_fractions,
+            default=[0.0],
+            metavar="F[,F...]",
+            help="label-noise levels: fractions of the training labels resampled uniformly at random",
+        )
+    else:
+        parser.add_argument("--variant", default="none", help=f"one of: {', '.join(VARIANTS)} (default none)")
+        parser.add_argument(
+            "--randomize-labels",
+            type=_fraction,
+            default=0.0,
+            metavar="F",
+            help="resample this fraction of the training labels uniformly at random",
+        )
     parser.add_argument("--dropout-p", type=float, default=0.5, help="dropout rate of --variant dropout")
     parser.add_argument(
-        "--randomize-labels",
-        type=_fraction,
-        default=0.0,
-        metavar="F",
-        help="resample this fraction of the training labels uniformly at random",
+        "--data", default="mnist", help="mnist, fashion-mnist, or a .npz of 28x28 images (default mnist)"
     )
-    parser.add_argument("--data", default="mnist", help="dataset name for auditor.data (default mnist)")
     parser.add_argument("--limit", type=_positive, help="use only the first N samples of each split")
     parser.add_argument("--threads", type=_positive, default=1, help="torch threads per training process (default 1)")
     recipe = parser.add_argument_group("recipe overrides (defaults are the paper's)")
@@ -101,13 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train one network and export it to ONNX")
-    _add_network_args(train)
+    _add_network_args(train, lists=False)
     train.add_argument("--widths", type=_int_list, required=True, help="hidden widths, e.g. 11,4")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
 
-    grid = commands.add_parser("grid", help="train every combination of widths, resumably")
-    _add_network_args(grid)
+    grid = commands.add_parser("grid", help="train every combination of variant, label noise and widths, resumably")
+    _add_network_args(grid, lists=True)
     widths = grid.add_mutually_exclusive_group(required=True)
     widths.add_argument("--widths", type=_int_list, help="values every layer takes, e.g. 2,4,8,16")
     widths.add_argument("--layer-widths", type=_layer_lists, help='per-layer values, e.g. "2,4;8,16"')
@@ -116,23 +152,39 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--ray", metavar="ADDRESS", help='run on a Ray cluster ("auto", "local", or host:port)')
     grid.add_argument("--out", type=Path, required=True, help="folder for the ONNX files and manifest.jsonl")
 
-    report = commands.add_parser("report", help="audit a grid: table, heatmaps and an HTML page")
-    report.add_argument("grid", type=Path, help="a folder written by 'grid'")
-    report.add_argument("--data", default="mnist", help="dataset to audit on (test split)")
-    report.add_argument("--limit", type=_positive, help="audit only the first N test samples")
+    report = commands.add_parser("report", help="audit a folder of networks: the paper's tables, heatmaps, τ, HTML")
+    report.add_argument(
+        "folder", type=Path, help="a folder of networks made by 'grid' or 'train' (searched recursively)"
+    )
+    report.add_argument(
+        "--data", help="audit the networks trained on this data set (default: the one they were trained on)"
+    )
+    report.add_argument("--limit", type=_positive, help="audit only the first N samples of each split")
     report.add_argument("--beta", type=float, default=2.0, help="aIQ's beta (default 2)")
-    report.add_argument("--top-k", type=_positive, default=5, help="networks listed per ranking")
+    report.add_argument(
+        "--states-at",
+        choices=STATE_POINTS,
+        default="pre-activation",
+        help="where a layer's states are read (SPEC §1; default pre-activation)",
+    )
+    report.add_argument("--top-k", type=_positive, default=5, help="architectures listed per ranking (default 5)")
+    report.add_argument("--percent", action="store_true", help="show accuracy, aIQ and efficiencies x100")
+    report.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="ARCH:WIDTHS",
+        help="fold-decrease reference, e.g. lenet-300-100:300,100 (default: the largest network trained)",
+    )
     report.add_argument("--out", type=Path, required=True, help="folder for the report files")
     return parser
 
 
-def _job(args: argparse.Namespace, widths: Sequence[int], seed: int) -> Job:
+def _job(args: argparse.Namespace, widths: Sequence[int], seed: int, variant: str, label_noise: float) -> Job:
     """The ``Job`` the shared options describe (validated there; errors are AuditErrors)."""
-    from trainers.job import Job
-    from trainers.models import Architecture
-    from trainers.train import Recipe
+    from trainers.records import Architecture, Job, Recipe
 
-    architecture = Architecture(args.arch, tuple(widths), args.variant, args.dropout_p)
+    architecture = Architecture(args.arch, tuple(widths), variant, args.dropout_p)
     recipe = Recipe(
         lr=args.lr,
         batch_size=args.batch_size,
@@ -143,7 +195,7 @@ def _job(args: argparse.Namespace, widths: Sequence[int], seed: int) -> Job:
     return Job(
         architecture,
         seed=seed,
-        label_noise=args.randomize_labels,
+        label_noise=label_noise,
         recipe=recipe,
         dataset=args.data,
         limit=args.limit,
@@ -154,18 +206,19 @@ def _train(args: argparse.Namespace) -> int:
     from trainers.files import save_atomic
     from trainers.job import run_job
 
-    job = _job(args, args.widths, args.seed)
+    job = _job(args, args.widths, args.seed, args.variant, args.randomize_labels)
 
     def on_epoch(epoch: int, accuracy: float) -> None:
         print(f"epoch {epoch}: train accuracy {accuracy:.4f}", file=sys.stderr, flush=True)
 
     result = run_job(job, args.threads, on_epoch=on_epoch)
     save_atomic(args.out, result.onnx)
-    r = result.record
+    n = result.network
+    a = job.architecture
     print(
-        f"wrote {args.out}: {r['arch']} ({job.architecture.widths_text}) {r['variant']}, "
-        f"{r['params']:,} params, {r['epochs']} epochs, train accuracy {r['train_accuracy']:.4f}, "
-        f"test accuracy {r['test_accuracy']:.4f}, {r['seconds']:.1f} s on {r['device']}"
+        f"wrote {args.out}: {a.arch} ({a.widths_text}) {a.variant}, "
+        f"{n.params:,} params, {n.epochs} epochs, train accuracy {n.train_accuracy:.4f}, "
+        f"test accuracy {n.test_accuracy:.4f}, {n.seconds:.1f} s on {n.device}"
     )
     return 0
 
@@ -174,27 +227,39 @@ def _grid(args: argparse.Namespace) -> int:
     from trainers.grid import plan, run_grid, width_combinations
 
     combinations = width_combinations(args.arch, args.widths, args.layer_widths)
-    template = _job(args, combinations[0], 0)
-    jobs = plan(template, combinations, args.replicates)
+    template = _job(args, combinations[0], 0, args.variant[0], args.randomize_labels[0])
+    jobs = plan(template, combinations, args.replicates, args.variant, args.randomize_labels)
     outcome = run_grid(jobs, args.out, workers=args.jobs, threads=args.threads, ray_address=args.ray)
     done = f"{len(outcome.trained)} trained, {len(outcome.skipped)} already done"
     print(f"{done}; manifest: {outcome.manifest}")
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    from auditor.config import AuditConfig
-    from trainers.report import make_report
+def _reference(text: str) -> Architecture:
+    """``lenet-300-100:300,100`` -> that architecture (AuditError when malformed)."""
+    from trainers.records import Architecture
 
-    summary = make_report(
-        args.grid,
-        args.out,
+    arch, _, widths = text.partition(":")
+    try:
+        parsed = _int_list(widths)
+    except argparse.ArgumentTypeError:
+        raise AuditError(f"--reference expects ARCH:WIDTHS such as lenet-300-100:300,100, got {text!r}") from None
+    return Architecture(arch, tuple(parsed))
+
+
+def _report(args: argparse.Namespace) -> int:
+    from auditor import AuditConfig
+    from trainers.study import StudySettings, make_report
+
+    settings = StudySettings(
         dataset=args.data,
         limit=args.limit,
-        config=AuditConfig(beta=args.beta),
+        config=AuditConfig(beta=args.beta, states_at=args.states_at),
         top_k=args.top_k,
+        percent=args.percent,
+        references=tuple(_reference(text) for text in args.reference),
     )
-    print(summary)
+    print(make_report(args.folder, args.out, settings))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Grids: every combination of widths × replicate seeds, trained in parallel and resumable.
+"""Grids: every combination of variant × label noise × widths × replicate seed, trained in parallel
+and resumable.
 
 The driver (this process) is the only writer of the output folder: workers — spawned local
 processes or Ray tasks — run ``trainers.job.run_job`` and send back verified ONNX bytes; the
@@ -19,15 +20,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
 from auditor.errors import AuditError
 from trainers import manifest
 from trainers.files import save_atomic
-from trainers.job import Job, JobResult, run_job
-from trainers.models import ARCHS
+from trainers.job import JobResult, run_job
+from trainers.records import ARCHS, Job, TrainedNetwork
 
 
 @dataclass(frozen=True)
@@ -55,19 +55,38 @@ def width_combinations(
     return list(dict.fromkeys(product(widths, repeat=layers)))
 
 
-def plan(template: Job, combinations: Sequence[tuple[int, ...]], replicates: int) -> list[Job]:
-    """``template`` at every width combination with seeds ``0..replicates-1`` (widths vary slowest)."""
+def plan(
+    template: Job,
+    combinations: Sequence[tuple[int, ...]],
+    replicates: int,
+    variants: Sequence[str] | None = None,
+    label_noises: Sequence[float] | None = None,
+) -> list[Job]:
+    """``template`` at every variant × label noise × width combination, with seeds ``0..replicates-1``.
+
+    ``variants`` and ``label_noises`` default to the template's own; the order is variant, noise,
+    widths, seed (the seed varies fastest). Repeated values are planned once.
+    """
+    variants = list(dict.fromkeys(variants or [template.architecture.variant]))
+    label_noises = list(dict.fromkeys([template.label_noise] if label_noises is None else label_noises))
     return [
-        replace(template, architecture=replace(template.architecture, widths=widths), seed=seed)
+        replace(
+            template,
+            architecture=replace(template.architecture, widths=widths, variant=variant),
+            label_noise=noise,
+            seed=seed,
+        )
+        for variant in variants
+        for noise in label_noises
         for widths in combinations
         for seed in range(replicates)
     ]
 
 
-def _check_same_settings(job: Job, record: dict[str, Any]) -> None:
+def _check_same_settings(job: Job, network: TrainedNetwork) -> None:
     """Refuse to mix networks trained with other settings under one name."""
-    expected = job.to_dict()
-    differing = sorted(key for key, value in expected.items() if record.get(key) != value)
+    found = network.job.to_dict()
+    differing = sorted(key for key, value in job.to_dict().items() if found.get(key) != value)
     if differing:
         raise AuditError(
             f"{job.name} in the manifest was trained with other settings ({', '.join(differing)}); "
@@ -143,16 +162,15 @@ def run_grid(
     interactive = sys.stderr.isatty()
     with contextlib.closing(results), tqdm(total=len(todo), unit="net", disable=not interactive) as bar:
         for result in results:
-            file = f"{result.name}.onnx"
-            save_atomic(out / file, result.onnx)
-            manifest.append(out / manifest.MANIFEST, {**result.record, "file": file})
-            trained.append(result.name)
+            network = result.network
+            save_atomic(out / network.file, result.onnx)
+            manifest.append(out / manifest.MANIFEST, network)
+            trained.append(network.name)
             bar.update()
             if not interactive:
-                r = result.record
                 print(
-                    f"[{len(trained)}/{len(todo)}] {result.name}: {r['epochs']} epochs, "
-                    f"test accuracy {r['test_accuracy']:.4f}, {r['seconds']:.1f} s",
+                    f"[{len(trained)}/{len(todo)}] {network.name}: {network.epochs} epochs, "
+                    f"test accuracy {network.test_accuracy:.4f}, {network.seconds:.1f} s",
                     file=sys.stderr,
                     flush=True,
                 )

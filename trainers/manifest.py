@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from auditor.errors import AuditError
 from trainers.files import remove_leftovers, save_atomic
+from trainers.records import TrainedNetwork
 
 MANIFEST = "manifest.jsonl"
 
 
-def read(path: Path) -> list[dict[str, Any]]:
+def read(path: Path) -> list[TrainedNetwork]:
     """The complete records of a manifest, in order; a torn last line (no newline) is ignored."""
     if not path.exists():
         return []
@@ -30,31 +30,37 @@ def read(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(TrainedNetwork.from_manifest(json.loads(line)))
         except json.JSONDecodeError:
             raise AuditError(f"{path} line {number} is not JSON; delete that line and rerun") from None
+        except (KeyError, TypeError, ValueError, AuditError):
+            raise AuditError(f"{path} line {number} is not a network record; delete that line and rerun") from None
     return records
 
 
-def append(path: Path, record: dict[str, Any]) -> None:
+def _line(network: TrainedNetwork) -> str:
+    return json.dumps(network.to_manifest(), sort_keys=True) + "\n"
+
+
+def append(path: Path, network: TrainedNetwork) -> None:
     """Append one record durably: write, flush and fsync before returning."""
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.write(_line(network))
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def finished(folder: Path) -> dict[str, dict[str, Any]]:
+def finished(folder: Path) -> dict[str, TrainedNetwork]:
     """The networks of ``folder`` whose manifest line and file both exist, by name (last line wins)."""
-    kept: dict[str, dict[str, Any]] = {}
-    for record in read(folder / MANIFEST):
-        if (folder / record["file"]).is_file():
-            kept.pop(record["name"], None)
-            kept[record["name"]] = record
+    kept: dict[str, TrainedNetwork] = {}
+    for network in read(folder / MANIFEST):
+        if (folder / network.file).is_file():
+            kept.pop(network.name, None)
+            kept[network.name] = network
     return kept
 
 
-def reconcile(folder: Path) -> dict[str, dict[str, Any]]:
+def reconcile(folder: Path) -> dict[str, TrainedNetwork]:
     """Make ``folder``'s manifest list exactly the ``finished`` networks, and return them.
 
     Temporary files of interrupted writes are deleted first. The manifest is rewritten
@@ -64,7 +70,7 @@ def reconcile(folder: Path) -> dict[str, dict[str, Any]]:
     remove_leftovers(folder)
     path = folder / MANIFEST
     kept = finished(folder)
-    text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in kept.values())
+    text = "".join(_line(network) for network in kept.values())
     if path.exists() and path.read_text(encoding="utf-8") != text:
         save_atomic(path, text.encode("utf-8"))
     return kept

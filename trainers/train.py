@@ -1,4 +1,4 @@
-"""The paper's training recipe (SPEC §7) as one plain loop.
+"""The paper's training recipe (SPEC §7, ``trainers.records.Recipe``) as one plain loop.
 
 SGD with Nesterov momentum 0.9 and a constant learning rate of 0.001, batch 32, cross-entropy
 plus Keras' ``l2(0.0005)`` on the Dense/Conv kernels only. The penalty 0.0005·Σw² has gradient
@@ -18,48 +18,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from auditor.errors import AuditError
-from trainers.data import Split
-from trainers.models import kernel_parameters
+from trainers.lenet import kernel_parameters
+from trainers.records import Recipe
+from trainers.training_data import Split
 
 EVAL_BATCH = 1024
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """The hyper-parameters of SPEC §7; every one can be overridden from the CLI."""
-
-    lr: float = 0.001
-    momentum: float = 0.9
-    l2: float = 0.0005
-    batch_size: int = 32
-    patience: int = 5
-    max_epochs: int | None = None
-    restore_best: bool = False
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
-            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
-            (self.l2 >= 0, f"l2 must be >= 0, got {self.l2}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
-            (
-                self.max_epochs is None or self.max_epochs >= 1,
-                f"max epochs must be >= 1, got {self.max_epochs}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise AuditError(message)
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,28 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_DONE: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_DONE: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLED: JobState
 
 class HasModelRequest(_message.Message):
     __slots__ = ("sha256",)
@@ -52,20 +68,22 @@ class Dim(_message.Message):
     def __init__(self, size: _Optional[int] = ..., param: _Optional[str] = ...) -> None: ...
 
 class Layer(_message.Message):
-    __slots__ = ("name", "op", "activation", "role", "neurons", "positions")
+    __slots__ = ("name", "op", "activation", "role", "neurons", "positions", "block_output")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NEURONS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     op: str
     activation: str
     role: str
     neurons: int
     positions: int
-    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., activation: _Optional[str] = ..., role: _Optional[str] = ..., neurons: _Optional[int] = ..., positions: _Optional[int] = ...) -> None: ...
+    block_output: str
+    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., activation: _Optional[str] = ..., role: _Optional[str] = ..., neurons: _Optional[int] = ..., positions: _Optional[int] = ..., block_output: _Optional[str] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
     __slots__ = ("sha256", "name", "producer", "opset", "input_name", "input_shape", "input_dtype", "layers")
@@ -180,12 +198,14 @@ class AuditRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[AuditStart, _Mapping]] = ..., batch: _Optional[_Union[SampleBatch, _Mapping]] = ...) -> None: ...
 
 class AuditProgress(_message.Message):
-    __slots__ = ("split", "samples_done")
+    __slots__ = ("split", "samples_done", "queue_position")
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_DONE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     split: str
     samples_done: int
-    def __init__(self, split: _Optional[str] = ..., samples_done: _Optional[int] = ...) -> None: ...
+    queue_position: int
+    def __init__(self, split: _Optional[str] = ..., samples_done: _Optional[int] = ..., queue_position: _Optional[int] = ...) -> None: ...
 
 class AuditResponse(_message.Message):
     __slots__ = ("progress", "report")
@@ -259,3 +279,130 @@ class ListReportsResponse(_message.Message):
     reports: _containers.RepeatedCompositeFieldContainer[ReportSummary]
     next_page_token: str
     def __init__(self, reports: _Optional[_Iterable[_Union[ReportSummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("audit",)
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
+    audit: AuditStart
+    def __init__(self, audit: _Optional[_Union[AuditStart, _Mapping]] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("id", "content_address", "model_name", "dataset", "settings", "state", "samples_done", "queue_position", "error", "report_id", "created", "started", "finished", "restarts")
+    class SamplesDoneEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_DONE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    REPORT_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    content_address: str
+    model_name: str
+    dataset: DatasetRef
+    settings: AuditSettings
+    state: JobState
+    samples_done: _containers.ScalarMap[str, int]
+    queue_position: int
+    error: str
+    report_id: str
+    created: _timestamp_pb2.Timestamp
+    started: _timestamp_pb2.Timestamp
+    finished: _timestamp_pb2.Timestamp
+    restarts: int
+    def __init__(self, id: _Optional[str] = ..., content_address: _Optional[str] = ..., model_name: _Optional[str] = ..., dataset: _Optional[_Union[DatasetRef, _Mapping]] = ..., settings: _Optional[_Union[AuditSettings, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., samples_done: _Optional[_Mapping[str, int]] = ..., queue_position: _Optional[int] = ..., error: _Optional[str] = ..., report_id: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts: _Optional[int] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("job", "report")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    report: Report
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., report: _Optional[_Union[Report, _Mapping]] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "next_page_token")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ServerMetadataRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerLimits(_message.Message):
+    __slots__ = ("max_concurrent", "max_queued", "max_model_bytes", "max_message_bytes", "max_data_files", "idle_timeout_seconds", "audit_memory_bytes", "page_size")
+    MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_DATA_FILES_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    max_concurrent: int
+    max_queued: int
+    max_model_bytes: int
+    max_message_bytes: int
+    max_data_files: int
+    idle_timeout_seconds: float
+    audit_memory_bytes: int
+    page_size: int
+    def __init__(self, max_concurrent: _Optional[int] = ..., max_queued: _Optional[int] = ..., max_model_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_data_files: _Optional[int] = ..., idle_timeout_seconds: _Optional[float] = ..., audit_memory_bytes: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
+
+class ServerMetadataResponse(_message.Message):
+    __slots__ = ("name", "version", "extensions", "limits", "datasets", "device")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    extensions: _containers.RepeatedScalarFieldContainer[str]
+    limits: ServerLimits
+    datasets: _containers.RepeatedScalarFieldContainer[str]
+    device: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., extensions: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., datasets: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ...) -> None: ...

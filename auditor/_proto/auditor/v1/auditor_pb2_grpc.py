@@ -66,6 +66,36 @@ class AuditorStub:
                 request_serializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ListReportsRequest.SerializeToString,
                 response_deserializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ListReportsResponse.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/auditor.v1.Auditor/SubmitJob',
+                request_serializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/auditor.v1.Auditor/GetJob',
+                request_serializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/auditor.v1.Auditor/ListJobs',
+                request_serializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/auditor.v1.Auditor/CancelJob',
+                request_serializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.Job.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/auditor.v1.Auditor/WatchJob',
+                request_serializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.ServerMetadata = channel.unary_unary(
+                '/auditor.v1.Auditor/ServerMetadata',
+                request_serializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ServerMetadataResponse.FromString,
+                _registered_method=True)
 
 
 class AuditorServicer:
@@ -118,6 +148,50 @@ class AuditorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """Queue an audit of a dataset the server holds as a job: it outlives this call, the client and
+        server restarts (a job that was queued or running when the server stopped starts again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """A job's state now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Jobs, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Stop a queued or running job. A job that has already ended is returned as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """The job's state now and each time it changes; when it is done, its report last. The stream
+        ends when the job ends (done, failed or cancelled).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ServerMetadata(self, request, context):
+        """The server's name, version, limits and features (as KServe v2's ServerMetadata).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +224,36 @@ def add_AuditorServicer_to_server(servicer, server):
                     servicer.ListReports,
                     request_deserializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ListReportsRequest.FromString,
                     response_serializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ListReportsResponse.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.SubmitJobRequest.FromString,
+                    response_serializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.GetJobRequest.FromString,
+                    response_serializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ListJobsRequest.FromString,
+                    response_serializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.CancelJobRequest.FromString,
+                    response_serializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.Job.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.WatchJobRequest.FromString,
+                    response_serializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.JobEvent.SerializeToString,
+            ),
+            'ServerMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.ServerMetadata,
+                    request_deserializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ServerMetadataResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +420,168 @@ class Auditor:
             '/auditor.v1.Auditor/ListReports',
             auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ListReportsRequest.SerializeToString,
             auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ListReportsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/auditor.v1.Auditor/SubmitJob',
+            auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.SubmitJobRequest.SerializeToString,
+            auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/auditor.v1.Auditor/GetJob',
+            auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.GetJobRequest.SerializeToString,
+            auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/auditor.v1.Auditor/ListJobs',
+            auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ListJobsRequest.SerializeToString,
+            auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/auditor.v1.Auditor/CancelJob',
+            auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.CancelJobRequest.SerializeToString,
+            auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/auditor.v1.Auditor/WatchJob',
+            auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.WatchJobRequest.SerializeToString,
+            auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ServerMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/auditor.v1.Auditor/ServerMetadata',
+            auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ServerMetadataRequest.SerializeToString,
+            auditor_dot___proto_dot_auditor_dot_v1_dot_auditor__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,9 +1,7 @@
-"""Training data: the auditor's dataset loader, scaled for PyTorch, and label randomisation.
+"""Training data as PyTorch tensors: the auditor's dataset loader, scaled to [0, 1].
 
 Images come from ``auditor.data.load_arrays`` so ``AUDITOR_DATA_DIR`` and its checksummed files
-apply here too. The label-noise variant of SPEC §7 lives here because it is a property of the
-data, not of the model: a seeded fraction of the *training* labels is resampled, never the test
-labels.
+apply here too; label noise is applied by the caller (``trainers.label_noise``).
 """
 
 from __future__ import annotations
@@ -39,23 +37,3 @@ def load_split(dataset: str, split: str, limit: int | None = None) -> Split:
         )
     x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
     return Split(x=x, y=torch.from_numpy(np.asarray(labels, dtype=np.int64)))
-
-
-def randomize_labels(
-    labels: np.ndarray, fraction: float, seed: int, classes: int = 10
-) -> tuple[np.ndarray, np.ndarray]:
-    """Replace exactly ``round(fraction * N)`` labels, chosen by ``seed``, by uniform random classes.
-
-    Returns the new labels (a copy) and the sorted positions that were resampled. A resampled
-    label is drawn from all ``classes`` classes, so about one in ten keeps its old class by chance:
-    the fraction is of labels *resampled*, not of labels changed, as in the paper's "replaced by
-    uniformly random classes".
-    """
-    if not 0 <= fraction <= 1:
-        raise AuditError(f"label-noise fraction must be in [0, 1], got {fraction}")
-    rng = np.random.default_rng(seed)
-    count = round(fraction * len(labels))
-    positions = np.sort(rng.choice(len(labels), size=count, replace=False))
-    noisy = np.array(labels, dtype=np.int64, copy=True)
-    noisy[positions] = rng.integers(0, classes, size=count)
-    return noisy, positions

@@ -1,0 +1,216 @@
+"""The gate: thresholds on a report, absolute or against a baseline report, as checks CI can read.
+
+A ``Check`` is one threshold and the figures it compares. ``gate_checks`` makes the absolute
+ones (``--min-aiq 0.8``), ``baseline_checks`` the relative ones (``--max-aiq-drop 0.02``
+against a stored report of the model it replaces). Both render as JUnit XML (one testcase per
+threshold, so CI systems show the gate natively) and as a Markdown summary for a pull request's
+run page. A metric that is null in the audited report fails its check.
+"""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from auditor.report import Report, render_table
+
+# Absolute thresholds: option key -> (metric, comparison).
+GATE_METRICS = {
+    "min_aiq": ("aiq", ">="),
+    "min_efficiency": ("network_efficiency", ">="),
+    "min_accuracy": ("accuracy", ">="),
+    "min_cna": ("cna", ">="),
+    "max_cna_margin": ("cna_margin_max", "<="),
+}
+
+# Thresholds against a baseline: option key -> (metric, the direction of change that is bounded).
+BASELINE_METRICS = {
+    "max_aiq_drop": ("aiq", "drop"),
+    "max_accuracy_drop": ("accuracy", "drop"),
+    "max_efficiency_drop": ("network_efficiency", "drop"),
+    "max_cna_margin_rise": ("cna_margin_max", "rise"),
+}
+
+MARGIN_SPLIT = "train+test"  # CNA-Margin belongs to the pair of splits, not to one
+# A change is a difference of two floats: 0.80 − 0.78 is 0.020000000000000018, which must still
+# meet an allowed drop of 0.02. Far below any figure's printed precision.
+ROUNDING = 1e-12
+
+
+@dataclass(frozen=True)
+class Check:
+    """One threshold and whether the audited report meets it.
+
+    ``op`` is ``>=`` or ``<=`` for an absolute bound on ``value``; ``drop`` or ``rise`` for a
+    bound on how far ``value`` may move from ``base``, the baseline report's figure.
+    """
+
+    metric: str
+    split: str
+    value: float | None
+    threshold: float
+    op: str
+    base: float | None = None
+
+    @property
+    def relative(self) -> bool:
+        return self.op in ("drop", "rise")
+
+    @property
+    def change(self) -> float | None:
+        """How far the metric moved in the bounded direction (a drop as a positive number)."""
+        if self.value is None or self.base is None:
+            return None
+        return self.base - self.value if self.op == "drop" else self.value - self.base
+
+    @property
+    def passed(self) -> bool:
+        if self.relative:
+            change = self.change
+            return change is not None and change <= self.threshold + ROUNDING
+        if self.value is None:
+            return False
+        return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
+
+    @property
+    def name(self) -> str:
+        """The JUnit testcase name: the threshold itself."""
+        if self.relative:
+            return f"{self.metric} {self.op} <= {self.threshold:g} vs baseline"
+        return f"{self.metric} {self.op} {self.threshold:g}"
+
+    def describe(self) -> str:
+        """One line: verdict, metric, the values compared and the bound."""
+        verdict = "ok  " if self.passed else "FAIL"
+        if self.relative:
+            change = self.change
+            moved = "n/a" if change is None else f"{change:.4f}"
+            return (
+                f"{verdict} {self.metric} on {self.split}: baseline {_shown(self.base)}, now {_shown(self.value)} "
+                f"({self.op} {moved}; allowed {self.op} <= {self.threshold:g})"
+            )
+        return f"{verdict} {self.metric} on {self.split}: {_shown(self.value)} (needs {self.op} {self.threshold:g})"
+
+
+def metric_value(report: Report, metric: str, split: str) -> float | None:
+    """A gated metric's figure: a split's headline figure, or CNA-Margin (train and test together)."""
+    if metric == "cna_margin_max":
+        return report.cna_margin.cna_margin_max if report.cna_margin else None
+    return getattr(report.splits[split], metric)
+
+
+def gate_checks(report: Report, thresholds: Mapping[str, float | None], split: str) -> list[Check]:
+    """One check per absolute threshold given (``GATE_METRICS`` keys); None means not given."""
+    _require_split(report, split)
+    checks = []
+    for key, threshold in thresholds.items():
+        if threshold is None:
+            continue
+        metric, op = GATE_METRICS[key]
+        where = MARGIN_SPLIT if metric == "cna_margin_max" else split
+        checks.append(Check(metric, where, metric_value(report, metric, split), threshold, op))
+    return checks
+
+
+def baseline_checks(
+    report: Report, baseline: Report, thresholds: Mapping[str, float | None], split: str
+) -> list[Check]:
+    """One check per relative threshold given (``BASELINE_METRICS`` keys) against ``baseline``."""
+    _require_split(report, split)
+    checks = []
+    for key, threshold in thresholds.items():
+        if threshold is None:
+            continue
+        metric, op = BASELINE_METRICS[key]
+        where = MARGIN_SPLIT if metric == "cna_margin_max" else split
+        base = metric_value(baseline, metric, split)
+        checks.append(Check(metric, where, metric_value(report, metric, split), threshold, op, base))
+    return checks
+
+
+def threshold_problem(key: str, value: float) -> str | None:
+    """Why the threshold ``key`` (a ``GATE_METRICS`` or ``BASELINE_METRICS`` key) cannot be ``value``,
+    or None: never NaN or infinite, and a largest allowed change is never negative."""
+    option = "--" + key.replace("_", "-")
+    if not math.isfinite(value):
+        return f"{option} must be a finite number, got {value}"
+    if key in BASELINE_METRICS and value < 0:
+        return f"{option} is the largest change allowed and must be >= 0, got {value:g}"
+    return None
+
+
+def _require_split(report: Report, split: str) -> None:
+    if split not in report.splits:
+        raise ValueError(f"the report has no {split!r} split (it has {sorted(report.splits)})")
+
+
+def _shown(value: float | None) -> str:
+    return "null (see warnings)" if value is None else f"{value:.4f}"
+
+
+def junit_xml(checks: Sequence[Check], report: Report) -> str:
+    """JUnit XML with one testcase per threshold; a failure's message is the check's one line."""
+    failures = [c for c in checks if not c.passed]
+    suites = ET.Element("testsuites", tests=str(len(checks)), failures=str(len(failures)))
+    suite = ET.SubElement(
+        suites,
+        "testsuite",
+        name=f"auditor.gate {report.model.name}",
+        tests=str(len(checks)),
+        failures=str(len(failures)),
+    )
+    for check in checks:
+        case = ET.SubElement(suite, "testcase", classname="auditor.gate", name=check.name)
+        if not check.passed:
+            ET.SubElement(case, "failure", message=check.describe()).text = check.describe()
+    ET.SubElement(suite, "system-out").text = render_table(report)
+    return ET.tostring(suites, encoding="unicode", xml_declaration=True)
+
+
+def summary_markdown(checks: Sequence[Check], report: Report, baseline: Report | None, split: str) -> str:
+    """A Markdown summary for a CI run page: the verdict, every threshold, and the headline figures
+    of the gated ``split`` (which both reports have: the checks were made on it)."""
+    failed = [c for c in checks if not c.passed]
+    verdict = "FAILED" if failed else "passed"
+    against = f", against baseline {_model(baseline)}" if baseline else ""
+    lines = [
+        f"### auditor gate {verdict}: {len(checks) - len(failed)}/{len(checks)} thresholds met",
+        "",
+        f"Model {_model(report)}{against}; gated split: {_md(split)}.",
+        "",
+        "| metric | split | baseline | value | change | threshold | result |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for check in checks:
+        if check.relative:
+            change = "–" if check.change is None else f"{check.op} {check.change:.4f}"
+            bound, base = f"{check.op} ≤ {check.threshold:g}", _cell(check.base)
+        else:
+            change, bound, base = "–", f"{check.op} {check.threshold:g}", "–"
+        result = "✅ pass" if check.passed else "❌ FAIL"
+        lines.append(
+            f"| {check.metric} | {_md(check.split)} | {base} | {_cell(check.value)} | {change} | {bound} | {result} |"
+        )
+    lines += ["", "| headline | value | baseline | change |", "|---|---:|---:|---:|"]
+    for metric in ("accuracy", "network_efficiency", "aiq", "cna", "cna_margin_max"):
+        value = metric_value(report, metric, split)
+        base = metric_value(baseline, metric, split) if baseline else None
+        change = "–" if value is None or base is None else f"{value - base:+.4f}"
+        label = metric if metric == "cna_margin_max" else f"{metric} ({_md(split)})"
+        lines.append(f"| {label} | {_cell(value)} | {_cell(base) if baseline else '–'} | {change} |")
+    return "\n".join(lines) + "\n"
+
+
+def _model(report: Report) -> str:
+    return f"`{_md(report.model.name)}` (sha256 `{report.model.sha256[:12]}`)"
+
+
+def _cell(value: float | None) -> str:
+    return "null" if value is None else f"{value:.4f}"
+
+
+def _md(text: str) -> str:
+    """Text safe inside a Markdown table cell or inline code."""
+    return text.replace("|", "\\|").replace("`", "'").replace("\n", " ")

@@ -1,0 +1,246 @@
+"""auditor.gate and ``auditor gate --baseline``: relative thresholds, JUnit, the Markdown summary.
+
+Baselines are real reports written by ``auditor audit`` on real MNIST: the bundled LeNet-5
+(higher aIQ) as the model a candidate LeNet-300-100 replaces, and the candidate's own report.
+Thresholds are set from the reports' JSON, just above or below the measured change.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from refusals import cli_refused
+
+from auditor.cli import main
+from auditor.gate import Check
+
+REPO = Path(__file__).resolve().parents[1]
+CANDIDATE = REPO / "examples" / "lenet300_11_4.onnx"
+BASELINE = REPO / "examples" / "lenet5_3_9_4.onnx"
+LIMIT = "300"
+
+
+def audited(model: Path, out: Path, *args: str) -> Path:
+    argv = ["audit", str(model), "--data", "mnist", "--limit", LIMIT, "--device", "cpu", *args, "--json", str(out)]
+    assert main(argv) == 0
+    return out
+
+
+def gate(*args: str) -> list[str]:
+    return ["gate", str(CANDIDATE), "--data", "mnist", "--split", "both", "--limit", LIMIT, "--device", "cpu", *args]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gate")
+
+
+@pytest.fixture(scope="module")
+def baseline(folder: Path) -> Path:
+    return audited(BASELINE, folder / "baseline.json", "--split", "both")
+
+
+@pytest.fixture(scope="module")
+def candidate(folder: Path) -> Path:
+    return audited(CANDIDATE, folder / "candidate.json", "--split", "both")
+
+
+def figures(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    test = report["splits"]["test"]
+    return {
+        "aiq": test["aiq"],
+        "accuracy": test["accuracy"],
+        "network_efficiency": test["network_efficiency"],
+        "cna_margin_max": report["cna_margin"]["cna_margin_max"],
+    }
+
+
+@pytest.fixture(autouse=True)
+def no_step_summary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run under GitHub Actions too: only the test that sets it writes a step summary."""
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
+# --- Check ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("op", "base", "value", "threshold", "passed"),
+    [
+        ("drop", 0.80, 0.78, 0.02, True),  # dropped 0.02 (to float rounding), allowed 0.02
+        ("drop", 0.80, 0.77, 0.02, False),
+        ("drop", 0.80, 0.90, 0.0, True),  # a rise never fails a drop threshold
+        ("rise", 0.05, 0.10, 0.05, True),
+        ("rise", 0.05, 0.11, 0.05, False),
+        ("rise", 0.05, 0.01, 0.0, True),
+        ("drop", 0.80, None, 1.0, False),  # null now fails
+    ],
+)
+def test_relative_check(op: str, base: float, value: float | None, threshold: float, passed: bool) -> None:
+    check = Check("aiq", "test", value, threshold, op, base)
+    assert check.passed is passed
+    assert check.name == f"aiq {op} <= {threshold:g} vs baseline"
+    line = check.describe()
+    assert line.startswith("ok  " if passed else "FAIL")
+    assert f"baseline {base:.4f}" in line and f"allowed {op} <= {threshold:g}" in line
+
+
+# --- gate --baseline ------------------------------------------------------------------------------
+
+
+def test_gate_fails_when_aiq_drops_more_than_allowed(baseline: Path, candidate: Path, capsys) -> None:
+    base, new = figures(baseline), figures(candidate)
+    drop = base["aiq"] - new["aiq"]
+    assert drop > 0.02  # LeNet-5 (3,9,4) beats LeNet-300-100 (11,4) on aIQ
+    allowed = f"{drop - 0.01:.6f}"
+    assert main(gate("--baseline", str(baseline), "--max-aiq-drop", allowed)) == 1
+    out = capsys.readouterr().out
+    assert (
+        f"FAIL aiq on test: baseline {base['aiq']:.4f}, now {new['aiq']:.4f} (drop {drop:.4f}; "
+        f"allowed drop <= {float(allowed):g})" in out
+    )
+    assert "gate FAILED: 0/1 thresholds met" in out
+    assert main(gate("--baseline", str(baseline), "--max-aiq-drop", f"{drop + 0.01:.6f}")) == 0
+    assert "gate passed: 1/1 thresholds met" in capsys.readouterr().out
+
+
+def test_gate_against_its_own_report_allows_no_change(candidate: Path, capsys) -> None:
+    thresholds = ["--max-aiq-drop", "0", "--max-accuracy-drop", "0", "--max-efficiency-drop", "0"]
+    assert main(gate("--baseline", str(candidate), *thresholds, "--max-cna-margin-rise", "0")) == 0
+    assert "gate passed: 4/4 thresholds met" in capsys.readouterr().out
+
+
+def test_each_threshold_is_a_junit_testcase(baseline: Path, candidate: Path, tmp_path: Path, capsys) -> None:
+    base, new = figures(baseline), figures(candidate)
+    junit = tmp_path / "gate.xml"
+    allowed_rise = f"{abs(new['cna_margin_max'] - base['cna_margin_max']) + 0.01:.6f}"
+    argv = gate(
+        "--baseline",
+        str(baseline),
+        "--min-accuracy",
+        "0.5",
+        "--max-aiq-drop",
+        "0.001",
+        "--max-accuracy-drop",
+        "1",
+        "--max-efficiency-drop",
+        "0.001",
+        "--max-cna-margin-rise",
+        allowed_rise,
+        "--junit",
+        str(junit),
+    )
+    assert main(argv) == 1
+    capsys.readouterr()
+    (suite,) = ET.parse(junit).getroot().findall("testsuite")
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == [
+        "accuracy >= 0.5",
+        "aiq drop <= 0.001 vs baseline",
+        "accuracy drop <= 1 vs baseline",
+        "network_efficiency drop <= 0.001 vs baseline",
+        f"cna_margin_max rise <= {float(allowed_rise):g} vs baseline",
+    ]
+    failures = {c.get("name"): c.find("failure").get("message") for c in cases if c.find("failure") is not None}
+    assert (suite.get("tests"), suite.get("failures")) == ("5", "2")
+    message = failures["network_efficiency drop <= 0.001 vs baseline"]
+    drop = base["network_efficiency"] - new["network_efficiency"]
+    assert message == (
+        f"FAIL network_efficiency on test: baseline {base['network_efficiency']:.4f}, now "
+        f"{new['network_efficiency']:.4f} (drop {drop:.4f}; allowed drop <= 0.001)"
+    )
+    assert "aiq drop <= 0.001 vs baseline" in failures
+
+
+def test_summary_file_and_github_step_summary(baseline: Path, candidate: Path, tmp_path: Path, monkeypatch) -> None:
+    step = tmp_path / "step_summary.md"
+    step.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
+    summary = tmp_path / "summary.md"
+    base, new = figures(baseline), figures(candidate)
+    argv = gate("--baseline", str(baseline), "--max-aiq-drop", "0.001", "--min-aiq", "0", "--summary", str(summary))
+    assert main(argv) == 1
+    text = summary.read_text()
+    assert step.read_text() == "earlier step\n" + text + "\n"  # appended, never overwritten
+    lines = text.splitlines()
+    assert lines[0] == "### auditor gate FAILED: 1/2 thresholds met"
+    table = lines[lines.index("| metric | split | baseline | value | change | threshold | result |") :]
+    assert table[1].startswith("|---")
+    assert table[2] == f"| aiq | test | – | {new['aiq']:.4f} | – | >= 0 | ✅ pass |"
+    drop = base["aiq"] - new["aiq"]
+    assert (
+        table[3] == f"| aiq | test | {base['aiq']:.4f} | {new['aiq']:.4f} | drop {drop:.4f} | drop ≤ 0.001 | ❌ FAIL |"
+    )
+    assert f"| aiq (test) | {new['aiq']:.4f} | {base['aiq']:.4f} | {new['aiq'] - base['aiq']:+.4f} |" in lines
+
+
+def test_batch_size_may_differ_from_the_baseline(candidate: Path, capsys) -> None:
+    assert main(gate("--baseline", str(candidate), "--max-aiq-drop", "0", "--batch-size", "37")) == 0
+    capsys.readouterr()
+
+
+# --- Bad input: exit 2, one line -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--max-aiq-drop", "-0.01"], ["--max-aiq-drop", "must be >= 0", "-0.01"]),
+        (["--max-cna-margin-rise", "-1"], ["--max-cna-margin-rise", "must be >= 0"]),
+        (["--max-accuracy-drop", "nan"], ["--max-accuracy-drop must be a finite number, got nan"]),
+        (["--max-efficiency-drop", "inf"], ["--max-efficiency-drop must be a finite number, got inf"]),
+        (["--min-aiq", "nan"], ["--min-aiq must be a finite number, got nan"]),
+    ],
+)
+def test_bad_thresholds(candidate: Path, capsys, args: list[str], fragments: list[str]) -> None:
+    cli_refused(capsys, main(gate("--baseline", str(candidate), *args)), *fragments)
+
+
+def test_relative_threshold_needs_a_baseline(capsys: pytest.CaptureFixture[str]) -> None:
+    cli_refused(capsys, main(gate("--max-aiq-drop", "0.1")), "--max-aiq-drop needs --baseline")
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        (None, ["baseline", "does not exist"]),
+        ("{not json", ["baseline", "is not an auditor.report/v1 report"]),
+        ('{"schema": "auditor.report/v0"}', ["is not an auditor.report/v1 report", "'auditor.report/v0'"]),
+        ('{"schema": "auditor.report/v1", "model": {}}', ["is not an auditor.report/v1 report"]),
+    ],
+)
+def test_baseline_that_is_not_a_report(tmp_path: Path, capsys, content: str | None, fragments: list[str]) -> None:
+    path = tmp_path / "base.json"
+    if content is not None:
+        path.write_text(content)
+    cli_refused(capsys, main(gate("--baseline", str(path), "--max-aiq-drop", "0.1")), "base.json", *fragments)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--beta", "1"], "beta 2 (baseline) vs 1 (this audit)"),
+        (["--cna-exclude-output-layer"], "cna_include_output_layer True (baseline) vs False (this audit)"),
+        (["--mean", "0.1307", "--std", "0.3081"], "mean 0 (baseline) vs 0.1307 (this audit); std 1 (baseline)"),
+    ],
+)
+def test_baseline_with_other_settings(candidate: Path, capsys, args: list[str], fragment: str) -> None:
+    code = main(gate("--baseline", str(candidate), "--max-aiq-drop", "0.1", *args))
+    cli_refused(capsys, code, "audited with settings that change the numbers", fragment)
+
+
+def test_baseline_of_other_data(candidate: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main([*gate("--baseline", str(candidate), "--max-aiq-drop", "0.1"), "--limit", "200"])
+    cli_refused(capsys, code, "the baseline's test split has 300 samples and this audit's 200")
+
+
+def test_baseline_without_the_gated_split_or_figure(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train_only = audited(CANDIDATE, folder / "train_only.json", "--split", "train")
+    capsys.readouterr()
+    cli_refused(capsys, main(gate("--baseline", str(train_only), "--max-aiq-drop", "0.1")), "has no test split")
+    code = main(gate("--baseline", str(train_only), "--gate-split", "train", "--max-cna-margin-rise", "0.1"))
+    cli_refused(capsys, code, "has no CNA-Margin", "--max-cna-margin-rise cannot be checked")

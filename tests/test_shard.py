@@ -1,0 +1,135 @@
+"""Sharded audits (``auditor.shard``): the plan, the partitioned reduce, and a real local Ray run.
+
+The in-process tests call the shard and reducer functions directly, as Ray would, and check the
+merge against a local audit; the slow tests start a real private Ray instance.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from auditor import AuditConfig, audit
+from auditor.cli import main
+from auditor.count import add_histograms, count_of_counts, fold_keys, summarize
+from auditor.data import open_splits
+from auditor.errors import AuditError
+from auditor.shard import Shard, audit_shard, partition_of, plan, reduce_partition
+from auditor.tally import SplitFigures
+
+REPO = Path(__file__).resolve().parents[1]
+LENET5 = REPO / "examples" / "lenet5_3_9_4.onnx"
+CPU = AuditConfig(device="cpu", batch_size=100)
+
+
+def test_the_plan_cuts_each_split_into_contiguous_ranges() -> None:
+    ranges = plan({"train": 10, "test": 3}, 4)
+    assert [(s, a, b) for s, a, b in ranges if s == "train"] == [
+        ("train", 0, 2), ("train", 2, 5), ("train", 5, 8), ("train", 8, 10)
+    ]  # fmt: skip
+    assert [(a, b) for s, a, b in ranges if s == "test"] == [(0, 1), (1, 2), (2, 3)]  # never an empty shard
+
+
+@pytest.mark.parametrize("shards", [0, -1, 5000])
+def test_a_shard_count_out_of_range_is_refused(shards: int) -> None:
+    with pytest.raises(AuditError, match="--shards must be between 1 and"):
+        plan({"test": 10}, shards)
+
+
+def test_equal_keys_always_meet_in_one_partition() -> None:
+    heads = np.random.default_rng(0).integers(0, 2**63, 5000, dtype=np.uint64)
+    parts = partition_of(np.concatenate([heads, heads[::-1]]), 7)
+    np.testing.assert_array_equal(parts[:5000], parts[5000:][::-1])
+    assert set(parts.tolist()) == set(range(7))  # the hash spreads keys over every partition
+
+
+@pytest.mark.parametrize("words", [1, 2])
+def test_reduced_partitions_give_the_exact_count_of_counts(words: int) -> None:
+    rng = np.random.default_rng(1)
+    keys = rng.integers(0, 50, (6000, words)).astype(np.uint64)
+    keys = keys[:, 0] if words == 1 else keys
+    shards = [fold_keys(part) for part in np.array_split(keys, 3)]
+    partitions = 4
+    by_part = [[run[partition_of(run["head"], partitions) == p] for run in shards] for p in range(partitions)]
+    histogram = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    for p in range(partitions):
+        part = reduce_partition(1 << 20, *({"layer": run} for run in by_part[p]))
+        histogram = add_histograms(histogram, part["layer"])
+    expected = np.unique(keys, axis=0, return_counts=True)[1]
+    reference = count_of_counts(expected)
+    np.testing.assert_array_equal(histogram[0], reference[0])
+    np.testing.assert_array_equal(histogram[1], reference[1])
+    assert summarize(*histogram).entropy_bits == summarize(*reference).entropy_bits
+
+
+def test_shards_merged_in_process_equal_a_local_audit() -> None:
+    """audit_shard and reduce_partition called as Ray would call them, without Ray."""
+    local = audit(str(LENET5), open_splits("mnist", "test", limit=900), CPU)
+    partitions = 3
+    outcomes = [
+        audit_shard(LENET5.read_bytes(), Shard("test", a, b, "mnist", None, CPU, partitions))
+        for _, a, b in plan({"test": 900}, 4)
+    ]
+    figures = SplitFigures()
+    for outcome, *_ in outcomes:
+        figures.merge(outcome.figures)
+    assert figures.samples == 900 and figures.correct == round(local.splits["test"].accuracy * 900)
+    for stats in local.splits["test"].layers:
+        histogram = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        for p in range(partitions):
+            reduced = reduce_partition(1 << 24, *(parts[p] for _, *parts in outcomes))
+            histogram = add_histograms(histogram, reduced[stats.name])
+        states = summarize(*histogram)
+        assert (states.total, states.distinct) == (stats.states_total, stats.states_distinct)
+        assert states.entropy_bits == stats.entropy_bits
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "auditor.cli", *args], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+
+
+@pytest.mark.slow
+def test_ray_local_four_shards_on_all_of_mnist_equal_a_local_audit(tmp_path: Path) -> None:
+    local, sharded = tmp_path / "local.json", tmp_path / "ray.json"
+    common = [str(LENET5), "--data", "mnist", "--split", "both", "--device", "cpu", "--no-progress"]
+    assert _cli("audit", *common, "--json", str(local)).returncode == 0
+    run = _cli("audit", *common, "--ray", "local", "--shards", "4", "--json", str(sharded))
+    assert run.returncode == 0, run.stderr
+    a, b = json.loads(local.read_text()), json.loads(sharded.read_text())
+    assert b["sharding"] == {"address": "local", "shards": 4, "partitions": 4}
+    for split in ("train", "test"):
+        assert a["splits"][split]["layers"] == b["splits"][split]["layers"]  # counts and entropies, bit for bit
+        assert a["splits"][split]["accuracy"] == b["splits"][split]["accuracy"]
+        assert b["splits"][split]["cna"] == pytest.approx(a["splits"][split]["cna"], abs=1e-9)
+    assert b["cna_margin"]["area"] == pytest.approx(a["cna_margin"]["area"], abs=1e-9)
+    assert a["warnings"] == b["warnings"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--shards", "2"], "--shards needs --ray"),
+        (["--ray", "local", "--shards", "0"], "--shards must be between 1 and"),
+        (["--ray", "local", "--server", "127.0.0.1:1"], "apply to local audits"),
+    ],
+)
+def test_bad_sharding_settings_are_one_line_exit_2(argv: list[str], fragment: str, capsys) -> None:
+    assert main(["audit", str(LENET5), "--data", "mnist", "--limit", "10", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_an_unreachable_cluster_is_one_line_exit_2() -> None:
+    run = _cli("audit", str(LENET5), "--data", "mnist", "--limit", "10", "--ray", "ray://127.0.0.1:1", "--no-progress")
+    assert run.returncode == 2
+    assert run.stderr.strip().startswith("auditor: error: cannot reach the Ray cluster") and len(
+        run.stderr.strip().splitlines()
+    ) == 1
