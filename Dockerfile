@@ -40,7 +40,8 @@ WORKDIR /home/auditor
 
 # Reports (reports.sqlite3), uploaded models (models/<sha256>/) and downloaded datasets (data/).
 VOLUME ["/var/lib/auditor"]
-EXPOSE 50051
+# 50051: gRPC; 9464: Prometheus metrics, served when started with --metrics-port 9464.
+EXPOSE 50051 9464
 
 # The standard grpc.health.v1 check; it stays open when the server wants a token. With TLS on,
 # override it to add --tls-ca.

@@ -52,7 +52,8 @@ def audit(
     config = config or AuditConfig()
     prepared = _prepared_for(model, config)
     datasets = _datasets(data)
-    batches = tagged(datasets, config.batch_size) if datasets is not None else _cut(data, config.batch_size)
+    size = min(config.batch_size, prepared.max_rows or config.batch_size)
+    batches = tagged(datasets, size) if datasets is not None else _cut(data, size)
     with MemoryBudget(config.memory_budget, spill_dir) as budget:
         tallies = tally(prepared, batches, config, budget, progress=progress, cancelled=cancelled)
         if not tallies:
@@ -146,5 +147,5 @@ def _numbered(batches: Iterable[tuple[str, Batch]], first: dict[str, int]) -> It
 
 def _run(prepared: Prepared, feeding: Feeding, split: str, start: int, batch: Batch) -> tuple[Feed, dict]:
     """Feed and run one batch; runs on a worker thread."""
-    ready = feed(split, start, batch, prepared.structure.input, feeding)
-    return ready, prepared.runner.run(ready.input, prepared.exposed.output_names)
+    ready, model_x = feed(split, start, batch, prepared.structure.input, feeding)
+    return ready, prepared.runner.run(model_x, prepared.exposed.output_names)

@@ -35,6 +35,7 @@ from auditor.images import ImageOptions
 from auditor.jobs import DONE, DatasetRef, Job
 from auditor.page import render_page
 from auditor.report import SCHEMA, Report, format_table, render_table
+from auditor.usage import Parser
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="auditor", description="Audit ONNX models: neural efficiency, aIQ, CNA and CNA-Margin."
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -257,47 +258,48 @@ def run_layers(args: argparse.Namespace) -> int:
 
 
 def produce_report(args: argparse.Namespace) -> Report:
-    """Run the audit the arguments describe, locally or on ``--server``."""
+    """Run the audit the arguments describe: locally, on Ray shards (``--ray``) or on ``--server``."""
     if args.limit is not None and args.limit < 1:
         raise AuditError(f"--limit must be at least 1, got {args.limit}")
     config = config_from_args(args)
     connection = client.connection_from_args(args)
     if args.shards is not None and args.ray is None:
         raise AuditError("--shards needs --ray ADDRESS (local, auto, host:6379 or ray://host:10001)")
+    if connection is not None and (args.ray is not None or args.spill_dir is not None):
+        raise AuditError("--ray and --spill-dir apply to local audits; the server has its own settings")
+    images = _image_options(args)
     if connection is not None:
-        if args.ray is not None or args.spill_dir is not None:
-            raise AuditError("--ray and --spill-dir apply to local audits; the server has its own settings")
         with _progress_bar(args, None) as progress:
             return client.remote_audit(
-                connection, args.model, args.data, args.split, args.limit, config, progress=progress
+                connection, args.model, args.data, args.split, args.limit, config, progress=progress, images=images
             )
-    from auditor.audit import audit
     from auditor.data import open_splits
-    from auditor.prepare import describe_model, prepare
 
-    if args.ray is not None:
-        from auditor.shard import audit_on_ray
-
-        shape = tuple(describe_model(args.model).input_shape)
-        images = ImageOptions(shape, resize=args.resize, crop=args.crop, skip_bad=args.skip_bad)
-        total = sum(d.count for d in open_splits(args.data, args.split, limit=args.limit, images=images))
-        with _progress_bar(args, total) as progress:
-            return audit_on_ray(
-                args.model,
-                args.data,
-                args.split,
-                args.limit,
-                config,
-                address=args.ray,
-                shards=1 if args.shards is None else args.shards,
-                images=images,
-                progress=progress,
-            )
-    prepared = prepare(args.model, device=config.device, states_at=config.states_at)
-    images = ImageOptions(prepared.structure.input.shape, resize=args.resize, crop=args.crop, skip_bad=args.skip_bad)
     datasets = open_splits(args.data, args.split, limit=args.limit, images=images)
     with _progress_bar(args, sum(d.count for d in datasets)) as progress:
-        return audit(prepared, datasets, config, progress=progress, spill_dir=args.spill_dir)
+        if args.ray is not None:
+            from auditor.shard import audit_on_ray
+
+            shards = 1 if args.shards is None else args.shards
+            return audit_on_ray(
+                args.model, args.data, args.split, args.limit, config, address=args.ray, shards=shards,
+                images=images, progress=progress,
+            )  # fmt: skip
+        from auditor.audit import audit
+
+        return audit(args.model, datasets, config, progress=progress, spill_dir=args.spill_dir)
+
+
+def _image_options(args: argparse.Namespace) -> ImageOptions:
+    """How an image folder becomes samples of this model; other data ignores the model's shape
+    (and refuses the folder options), so the model is read here only for a folder."""
+    shape = None
+    if args.data not in KNOWN_DATASETS and Path(args.data).expanduser().is_dir():
+        from auditor.graph import describe
+        from auditor.modelfile import load_model
+
+        shape = describe(load_model(args.model).proto).input.shape
+    return ImageOptions(shape, resize=args.resize, crop=args.crop, skip_bad=args.skip_bad)
 
 
 class _progress_bar:

@@ -21,9 +21,9 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,12 +32,16 @@ from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
 from auditor.config import AuditConfig
-from auditor.data import KNOWN_DATASETS, open_splits, tagged
+from auditor.data import KNOWN_DATASETS, open_splits, skipped_warnings, tagged
 from auditor.errors import AuditError, ModelError
 from auditor.jobs import AuditSpec, DatasetRef, Job
 from auditor.persist import content_address
 from auditor.report import Report
 from auditor.transport import CHANNEL_OPTIONS, bearer_metadata, error_from_status, read_token, retryable
+from auditor.usage import Parser
+
+if TYPE_CHECKING:
+    from auditor.images import ImageOptions
 
 T = TypeVar("T")
 UPLOAD_CHUNK = 1 << 20  # well under gRPC's 4 MB default message size
@@ -93,17 +97,19 @@ def remote_audit(
     *,
     progress: Callable[[str, int], None] | None = None,
     queued: Callable[[int], None] | None = None,
+    images: ImageOptions | None = None,
 ) -> Report:
     """Audit on the server; the same report, number for number, as a local audit.
 
     The model (with its external data files) is uploaded only when the server lacks it. A known
     dataset name is sent as a name for the server to read; a ``.npz``/``.npy`` file is streamed
     in batches of ``config.batch_size`` and never held whole. While the audit waits in the
-    server's queue, ``queued(position)`` says how many audits are ahead of it.
+    server's queue, ``queued(position)`` says how many audits are ahead of it. An image folder is
+    decoded here as ``images`` says, and the files it skipped are added to the report's warnings.
     """
     files = model_files(model_path)
     dataset = DatasetRef(data, split, limit) if data in KNOWN_DATASETS else None
-    datasets = None if dataset is not None else open_splits(data, split, limit=limit)  # bad data fails here
+    datasets = None if dataset is not None else open_splits(data, split, limit=limit, images=images)  # fails early
     deadline = _deadline(conn)
     with _channel(conn) as channel:
         stub = auditor_pb2_grpc.AuditorStub(channel)
@@ -125,7 +131,9 @@ def remote_audit(
                     raise failures[0] from None
                 raise
 
-        return _retrying(deadline, attempt)
+        report = _retrying(deadline, attempt)
+    skipped = skipped_warnings(datasets) if datasets is not None else []
+    return replace(report, warnings=[*skipped, *report.warnings]) if skipped else report
 
 
 def submit_job(conn: Connection, model_path: Path, dataset: DatasetRef, config: AuditConfig) -> Job:
@@ -196,12 +204,13 @@ def server_metadata(conn: Connection) -> pb.ServerMetadataResponse:
 # ---- reports --------------------------------------------------------------------------------
 
 
-def list_reports(conn: Connection, model_sha256: str | None = None) -> list[dict[str, Any]]:
-    """Every stored report's id, model_sha256 (content address), created time and per-split figures, newest first."""
+def list_reports(conn: Connection, content_address: str | None = None) -> list[dict[str, Any]]:
+    """Every stored report (of one model, by content address, when given): id, model_sha256 (the
+    content address), created time and per-split figures, newest first."""
     rows: list[dict[str, Any]] = []
     token = ""
     while True:
-        request = pb.ListReportsRequest(model_sha256=model_sha256 or "", page_token=token)
+        request = pb.ListReportsRequest(model_sha256=content_address or "", page_token=token)
         page = _unary(conn, "ListReports", request)
         rows.extend(wire.summary_from_proto(summary) for summary in page.reports)
         token = page.next_page_token
@@ -372,7 +381,7 @@ def _await_report(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m auditor.client health --server HOST:PORT``: exit 0 when the server is SERVING."""
-    parser = argparse.ArgumentParser(prog="python -m auditor.client", description="Probe an auditor server.")
+    parser = Parser(prog="python -m auditor.client", description="Probe an auditor server.")
     parser.add_argument("command", choices=["health"])
     add_connection_arguments(parser)
     args = parser.parse_args(argv)

@@ -23,26 +23,26 @@ from auditor.graph import ModelInput
 
 @dataclass(frozen=True)
 class Feed:
-    """A batch ready to run: where it sits in its split, its labels and α, and the model input."""
+    """What the tally needs of a batch besides the model's outputs: where it sits in its split,
+    its labels and α. The model input is returned beside it, so nothing holds it after the run."""
 
     split: str
     start: int
     labels: np.ndarray | None
     alpha: np.ndarray
     clipped: int
-    input: np.ndarray
 
     @property
     def samples(self) -> int:
         return len(self.alpha)
 
 
-def feed(split: str, start: int, batch: Batch, model_input: ModelInput, feeding: Feeding) -> Feed:
-    """Check a batch (samples ``start``… of ``split``), take its α, and preprocess it for the model."""
+def feed(split: str, start: int, batch: Batch, model_input: ModelInput, feeding: Feeding) -> tuple[Feed, np.ndarray]:
+    """Check a batch (samples ``start``… of ``split``), take its α, and preprocess it for the model:
+    the batch's ``Feed``, and the array to run."""
     x, labels = check_batch(batch, split, start)
     alpha, clipped = input_entropy(x, feeding.alpha_range)
-    model_x = to_model_input(x, model_input, feeding)
-    return Feed(split, start, labels, alpha, clipped, model_x)
+    return Feed(split, start, labels, alpha, clipped), to_model_input(x, model_input, feeding)
 
 
 def check_batch(batch: Batch, split: str, start: int) -> tuple[np.ndarray, np.ndarray | None]:

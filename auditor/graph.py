@@ -77,6 +77,7 @@ class Layer:
     such op follows, so both state points agree on networks without them. ``firing_output`` is
     the activation's output when ``output > 0`` holds exactly where ``name > 0`` does, for every
     float (``_same_sign_outputs``), so firing can be read where the fused kernel writes; else "".
+    ``linear_input_shape`` lets φ be taken through linearity from the linear op's input (SPEC §4).
     """
 
     name: str
@@ -92,6 +93,7 @@ class Layer:
     block_output: str = ""
     block_dtype: int | None = None
     firing_output: str = ""  # the activation's output when it fires exactly where ``name`` does
+    linear_input_shape: tuple[int | str | None, ...] = ()  # of the linear op's data input, as inferred
 
     def state_tensor(self, states_at: str) -> str:
         """The tensor whose sign pattern is the layer's state at ``states_at`` (SPEC §1)."""
@@ -227,9 +229,9 @@ def expose(
     The original outputs stay first. Every added output is named in the result.
 
     ``fast`` lets each layer take cheaper nodes that give the same numbers (docs/performance.md):
-    firing read where the fused Conv/Gemm+activation kernel writes (``Layer.firing_output``), and
-    φ through linearity where that reads less than a sum over the pre-activations (equal up to
-    float rounding). ``fast=False`` builds the straightforward graph, the oracle of the tests.
+    φ through linearity where that reads less than a pass over the pre-activation (equal up to
+    float rounding), and then firing read where the fused Conv/Gemm+activation kernel writes
+    (``_layer_nodes``). ``fast=False`` builds the straightforward graph, the tests' oracle.
     ``integer_packing`` packs with MatMulInteger, the fastest way on onnxruntime's CPU provider;
     a CUDA session wants False (onnxruntime's CUDA MatMulInteger takes only int8 × int8).
     """
@@ -239,7 +241,7 @@ def expose(
     exposed.CopyFrom(model)
     graph = exposed.graph
     taken = {o.name for o in graph.output}
-    integer = fast and integer_packing and structure.opset >= 10  # MatMulInteger arrived in opset 10
+    integer = fast and integer_packing and structure.opset >= 10  # MatMulInteger came in opset 10
     outputs = []
     for index, layer in enumerate(structure.layers):
         if layer.axis is None:
@@ -254,14 +256,13 @@ def expose(
             )
         prefix = f"auditor/{index}"
         groups, group_axis = packing(layer)
-        nodes, inits, key_name = _pack_nodes(layer, states_at, prefix, fast=fast, integer=integer)
-        sum_nodes, sum_inits, sum_name = _sum_nodes(layer, model.graph, structure.opset, prefix, fast=fast)
-        graph.node.extend(nodes + sum_nodes)
-        graph.initializer.extend(inits + sum_inits)
+        nodes, inits, key_name, sum_name = _layer_nodes(
+            layer, model.graph, structure.opset, states_at, prefix, fast, integer
+        )
+        graph.node.extend(nodes)
+        graph.initializer.extend(inits)
         if exposed.ir_version < 4:  # IR 3 requires every initializer to be listed among the inputs
-            graph.input.extend(
-                helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits + sum_inits
-            )
+            graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits)
         key_rank = layer.rank if group_axis == -1 else 3  # (batch, groups, positions) when not last
         graph.output.extend([_output(key_name, TensorProto.INT32, key_rank), _output(sum_name, TensorProto.FLOAT, 1)])
         outputs.append(LayerOutputs(layer, key_name, sum_name, groups, group_axis))
@@ -464,6 +465,7 @@ def _make_layer(
     layer = Layer(
         tensor, linear.op_type, activation, role, axis, None, dtypes.get(tensor), None, None, producers[tensor][0]
     )
+    layer = replace(layer, linear_input_shape=tuple(shapes.get(linear.input[0]) or ()))
     return with_shape(layer, shapes.get(tensor))
 
 
@@ -568,15 +570,32 @@ def _clip_max(node: onnx.NodeProto, graph: onnx.GraphProto) -> float:
     return math.inf
 
 
+def _layer_nodes(
+    layer: Layer, graph: onnx.GraphProto, opset: int, states_at: str, prefix: str, fast: bool, integer: bool
+) -> tuple[list[onnx.NodeProto], list[TensorProto], str, str]:
+    """One layer's added nodes and initializers, and the names of its keys and its sum.
+
+    With ``fast``, φ goes through linearity where that is cheaper (``_linear_partial``); then the
+    audit needs nothing of the pre-activation, so at the pre-activation state point the firing
+    bits are read at the activation's output when it fires exactly where the pre-activation does
+    (``Layer.firing_output``), and onnxruntime keeps its fused Conv/Gemm+activation kernel. Where
+    φ needs the pre-activation, the bits are read there too: reading the output as well would
+    make onnxruntime materialise (and reorder out of its blocked layout) both tensors.
+    """
+    partial = _linear_partial(layer, graph, prefix) if fast else None
+    at_output = partial is not None and states_at == "pre-activation" and bool(layer.firing_output)
+    nodes, inits, keys = _pack_nodes(layer, states_at, prefix, at_output=at_output, integer=integer)
+    sum_nodes, sum_inits, total = _sum_nodes(layer, opset, prefix, partial)
+    return nodes + sum_nodes, inits + sum_inits, keys, total
+
+
 def _pack_nodes(
-    layer: Layer, states_at: str, prefix: str, *, fast: bool = True, integer: bool = True
+    layer: Layer, states_at: str, prefix: str, *, at_output: bool = False, integer: bool = True
 ) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
     """Nodes that turn a layer's state tensor into int32 groups of firing bits.
 
-    ``x > 0`` gives the bits. With ``fast``, at the pre-activation state point they are read at
-    the activation's output when it fires exactly where the pre-activation does
-    (``Layer.firing_output``): the same bits, and onnxruntime keeps its fused kernel. Then each
-    group's bits are summed with powers of two, exactly (float32 below 2**24):
+    ``x > 0`` gives the bits, read at ``Layer.firing_output`` when ``at_output`` (the same bits).
+    Then each group's bits are summed with powers of two, exactly (float32 below 2**24):
     - ``integer``: MatMulInteger of 8-bit bits against one byte weight per neuron gives a byte per
       8 neurons, and a small float MatMul joins each group's bytes. On the CPU this costs 40%
       less than the float path (docs/performance.md); the weights are uint8 on the left of the
@@ -588,7 +607,7 @@ def _pack_nodes(
     nodes, inits = [], []
     source = layer.state_tensor(states_at)
     dtype = layer.dtype if source == layer.name else layer.block_dtype
-    if fast and source == layer.name and layer.firing_output:  # every same-sign activation keeps the dtype
+    if at_output:  # every same-sign activation keeps its input's element type
         source = layer.firing_output
     if dtype is None:  # unknown element type: compare in float32
         nodes.append(helper.make_node("Cast", [source], [f"{prefix}/as_float"], to=TensorProto.FLOAT))
@@ -661,18 +680,16 @@ def _packing_weights(
 
 
 def _sum_nodes(
-    layer: Layer, graph: onnx.GraphProto, opset: int, prefix: str, *, fast: bool = True
+    layer: Layer, opset: int, prefix: str, partial: tuple[list[onnx.NodeProto], list[TensorProto], str] | None
 ) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
     """Nodes computing φ, the per-sample sum of the layer's pre-activations (SPEC §4).
 
-    With ``fast``, where ``_linear_partial`` can take φ through linearity for less than a pass
-    over the pre-activations, the sum is over its small per-position partial sums instead; φ
-    then agrees with the exact ``ReduceSum`` up to float rounding. ``aggregate=mean`` divides
-    this sum by the layer's units after the run, so the graph, and the session built on it, do
-    not depend on that metric setting.
+    The sum runs over the pre-activation itself, or over the small ``partial`` sums that
+    ``_linear_partial`` computed from the linear op's input (equal up to float rounding).
+    ``aggregate=mean`` divides this sum by the layer's units after the run, so the graph, and
+    the session built on it, do not depend on that metric setting.
     """
     nodes, inits = [], []
-    partial = _linear_partial(layer, graph, prefix) if fast else None
     if partial is not None:
         nodes, inits, source = partial
     else:
@@ -692,99 +709,164 @@ def _sum_nodes(
 def _linear_partial(
     layer: Layer, graph: onnx.GraphProto, prefix: str
 ) -> tuple[list[onnx.NodeProto], list[TensorProto], str] | None:
-    """Nodes giving, per sample and position, the sum of the pre-activation over the neurons,
-    computed from the linear op's input; None where that is not both exact algebra and cheaper.
+    """Nodes giving per sample (and position, for a dense layer) the sum of the pre-activation over
+    its neurons, computed from the linear op's input; None where that is not both exact algebra
+    and cheaper than a pass over the pre-activation.
 
-    It holds where the pre-activation is a Gemm, MatMul or Conv output, optionally plus a
-    constant bias, with constant weights: the sum over output neurons of ``x·W + b`` is
-    ``x·(W summed over outputs) + Σb`` (for a Conv, one output channel with the kernels summed).
-    BatchNorm, residual Adds, Transposes, ConvTranspose, Einsum and grouped Convs keep the exact
-    ``ReduceSum``. It is used only where the summed op reads fewer values per position than
-    there are neurons (``_LINEAR_READS``); on the CPU a one-channel k×k Conv costs more than
-    summing the pre-activations it replaces (docs/performance.md).
+    It holds where the pre-activation is a Gemm, MatMul or Conv output with constant weights,
+    optionally plus a constant bias that is the same at every position: the sum over outputs of
+    ``x·W + b`` is ``x·(W summed over outputs) + Σb``. A Conv's sum is then the kernels summed
+    over output channels, dotted with the window sums of its input (``_conv_partial``). BatchNorm,
+    residual Adds, Transposes, ConvTranspose, Einsum and grouped Convs keep the exact ReduceSum.
     """
-    if layer.dtype is None or layer.neurons is None:
+    if layer.dtype is None or layer.neurons is None or layer.positions is None:
         return None
     producers = {out: node for node in graph.node for out in node.output}
-    constants = {init.name: init for init in graph.initializer}
-    linear, bias = producers.get(layer.name), None
+    constants = {init.name: init for init in graph.initializer}  # read as arrays only when used
+    linear, bias = producers.get(layer.name), 0.0
     if linear is not None and linear.op_type == "Add":
-        inputs = list(linear.input)
-        known = [name for name in inputs if name in constants]
-        rest = [name for name in inputs if name not in constants]
-        if len(inputs) != 2 or len(known) != 1 or len(rest) != 1:
+        data = [name for name in linear.input if name not in constants]
+        known = [name for name in linear.input if name in constants]
+        if len(data) != 1 or len(known) != 1:
             return None
         bias = _neuron_total(numpy_helper.to_array(constants[known[0]]), layer)
-        linear = producers.get(rest[0])
-    if bias is False or linear is None:
+        linear = producers.get(data[0])
+    if bias is None or linear is None or linear.op_type not in ("Gemm", "MatMul", "Conv"):
+        return None
+    inputs = [*linear.input, "", ""]
+    if inputs[1] not in constants or (inputs[2] and inputs[2] not in constants):
         return None
     attrs = {a.name: helper.get_attribute_value(a) for a in linear.attribute}
-    if linear.op_type not in ("Gemm", "MatMul", "Conv") or linear.input[1] not in constants:
-        return None
-    w = numpy_helper.to_array(constants[linear.input[1]]).astype(np.float64)
-    c = 0.0 if bias is None else bias
-    if linear.op_type == "Gemm":
-        if attrs.get("transA", 0) or w.ndim != 2:
-            return None
-        summed = w.sum(axis=0 if attrs.get("transB", 0) else 1) * attrs.get("alpha", 1.0)
-        if len(linear.input) > 2 and linear.input[2]:
-            if linear.input[2] not in constants:
-                return None
-            gemm_bias = _neuron_total(numpy_helper.to_array(constants[linear.input[2]]), layer)
-            if gemm_bias is False:
-                return None
-            c += gemm_bias * attrs.get("beta", 1.0)
-        reads, kernel = len(summed), summed.reshape(-1, 1)
-    elif linear.op_type == "MatMul":
-        if w.ndim != 2 or layer.axis % layer.rank != layer.rank - 1:
-            return None
-        reads, kernel = w.shape[0], w.sum(axis=1, keepdims=True)
-    else:
-        if attrs.get("group", 1) != 1 or w.ndim < 3 or layer.axis % layer.rank != 1:
-            return None
-        if len(linear.input) > 2 and linear.input[2]:
-            if linear.input[2] not in constants:
-                return None
-            c += float(numpy_helper.to_array(constants[linear.input[2]]).astype(np.float64).sum())
-        reads, kernel = w[0].size, w.sum(axis=0, keepdims=True)
-    if reads * _LINEAR_READS >= layer.neurons:
-        return None
-    nodes, inits = [], []
-    x = linear.input[0]
+    weight, own_bias = constants[inputs[1]], numpy_helper.to_array(constants[inputs[2]]) if inputs[2] else None
+    nodes, x = [], linear.input[0]
     if layer.dtype != TensorProto.FLOAT:
         nodes.append(helper.make_node("Cast", [x], [f"{prefix}/sum_x"], to=TensorProto.FLOAT))
         x = f"{prefix}/sum_x"
-    inits += [
-        numpy_helper.from_array(kernel.astype(np.float32), f"{prefix}/sum_w"),
-        numpy_helper.from_array(np.array([c], np.float32), f"{prefix}/sum_b"),
-    ]
+    found = None
     if linear.op_type == "Conv":
-        geometry = {k: v for k, v in attrs.items() if k in ("auto_pad", "dilations", "kernel_shape", "pads", "strides")}
-        conv = helper.make_node("Conv", [x, f"{prefix}/sum_w", f"{prefix}/sum_b"], [f"{prefix}/partial"], **geometry)
-        nodes.append(conv)
-    else:
-        nodes += [
-            helper.make_node("MatMul", [x, f"{prefix}/sum_w"], [f"{prefix}/partial_w"]),
-            helper.make_node("Add", [f"{prefix}/partial_w", f"{prefix}/sum_b"], [f"{prefix}/partial"]),
-        ]
+        conv_bias = 0.0 if own_bias is None else float(own_bias.astype(np.float64).sum())
+        found = _conv_partial(layer, attrs, weight, bias + conv_bias, x, prefix)
+    elif linear.op_type == "MatMul" and len(weight.dims) == 2:
+        found = _dense_partial(layer, weight, 1, 1.0, bias, x, prefix)
+    elif linear.op_type == "Gemm" and not attrs.get("transA", 0) and len(weight.dims) == 2:
+        gemm_bias = 0.0 if own_bias is None else _neuron_total(own_bias, layer)
+        if gemm_bias is not None:
+            total = bias + gemm_bias * attrs.get("beta", 1.0)
+            found = _dense_partial(
+                layer, weight, 0 if attrs.get("transB", 0) else 1, attrs.get("alpha", 1.0), total, x, prefix
+            )
+    if found is None:
+        return None
+    more_nodes, inits, partial = found
+    return nodes + more_nodes, inits, partial
+
+
+def _dense_partial(
+    layer: Layer, weight: TensorProto, outputs_axis: int, scale: float, bias: float, x: str, prefix: str
+) -> tuple[list[onnx.NodeProto], list[TensorProto], str] | None:
+    """``x · (scale · weight summed over its outputs axis) + bias``: one value per position
+    instead of one per neuron, where the product reads few enough values (``_LINEAR_READS``)."""
+    reads = weight.dims[1 - outputs_axis] * (1 if layer.dtype == TensorProto.FLOAT else 2)
+    if layer.axis % layer.rank != layer.rank - 1 or reads * _LINEAR_READS >= layer.neurons:
+        return None
+    summed = numpy_helper.to_array(weight).astype(np.float64).sum(axis=outputs_axis) * scale
+    inits = [
+        numpy_helper.from_array(summed.reshape(-1, 1).astype(np.float32), f"{prefix}/sum_w"),
+        numpy_helper.from_array(np.array([bias], np.float32), f"{prefix}/sum_b"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", [x, f"{prefix}/sum_w"], [f"{prefix}/partial_w"]),
+        helper.make_node("Add", [f"{prefix}/partial_w", f"{prefix}/sum_b"], [f"{prefix}/partial"]),
+    ]
     return nodes, inits, f"{prefix}/partial"
 
 
-_LINEAR_READS = 1
-"""φ goes through linearity only where the summed op reads fewer values per position than the
-layer has neurons, times this factor (docs/performance.md has the measurements)."""
+def _conv_partial(
+    layer: Layer, attrs: dict, weight: TensorProto, bias: float, x: str, prefix: str
+) -> tuple[list[onnx.NodeProto], list[TensorProto], str] | None:
+    """φ of a 1-D or 2-D Conv from its input, through window sums, for one value per sample.
+
+    Σ over channels and positions of ``conv(x, W) + b`` is ``Σ_{c,i,j} V[c,i,j] · S[c,i,j] + P·Σb``
+    where V is the kernels summed over output channels and S[c,i,j] the sum of the input over the
+    positions that kernel tap (i, j) sees. S is ``A_hᵀ · x · A_w`` with 0/1 matrices that encode
+    padding, stride and dilation: two narrow MatMuls that read the input once, then (C, kw, H).
+    It is used where that is cheaper than a pass over the pre-activation (``_LINEAR_READS``):
+    LeNet-5's first layer reads 924 values per sample instead of 9,216; SqueezeNet's fire modules
+    keep the ReduceSum. Static input shapes only; SAME padding keeps the ReduceSum.
+    """
+    shape = layer.linear_input_shape
+    spatial = shape[2:]
+    if (
+        attrs.get("group", 1) != 1
+        or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID")
+        or len(spatial) not in (1, 2)
+        or len(weight.dims) != len(shape)
+        or not all(isinstance(d, int) and d > 0 for d in shape[1:])
+    ):
+        return None
+    channels, kernel = shape[1], list(weight.dims[2:])
+    valid = attrs.get("auto_pad", b"NOTSET") in (b"VALID", "VALID")
+    pads = [0] * 2 * len(spatial) if valid else list(attrs.get("pads", [0] * 2 * len(spatial)))
+    strides = list(attrs.get("strides", [1] * len(spatial)))
+    dilations = list(attrs.get("dilations", [1] * len(spatial)))
+    taps = [
+        _window_matrix(size, k, stride, dilation, pads[axis], pads[axis + len(spatial)])
+        for axis, (size, k, stride, dilation) in enumerate(zip(spatial, kernel, strides, dilations, strict=True))
+    ]
+    cast = 1 if layer.dtype == TensorProto.FLOAT else 2  # a Cast to float32 reads the input once more
+    reads = channels * (math.prod(spatial) * cast + (spatial[0] * kernel[-1] if len(spatial) == 2 else 0))
+    if any(t is None for t in taps) or reads * _LINEAR_READS >= layer.neurons * layer.positions:
+        return None
+    summed = numpy_helper.to_array(weight).astype(np.float64).sum(axis=0)  # (channels, *kernel)
+    inits = [numpy_helper.from_array(taps[-1].astype(np.float32), f"{prefix}/taps_w")]
+    nodes = [helper.make_node("MatMul", [x, f"{prefix}/taps_w"], [f"{prefix}/window_w"])]  # (B, C, [H,] kw)
+    window = f"{prefix}/window_w"
+    if len(spatial) == 2:  # rows last, then (B, C, kw, H) · A_h → (B, C, kw, kh)
+        inits.append(numpy_helper.from_array(taps[0].astype(np.float32), f"{prefix}/taps_h"))
+        nodes += [
+            helper.make_node("Transpose", [window], [f"{prefix}/window_t"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", [f"{prefix}/window_t", f"{prefix}/taps_h"], [f"{prefix}/window"]),
+        ]
+        window, summed = f"{prefix}/window", summed.transpose(0, 2, 1)
+    inits += [
+        numpy_helper.from_array(summed.reshape(-1, 1).astype(np.float32), f"{prefix}/sum_w"),
+        numpy_helper.from_array(np.array([bias * layer.positions], np.float32), f"{prefix}/sum_b"),
+    ]
+    nodes += [
+        helper.make_node("Flatten", [window], [f"{prefix}/window_flat"], axis=1),
+        helper.make_node("MatMul", [f"{prefix}/window_flat", f"{prefix}/sum_w"], [f"{prefix}/partial_w"]),
+        helper.make_node("Add", [f"{prefix}/partial_w", f"{prefix}/sum_b"], [f"{prefix}/partial"]),
+    ]
+    return nodes, inits, f"{prefix}/partial"
 
 
-def _neuron_total(bias: np.ndarray, layer: Layer) -> float | bool:
+def _window_matrix(size: int, kernel: int, stride: int, dilation: int, before: int, after: int) -> np.ndarray | None:
+    """The (size, kernel) 0/1 matrix whose column t marks the input positions kernel tap t sees
+    along one axis, padding excluded; None when the geometry leaves no output position."""
+    outputs = (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
+    if outputs < 1:
+        return None
+    matrix = np.zeros((size, kernel))
+    for tap in range(kernel):
+        seen = np.arange(outputs) * stride + tap * dilation - before
+        matrix[seen[(seen >= 0) & (seen < size)], tap] = 1.0
+    return matrix
+
+
+_LINEAR_READS = 4
+"""φ goes through linearity only where its products read a quarter or less of the values per
+sample that the pre-activation holds: a MatMul with one to 16 output columns costs two to three
+times a ReduceSum per value read, and each node has its own overhead (docs/performance.md)."""
+
+
+def _neuron_total(bias: np.ndarray, layer: Layer) -> float | None:
     """Σ over the neurons of a constant bias broadcast onto the layer, when it is the same at every
-    position and sample: a scalar, or N values along the neuron axis. False otherwise."""
-    b = bias.astype(np.float64)
+    position and sample (a scalar, or N values along the neuron axis); None otherwise."""
+    b = np.asarray(bias, dtype=np.float64)
     if b.size == 1:
         return float(b.reshape(())) * layer.neurons
     axis = layer.axis % layer.rank
-    if b.ndim > layer.rank or b.size != layer.neurons:
-        return False
-    aligned = layer.rank - b.ndim  # right-aligned broadcasting
-    if axis < aligned or b.shape[axis - aligned] != layer.neurons:
-        return False
+    aligned = layer.rank - b.ndim  # numpy broadcasting aligns shapes on the right
+    if b.size != layer.neurons or aligned < 0 or axis < aligned or b.shape[axis - aligned] != layer.neurons:
+        return None
     return float(b.sum())

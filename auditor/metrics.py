@@ -8,6 +8,7 @@ zero-variance split), never a guessed number. Entropies are in bits.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -139,22 +140,35 @@ def _entropy_by_blocks(values: np.ndarray, bins: int, bin_index: Callable[[np.nd
     Vectorised per block of rows: ``bin_index`` maps a ``(rows, D)`` block to bins in
     ``[0, bins)``, and one ``bincount`` over ``row · bins + bin`` counts the whole block. Blocks
     keep the histogram in cache: 60,000 MNIST rows in one histogram are slower by half or more.
-    Each row's entropy depends only on its own non-empty counts, summed in bin order, so the
-    result is bit-identical however rows are blocked or batched, and for any two binnings that
-    give the same non-empty counts in the same order.
+    A count c contributes ``(c/D) · log2(c/D)``, looked up in a table of every count 0..D (0 for
+    c = 0) instead of a log per bin: the table holds the same values, and a row's terms are added
+    in bin order, one bin after another (the empty bins add 0.0), as a sequential sum of the
+    non-empty ones would. So the result is bit-identical however rows are blocked or batched,
+    and for any two binnings that give the same non-empty counts in the same order.
     """
     rows, per_row = values.shape
+    terms = _count_terms(per_row)
     entropy = np.empty(rows)
     for start in range(0, rows, _ALPHA_BLOCK_ROWS):
         keys = bin_index(values[start : start + _ALPHA_BLOCK_ROWS])
         block = keys.shape[0]
         keys += np.arange(0, block * bins, bins, dtype=np.intp)[:, None]
-        hist = np.bincount(keys.ravel(), minlength=block * bins)
-        nonzero = np.flatnonzero(hist)
-        p = hist[nonzero] / per_row
-        terms = np.bincount(nonzero // bins, weights=p * np.log2(p), minlength=block)
-        entropy[start : start + block] = 0.0 - terms  # 0.0 - x turns -0.0 into 0.0
+        hist = np.bincount(keys.ravel(), minlength=block * bins).reshape(block, bins)
+        # (bins, block) in C order: the reduction adds bin after bin, vectorised across rows
+        by_bin = terms[np.ascontiguousarray(hist.T)]
+        entropy[start : start + block] = 0.0 - np.add.reduce(by_bin, axis=0)  # 0.0 - x turns -0.0 into 0.0
     return entropy
+
+
+@functools.lru_cache(maxsize=4)
+def _count_terms(per_row: int) -> np.ndarray:
+    """``p · log2(p)`` for p = c / per_row at every count c = 0..per_row, with 0.0 at c = 0
+    (read-only: an audit's rows all have one length, so the table is made once)."""
+    p = np.arange(per_row + 1) / per_row
+    terms = np.zeros(per_row + 1)
+    terms[1:] = p[1:] * np.log2(p[1:])
+    terms.setflags(write=False)
+    return terms
 
 
 def _alpha_bin(x01: np.ndarray) -> np.ndarray:

@@ -136,8 +136,11 @@ def external_data_files(proto: onnx.ModelProto, folder: Path, model_name: str = 
     for tensor in external_tensors(proto):
         try:
             info = external_data_helper.ExternalDataInfo(tensor)
-        except (ValueError, TypeError):
-            raise ModelError(f"{model_name}: the external data entry of tensor {tensor.name!r} is malformed") from None
+        except (ValueError, TypeError) as exc:
+            raise ModelError(
+                f"{model_name}: the external data entry of tensor {tensor.name!r} is malformed ({first_line(exc)}); "
+                "re-export the model"
+            ) from None
         name = check_data_file_name(info.location, model_name)
         path = folder / name
         steps = [folder.joinpath(*name.split("/")[: i + 1]) for i in range(name.count("/") + 1)]
@@ -178,6 +181,8 @@ def _load_external_data(proto: onnx.ModelProto, folder: Path | None, name: str) 
 
 
 def _check(proto: onnx.ModelProto, name: str) -> None:
+    if not proto.graph.output:
+        raise ModelError(f"{name} has no graph outputs; the auditor reads the model's output: re-export it with one")
     try:
         onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as exc:

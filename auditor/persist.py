@@ -196,7 +196,8 @@ class Upload:
         self._hashes.setdefault(name, hashlib.sha256()).update(content)
 
     def address(self) -> str:
-        if MODEL_FILE not in self._hashes:
+        """The content address of everything received (the model is checked by the store's ``check``)."""
+        if MODEL_FILE not in self._hashes or (self.folder / MODEL_FILE).stat().st_size == 0:
             raise ModelError("the upload held no model bytes; send the model file's content with file=''")
         data = {name: h.hexdigest() for name, h in self._hashes.items() if name != MODEL_FILE}
         return content_address(self._hashes[MODEL_FILE].hexdigest(), data)

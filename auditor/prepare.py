@@ -20,6 +20,8 @@ from auditor.report import LayerInfo, ModelInfo
 from auditor.run import Runner, probe_shapes
 
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
+CALL_BYTES = 128 << 20  # a session call's widest activations, about
+BYTES_PER_UNIT = 8  # a float32 activation and its float32 firing bit
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Prepared:
     exposed: Exposed
     runner: Runner
     settings: SessionSettings
+    max_rows: int | None = None  # samples per session call that keep activations near CALL_BYTES
 
     @property
     def providers(self) -> list[str]:
@@ -47,7 +50,24 @@ def prepare(model: ModelSource | LoadedModel, *, device: str = "auto", states_at
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     structure = structure_of(loaded)
     exposed = expose(loaded.proto, structure, states_at)
-    return Prepared(loaded, structure, exposed, Runner(exposed.model, structure.input, device), settings)
+    runner = Runner(exposed.model, structure.input, device)
+    return Prepared(loaded, structure, exposed, runner, settings, rows_per_call(structure))
+
+
+def rows_per_call(structure: Structure) -> int | None:
+    """How many samples one session call may take so that its widest layer's activations, with
+    their firing bits, stay near ``CALL_BYTES``; None when sizes are unknown.
+
+    ``--batch-size`` is the most samples per call; this caps it further for models with large
+    activations. LeNets are never capped (their widest layer fits thousands of samples), while
+    an ImageNet CNN at batch 256 would hold gigabytes of activations, preprocessed inputs and
+    packed outputs for each of the batches in flight.
+    """
+    sizes = [layer.neurons * layer.positions for layer in structure.layers if layer.neurons and layer.positions]
+    widest = max(sizes, default=0)
+    if not widest:
+        return None
+    return max(1, CALL_BYTES // (widest * BYTES_PER_UNIT))
 
 
 def structure_of(model: LoadedModel) -> Structure:

@@ -13,8 +13,9 @@ used to lock out health checks. Blocking work runs in three pools, each sized fo
 - ``lookups``: SQLite and upload writes (milliseconds).
 
 The servicer methods are short; the work is in ``auditor.audit`` (the same pipeline as the
-CLI, so the numbers are the same), ``auditor.persist`` and ``auditor.jobs`` (what is kept) and
-``auditor.wire`` (messages, checked as they arrive). One wrapper turns ``AuditError`` kinds into
+CLI, so the numbers are the same), ``auditor.persist`` and ``auditor.jobs`` (what is kept, the
+queue), ``auditor.streams`` (one call's streams, with the idle timeout) and ``auditor.wire``
+(messages, checked as they arrive). One wrapper turns ``AuditError`` kinds into
 status codes (``auditor.transport``), hides every other exception behind INTERNAL, strips server
 paths from messages, and logs one line per call.
 """
@@ -56,6 +57,7 @@ from auditor.persist import MAX_FILES, PAGE_SIZE, ModelStore, ReportStore, Store
 from auditor.prepare import Prepared, describe_model, prepare
 from auditor.report import ModelInfo, Report
 from auditor.service_metrics import ServiceMetrics
+from auditor.streams import Messages, ProgressStream, client_batches, expect_no_batches
 from auditor.transport import NO_RETRY, SERVICE, read_token, status_of
 
 log = logging.getLogger("auditor.server")
@@ -221,7 +223,7 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
 
     @_handled
     async def UploadModel(self, requests: Any, context: Any, call: _Call) -> pb.UploadModelResponse:
-        messages = _Messages(context, self._options.idle_timeout)
+        messages = Messages(context, self._options.idle_timeout)
         with self._models.receive() as upload:
             while (message := await messages.next()) is not None:
                 self._metrics.upload_bytes.inc(len(message.content))
@@ -264,39 +266,33 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
     @_handled
     async def Audit(self, requests: Any, context: Any, call: _Call) -> None:
         async with self._counted():
-            messages = _Messages(context, self._options.idle_timeout)
+            messages = Messages(context, self._options.idle_timeout)
             spec = self._spec(_audit_start(await messages.next()))
             call.model = spec.content_address
             self._models.path(spec.content_address)  # NOT_FOUND before anything else
             stop = threading.Event()
             loop = asyncio.get_running_loop()
-            tasks: list[asyncio.Task[Any]] = []
             if spec.dataset is None:
                 first = await messages.next()  # a client that never sends a batch never takes a slot
                 if first is None:
                     raise DataError("the dataset is empty: no samples reached the audit; send SampleBatch messages")
-                data = functools.partial(_client_batches, first, messages, loop, stop)
+                data = functools.partial(client_batches, first, messages, loop, stop)
             else:
-                tasks.append(asyncio.create_task(_refuse_batches(messages)))
+                await expect_no_batches(messages)
                 data = None
-            progress = _ProgressStream(context, self._options.idle_timeout, call.samples)
-            tasks.append(asyncio.create_task(self._queued(spec, data, progress, stop)))
+            progress = ProgressStream(context, self._options.idle_timeout, call.samples)
+            work = asyncio.create_task(self._queued(spec, data, progress, stop))
             try:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-                for task in tasks:
-                    if task.done() and task.exception() is not None:
-                        raise task.exception()  # type: ignore[misc]
-                stored = tasks[-1].result()
+                stored = await _unless_fails(work, progress.writer)
                 await progress.finish()
             finally:
-                progress.cancel()
-                for task in tasks:
+                for task in (work, progress.writer):
                     task.cancel()
-                await asyncio.wait(tasks)
+                await asyncio.wait([work, progress.writer])
             await context.write(pb.AuditResponse(report=wire.report_to_proto(stored)))
 
     async def _queued(
-        self, spec: AuditSpec, data: Callable[[], Iterator[tuple[str, Batch]]] | None, progress: _ProgressStream,
+        self, spec: AuditSpec, data: Callable[[], Iterator[tuple[str, Batch]]] | None, progress: ProgressStream,
         stop: threading.Event,
     ) -> StoredReport:  # fmt: skip
         async with self._queue.slot(progress.queued):
@@ -304,12 +300,13 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
 
     @asynccontextmanager
     async def _counted(self) -> AsyncIterator[None]:
-        """Count a streamed audit by how it ended: done, failed, cancelled, or rejected (queue full)."""
+        """Count a streamed audit by how it ended: done, failed, cancelled, or rejected (by a limit of the
+        server: a full queue, the idle timeout, a size limit)."""
         outcome = "failed"
         try:
             yield
             outcome = "done"
-        except QueueFullError:
+        except LimitError:
             outcome = "rejected"
             raise
         except (asyncio.CancelledError, CancelledError):
@@ -491,118 +488,18 @@ class _Cache(Generic[K, V]):
                 self._items.popitem(last=False)
 
 
-# ---- the streams of one call ---------------------------------------------------------------------
-
-
-class _Messages:
-    """The client's messages, one at a time; a client silent for ``idle_timeout`` loses its call."""
-
-    def __init__(self, context: grpc.aio.ServicerContext, idle_timeout: float) -> None:
-        self._context = context
-        self._idle_timeout = idle_timeout
-
-    async def next(self, *, idle_timeout: bool = True) -> Any:
-        """The next message, or None once the client has closed its side."""
-        try:
-            read = self._context.read()
-            message = await (asyncio.wait_for(read, self._idle_timeout) if idle_timeout else read)
-        except TimeoutError:
-            raise LimitError(
-                f"the client sent nothing for {self._idle_timeout:g} s (serve --idle-timeout); the call was "
-                "closed to free its place"
-            ) from None
-        return None if message is grpc.aio.EOF else message
-
-
-class _ProgressStream:
-    """Progress events to the client from one writer task: queue positions, then samples per split.
-
-    Events are coalesced (the newest per split, in order of first appearance), so a client that
-    reads slowly never holds up the audit; one that reads nothing for ``idle_timeout`` is dropped.
-    """
-
-    def __init__(self, context: grpc.aio.ServicerContext, idle_timeout: float, samples: dict[str, int]) -> None:
-        self._context = context
-        self._idle_timeout = idle_timeout
-        self._samples = samples  # samples done per split, for the call's log line
-        self._loop = asyncio.get_running_loop()
-        self._pending: dict[str, pb.AuditProgress] = {}
-        self._wake = asyncio.Event()
-        self._closing = False
-        self._task = asyncio.create_task(self._write())
-
-    def queued(self, position: int) -> None:
-        """On the event loop: the audit waits, ``position`` audits ahead of it."""
-        self._put("", pb.AuditProgress(queue_position=position))
-
-    def running(self, split: str, done: int) -> None:
-        """From any thread: ``done`` samples of ``split`` audited."""
-        self._samples[split] = done
-        self._loop.call_soon_threadsafe(self._put, split, pb.AuditProgress(split=split, samples_done=done))
-
-    async def finish(self) -> None:
-        """Send what is pending, then stop."""
-        self._closing = True
-        self._wake.set()
-        await self._task
-
-    def cancel(self) -> None:
-        self._task.cancel()
-
-    def _put(self, key: str, event: pb.AuditProgress) -> None:
-        self._pending[key] = event
-        self._wake.set()
-
-    async def _write(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                event = self._pending.pop(next(iter(self._pending)))
-                try:
-                    await asyncio.wait_for(self._context.write(pb.AuditResponse(progress=event)), self._idle_timeout)
-                except TimeoutError:
-                    raise LimitError(
-                        f"the client read nothing for {self._idle_timeout:g} s (serve --idle-timeout); the call "
-                        "was closed"
-                    ) from None
-            if self._closing:
-                return
+async def _unless_fails(work: asyncio.Task[T], watcher: asyncio.Task[Any]) -> T:
+    """``work``'s result, unless ``watcher`` fails first: then the watcher's error."""
+    await asyncio.wait([work, watcher], return_when=asyncio.FIRST_COMPLETED)
+    if not work.done() and not watcher.cancelled() and watcher.exception() is not None:
+        raise watcher.exception()  # type: ignore[misc]
+    return await work
 
 
 def _audit_start(request: pb.AuditRequest | None) -> pb.AuditStart:
     if request is None or not request.HasField("start"):
         raise AuditError("an Audit call must begin with an AuditStart message (model and settings)")
     return request.start
-
-
-async def _refuse_batches(messages: _Messages) -> None:
-    """With a DatasetRef the client sends nothing more; a batch makes the request ambiguous."""
-    if await messages.next(idle_timeout=False) is not None:
-        raise AuditError(
-            "the AuditStart names a server-side dataset (DatasetRef) and the client sent batches too; send "
-            "one or the other"
-        )
-
-
-def _client_batches(
-    first: pb.AuditRequest, messages: _Messages, loop: asyncio.AbstractEventLoop, stop: threading.Event
-) -> Iterator[tuple[str, Batch]]:
-    """In an audit thread: the client's batches, each read on the event loop when the audit wants it."""
-    message = first
-    while message is not None:
-        if not message.HasField("batch"):
-            raise AuditError("after AuditStart, an Audit call sends only SampleBatch messages")
-        yield wire.batch_from_proto(message.batch)
-        future = asyncio.run_coroutine_threadsafe(messages.next(), loop)
-        while True:
-            try:
-                message = future.result(timeout=0.25)
-                break
-            except TimeoutError:
-                if stop.is_set():
-                    future.cancel()
-                    raise CancelledError("the audit was stopped while waiting for the client's next batch") from None
 
 
 def _no_dataset() -> Any:
@@ -688,10 +585,7 @@ class _Service:
         return self.port
 
     async def start(self) -> None:
-        """Queue the jobs a stopped server left, then serve; and serve ``/metrics`` when asked to."""
-        recovered = await self.servicer.async_init()
-        if recovered:
-            log.info("queued again %d job(s) a stopped server left queued or running", recovered)
+        """Serve ``/metrics`` when asked to, queue the jobs a stopped server left, then serve gRPC."""
         if self.options.metrics_port is not None:
             tls = (self.options.tls_cert, self.options.tls_key) if self.options.tls_cert else None
             try:
@@ -699,6 +593,9 @@ class _Service:
             except OSError as exc:
                 raise AuditError(f"cannot serve metrics on port {self.options.metrics_port}: {exc.strerror}") from None
             self.metrics_port = self._metrics_http.server_port
+        recovered = await self.servicer.async_init()
+        if recovered:
+            log.info("queued again %d job(s) a stopped server left queued or running", recovered)
         await self.server.start()
         for service in ("", SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)

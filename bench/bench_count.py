@@ -1,12 +1,12 @@
 """Counting engines compared: rows/s and peak memory for exact state counts under a memory budget.
 
-    python bench/bench_count.py                            # both workloads, both engines, 256M budget
-    python bench/bench_count.py --workload wide --budget 1G --engines numpy
+    python bench/bench_count.py                     # both workloads; numpy, DuckDB on 1 and 2 threads; 256M
+    python bench/bench_count.py --workload wide --budget 1G --engines numpy,duckdb:2 --repeat 1
 
 Engines:
-- ``numpy``: the auditor's own ``LayerCounter`` (sorted runs, spilled to memory-mapped files,
-  merged range by range into a count of counts).
-- ``duckdb``: one table per layer in DuckDB (``pip install duckdb``), ``memory_limit`` set to the
+- ``numpy``: the auditor's own ``LayerCounter`` (sorted runs, spilled to files, merged range
+  by range into a count of counts; see docs/scale.md).
+- ``duckdb``: a table in DuckDB (``pip install -e ".[bench]"``), ``memory_limit`` set to the
   budget and its temp folder in the spill folder; raw keys are inserted batch by batch and one
   ``GROUP BY`` query gives the count of counts (DuckDB's out-of-core hash aggregate spills).
 
@@ -14,10 +14,11 @@ Workloads (keys made here, batch by batch, so the generator holds almost nothing
 - ``narrow64``: 30M 64-bit keys, 29M of them distinct (a ≤ 64-neuron layer of a big audit);
 - ``wide``: 10M rows of 4 words (a 256-neuron layer), 9.5M distinct.
 
-Times leave out making the keys. Each engine runs in a fresh process; its peak is that
-process's maximum resident memory, and the figure that matters is the growth over its resident
-memory before the first key (the baseline: Python, numpy, the engine's library). Both engines
-must give the same count of counts.
+Times leave out making the keys. Each run is a fresh process; its peak is that process's maximum
+resident memory, and the figure that matters is the growth over its resident memory before the
+first key (the baseline: Python, numpy, the engine's library); the worst peak and growth of the
+runs are shown. Engines take turns, and the fastest of each engine's runs is shown, so that other jobs on
+the machine disturb the comparison less. Every run must give the same count of counts.
 """
 
 from __future__ import annotations
@@ -153,33 +154,43 @@ def child(engine: str, workload: str, budget_bytes: int, threads: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
-    parser.add_argument("--engines", default="numpy,duckdb", help="comma-separated: numpy, duckdb")
+    parser.add_argument(
+        "--engines", default="numpy,duckdb:1,duckdb:2", help="comma-separated: numpy, duckdb:THREADS (default: all)"
+    )
     parser.add_argument("--budget", default="256M", help="memory budget of each engine (default 256M)")
-    parser.add_argument("--threads", type=int, default=2, help="DuckDB's threads (numpy's sort uses one)")
-    parser.add_argument("--child", nargs=2, metavar=("ENGINE", "WORKLOAD"), help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each engine, taken in turns; the best is shown")
+    parser.add_argument("--child", nargs=3, metavar=("ENGINE", "WORKLOAD", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     budget = parse_size(args.budget)
     if args.child:
-        child(*args.child, budget, args.threads)
+        engine, workload, threads = args.child
+        child(engine, workload, budget, int(threads))
         return 0
     workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
-    print(f"budget {args.budget}; DuckDB threads {args.threads}; numpy single-threaded")
+    engines = args.engines.split(",")
+    print(f"budget {args.budget}; best of {args.repeat} runs taken in turns; numpy is single-threaded")
     print(
-        f"{'workload':9s} {'engine':7s} {'Mrows/s':>8s} {'ingest s':>9s} {'merge s':>8s} "
+        f"{'workload':9s} {'engine':9s} {'Mrows/s':>8s} {'ingest s':>9s} {'merge s':>8s} "
         f"{'peak MiB':>9s} {'growth MiB':>11s} {'spilled MiB':>12s} {'distinct':>10s}"
     )
     for workload in workloads:
-        histograms = {}
-        for engine in args.engines.split(","):
-            command = [sys.executable, __file__, "--budget", args.budget, "--threads", str(args.threads)]
-            out = subprocess.run([*command, "--child", engine, workload], capture_output=True, text=True, check=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            histograms[engine] = r["histogram"]
+        runs: dict[str, list[dict]] = {engine: [] for engine in engines}
+        for _ in range(args.repeat):
+            for engine in engines:
+                name, _, threads = engine.partition(":")
+                command = [sys.executable, __file__, "--budget", args.budget]
+                out = subprocess.run(
+                    [*command, "--child", name, workload, threads or "1"], capture_output=True, text=True, check=True
+                )
+                runs[engine].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for engine, results in runs.items():
+            r = max(results, key=lambda result: result["rows_per_s"])
+            peak, growth = (max(result[key] for result in results) for key in ("peak_mib", "growth_mib"))
             print(
-                f"{workload:9s} {engine:7s} {r['rows_per_s'] / 1e6:8.2f} {r['ingest_s']:9.1f} {r['merge_s']:8.1f} "
-                f"{r['peak_mib']:9.0f} {r['growth_mib']:11.0f} {r['spilled_mib']:12.0f} {r['distinct']:10d}"
+                f"{workload:9s} {engine:9s} {r['rows_per_s'] / 1e6:8.2f} {r['ingest_s']:9.1f} {r['merge_s']:8.1f} "
+                f"{peak:9.0f} {growth:11.0f} {r['spilled_mib']:12.0f} {r['distinct']:10d}"
             )
-        if len({json.dumps(h) for h in histograms.values()}) > 1:
+        if len({json.dumps(result["histogram"]) for results in runs.values() for result in results}) > 1:
             print(f"{workload}: the engines' counts of counts DIFFER")
             return 1
     return 0

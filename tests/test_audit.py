@@ -26,7 +26,7 @@ from refusals import refused
 
 from auditor import AuditConfig, Prepared, Report, audit, prepare
 from auditor.data import Batch, open_splits
-from auditor.errors import CancelledError, DataError, NotFoundError
+from auditor.errors import AuditError, CancelledError, DataError, NotFoundError
 from auditor.run import cuda_usable
 
 CPU = AuditConfig(device="cpu")
@@ -717,3 +717,52 @@ def test_one_split_says_why_cna_margin_is_null() -> None:
     report = audit(model, [("test", Batch(np.ones((3, 2), np.float32)))], CPU)
     assert report.cna_margin is None
     assert any("--split both" in w for w in report.warnings)
+
+
+# --- A memory budget spills, and changes nothing -------------------------------------------------
+
+
+def _audit_with_budget(budget: int, spill_dir: Path, **kwargs) -> Report:
+    datasets = open_splits("mnist", "both", limit=1500)
+    config = AuditConfig(device="cpu", batch_size=128, memory_budget=budget)
+    return audit(lenet_model(), datasets, config, spill_dir=spill_dir, **kwargs)
+
+
+def test_a_tiny_budget_spills_every_layer_and_gives_the_same_report(tmp_path: Path) -> None:
+    roomy = _audit_with_budget(1 << 30, tmp_path)
+    tight = _audit_with_budget(1 << 12, tmp_path)
+    assert roomy.spilled_bytes == 0 and tight.spilled_bytes > 0
+    a, b = roomy.to_dict(), tight.to_dict()
+    for report in (a, b):
+        report.pop("spilled_bytes")
+        report["config"].pop("memory_budget")
+    assert a == b  # counts, entropies and every other figure, bit for bit
+    assert list(tmp_path.iterdir()) == []  # the spill folder is gone once the audit ends
+
+
+def test_spill_files_are_removed_when_the_audit_is_cancelled_or_fails(tmp_path: Path) -> None:
+    calls = []
+
+    def cancel_later() -> bool:
+        calls.append(1)
+        return len(calls) > 6
+
+    with pytest.raises(CancelledError):
+        _audit_with_budget(1 << 12, tmp_path, cancelled=cancel_later)
+    assert list(tmp_path.iterdir()) == []
+
+    x, y = np.zeros((300, 28, 28), np.uint8), np.zeros(300, np.int64)
+    y[-1] = 99  # a label the model cannot have, in the last batch: the audit fails after spilling
+    batches = [("test", Batch(x[i : i + 50], y[i : i + 50])) for i in range(0, 300, 50)]
+    config = AuditConfig(device="cpu", memory_budget=1 << 12)
+    refused(DataError, lambda: audit(lenet_model(), batches, config, spill_dir=tmp_path), "labels run from")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_spill_folder_is_refused_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    refused(
+        AuditError,
+        lambda: audit(lenet_model(), [("test", Batch(np.zeros((2, 28, 28), np.uint8)))], CPU, spill_dir=missing),
+        "--spill-dir",
+    )

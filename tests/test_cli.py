@@ -389,7 +389,8 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
         main(argv)
     assert caught.value.code == 2
     err = capsys.readouterr().err
-    assert "usage: auditor" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err  # one line, not argparse's usage block
+    assert err.startswith("auditor") and ": error: " in err and err.rstrip().endswith("(see --help)")
 
 
 # --- Real subprocesses ------------------------------------------------------------------------
@@ -451,7 +452,7 @@ def test_subprocess_exit_codes(model: Path, tmp_path: Path) -> None:
     assert "Traceback" not in missing.stderr
 
     usage = cli("audit", str(model))
-    assert usage.returncode == 2 and "usage: auditor" in usage.stderr and "--data" in usage.stderr
+    assert usage.returncode == 2 and usage.stderr.count("\n") == 1 and "--data" in usage.stderr
 
     failed = cli("gate", str(model), "--data", "mnist", "--limit", "100", "--min-aiq", "0.99")
     assert failed.returncode == 1, failed.stderr

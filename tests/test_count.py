@@ -20,7 +20,7 @@ import onnx
 import pytest
 from models import Net, reference_counts, reference_entropy, run, state_rows
 
-from auditor import audit, count, metrics, prepare
+from auditor import AuditConfig, audit, count, metrics, prepare
 from auditor.count import (
     HistogramStore,
     LayerCounter,
@@ -222,6 +222,59 @@ def test_batch_size_does_not_change_counts_or_metrics(batch_reports: dict[int, d
     assert cna[0] == pytest.approx(cna[2], rel=1e-6) and cna[1] == pytest.approx(cna[2], rel=1e-6)
 
 
+# --- Whole audits under a budget -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("neurons", [16, 21, 130])
+def test_an_audit_that_spills_everything_equals_one_that_spills_nothing(tmp_path, neurons: int) -> None:
+    """A one-byte budget: every layer (narrow, one-word, multi-word) spills at every batch. The
+    report's splits are bit-identical to the default budget's, and match the np.unique reference."""
+    model, x, axis = conv_case(neurons)
+    (pre,) = run(model, x, ["pre"])
+    expected = reference_counts(pre, axis)
+    prepared = prepare(model)
+    batches = [("test", Batch(x[i : i + 8])) for i in range(0, len(x), 8)]
+    held = audit(prepared, batches, AuditConfig(batch_size=8))
+    spilled = audit(prepared, batches, AuditConfig(batch_size=8, memory_budget=1), spill_dir=tmp_path)
+    assert held.spilled_bytes == 0 < spilled.spilled_bytes
+    assert spilled.to_dict()["splits"] == held.to_dict()["splits"]
+    (layer,) = spilled.splits["test"].layers
+    assert (layer.states_total, layer.states_distinct) == (expected.sum(), len(expected))
+    assert layer.entropy_bits == pytest.approx(reference_entropy(expected), rel=1e-12)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("how", ["error", "ctrl-c", "cancelled"])
+def test_an_interrupted_audit_leaves_no_spill_files(tmp_path, how: str) -> None:
+    """The data source fails, Ctrl-C arrives, or the caller cancels, after spill files exist."""
+    model, x, _ = conv_case(40)
+    seen: list[int] = []
+
+    def batches():
+        for start in range(0, len(x), 10):
+            if start == 40 and how == "error":
+                raise RuntimeError("the data source failed")
+            if start == 40 and how == "ctrl-c":
+                raise KeyboardInterrupt
+            yield "test", Batch(x[start : start + 10])
+
+    def progress(split: str, done: int) -> None:
+        seen.append(len(list(tmp_path.rglob("*.run"))))
+
+    expected = {"error": RuntimeError, "ctrl-c": KeyboardInterrupt, "cancelled": CancelledError}[how]
+    with pytest.raises(expected):
+        audit(
+            model,
+            batches(),
+            AuditConfig(batch_size=10, memory_budget=1),
+            spill_dir=tmp_path,
+            progress=progress,
+            cancelled=lambda: how == "cancelled" and len(seen) >= 3,
+        )
+    assert seen and seen[-1] > 0  # spill files existed when the audit was stopped
+    assert not list(tmp_path.iterdir())
+
+
 # --- Stores ------------------------------------------------------------------------------------
 #
 # Every store is run three ways: a dense histogram, runs held in memory (a budget that never
@@ -403,23 +456,32 @@ def test_hash_collisions_never_merge_different_rows(make, monkeypatch: pytest.Mo
     assert_same(a, keys)
 
 
+@pytest.mark.parametrize("spill", ["all", "some"])
 @pytest.mark.parametrize("wide", [False, True], ids=["1-word", "3-words"])
-def test_the_merge_reads_spilled_runs_in_bounded_ranges(make, monkeypatch: pytest.MonkeyPatch, wide: bool) -> None:
-    """A merge step holds at most ``merge_rows`` records (unless they share one head): the merge
-    streams the runs range by range, in key order, and the counts stay exact."""
+def test_the_merge_reads_runs_in_bounded_ranges(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, wide: bool, spill: str
+) -> None:
+    """A merge step holds at most ``merge_rows`` records (40 here; more only if they share one
+    head): the merge streams held and spilled runs range by range, in key order, exactly."""
     monkeypatch.setattr(count, "MERGE_ROWS_MIN", 40)
     rng = np.random.default_rng(5)
     pool = rng.integers(0, 2**64 - 1, size=(2000, 3 if wide else 1), dtype=np.uint64, endpoint=True)
     keys = pool[rng.integers(len(pool), size=6000)]
     keys = keys if wide else keys[:, 0]
-    store = make("spilled", words=3 if wide else 1)
-    for piece in np.array_split(keys, 30):
-        feed(store, piece)
-    pieces = list(store.merged())
-    assert len(pieces) > 3 and max(len(piece) for piece in pieces) <= 40
-    heads = np.concatenate([piece["head"] for piece in pieces])
-    assert np.all(heads[1:] >= heads[:-1])  # ranges come in key order
-    assert_same(store, keys)
+    dtype = count.record_dtype(3 if wide else 1)
+    with MemoryBudget(1 if spill == "all" else 32 * 40 * dtype.itemsize, tmp_path) as budget:
+        assert budget.merge_rows(dtype) == 40
+        store = RunStore(3 if wide else 1, budget)
+        feed(store, *np.array_split(keys, 30))
+        if spill == "some" and not store.runs:  # the last add spilled all; hold one more piece
+            keys = np.concatenate([keys, keys[:100]])
+            feed(store, keys[-100:])
+        assert store.spilled and bool(store.runs) == (spill == "some")
+        pieces = list(store.merged())
+        assert len(pieces) > 3 and max(len(piece) for piece in pieces) <= 40
+        heads = np.concatenate([piece["head"] for piece in pieces])
+        assert np.all(heads[1:] > heads[:-1])  # ranges come in key order (and these heads never collide)
+        assert_same(store, keys)
 
 
 def test_too_many_spilled_runs_are_merged_into_one_file(make, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -127,8 +127,10 @@ def test_values_beyond_a_float16_input_are_refused() -> None:
 
 def test_feed_gives_the_batch_its_place_labels_alpha_and_input() -> None:
     x = np.array([[0, 255], [9, 9]], np.uint8)
-    ready = feed("train", 40, Batch(x, np.array([1, 0])), ModelInput("x", np.dtype(np.float32), ("N", 2)), DEFAULT)
+    ready, model_x = feed(
+        "train", 40, Batch(x, np.array([1, 0])), ModelInput("x", np.dtype(np.float32), ("N", 2)), DEFAULT
+    )
     assert (ready.split, ready.start, ready.samples, ready.clipped) == ("train", 40, 2, 0)
     assert ready.labels.tolist() == [1, 0]
     np.testing.assert_allclose(ready.alpha, [1.0, 0.0], atol=1e-12)
-    np.testing.assert_allclose(ready.input, x / np.float32(255), rtol=1e-7)
+    np.testing.assert_allclose(model_x, x / np.float32(255), rtol=1e-7)

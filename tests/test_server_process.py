@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import queue
-import re
 import signal
 import subprocess
 import sys
@@ -13,17 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from servers import AUDITOR, REPO, Process, gated, processes
 
-from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
-from auditor.data import Batch
-
-REPO = Path(__file__).resolve().parents[1]
-AUDITOR = [sys.executable, "-m", "auditor.cli"]  # what the `auditor` console script runs
 
 
 def _dockerfile_command(instruction: str) -> list[str]:
@@ -33,41 +26,9 @@ def _dockerfile_command(instruction: str) -> list[str]:
     return json.loads(line[line.index("[") :])
 
 
-class Process:
-    """A running ``auditor serve``: its port (read from its log) and its log lines."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.popen = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.port = int(self.wait_for(r"serving auditor\.v1\.Auditor on \S+:(\d+)").group(1))
-        self.target = f"127.0.0.1:{self.port}"
-
-    def _drain(self) -> None:
-        for line in self.popen.stderr:
-            self.lines.put(line)
-
-    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
-        while True:
-            line = self.lines.get(timeout=timeout)
-            self.log.append(line)
-            if found := re.search(pattern, line):
-                return found
-
-    def terminate(self, timeout: float = 30) -> int:
-        self.popen.send_signal(signal.SIGTERM)
-        return self.popen.wait(timeout=timeout)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in started:
-        if process.popen.poll() is None:
-            process.popen.kill()
-            process.popen.wait()
+@pytest.fixture(name="processes")
+def processes_fixture() -> Iterator[list[Process]]:
+    yield from processes()
 
 
 def test_the_container_entrypoint_serves_passes_its_healthcheck_and_stops_on_sigterm(
@@ -88,16 +49,6 @@ def test_the_container_entrypoint_serves_passes_its_healthcheck_and_stops_on_sig
     assert (tmp_path / "store" / "reports.sqlite3").is_file()
 
 
-def _gated_stream(start: pb.AuditStart, gate: threading.Event) -> Iterator[pb.AuditRequest]:
-    """Start and 20 batches of 8 (more than the engine reads ahead), then 20 more once ``gate`` is set."""
-    batch = wire.batch_to_proto("test", Batch(np.zeros((8, 28, 28), np.uint8), np.zeros(8, np.int64)))
-    yield pb.AuditRequest(start=start)
-    for i in range(40):
-        if i == 20:
-            gate.wait(timeout=30)
-        yield pb.AuditRequest(batch=batch)
-
-
 def _upload(channel: grpc.Channel, shared_models: Path) -> str:
     content = (shared_models / "mnist-8_cntk_opset8.onnx").read_bytes()
     return auditor_pb2_grpc.AuditorStub(channel).UploadModel(iter([pb.UploadModelRequest(content=content)])).sha256
@@ -113,7 +64,7 @@ def test_sigterm_turns_health_to_not_serving_and_lets_an_inflight_audit_finish(
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         gate = threading.Event()
-        responses = auditor_pb2_grpc.AuditorStub(channel).Audit(_gated_stream(start, gate))
+        responses = auditor_pb2_grpc.AuditorStub(channel).Audit(gated(start, gate))
         assert next(responses).HasField("progress")  # the audit is in flight
         process.popen.send_signal(signal.SIGTERM)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -133,7 +84,7 @@ def test_an_audit_still_running_when_the_grace_period_ends_is_cancelled(
     gate = threading.Event()  # never set: the client stalls
     with grpc.insecure_channel(process.target) as channel:
         start = pb.AuditStart(model_sha256=_upload(channel, shared_models))
-        responses = auditor_pb2_grpc.AuditorStub(channel).Audit(_gated_stream(start, gate))
+        responses = auditor_pb2_grpc.AuditorStub(channel).Audit(gated(start, gate))
         assert next(responses).HasField("progress")
         assert process.terminate() == 0
         with pytest.raises(grpc.RpcError):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from models import Net, mlp, reference_counts, run
 
 from auditor import AuditConfig, audit
 from auditor.data import Batch
 from auditor.graph import describe
-from tests.models import Net, mlp, reference_counts, run
 
 X = np.random.default_rng(3).standard_normal((400, 6)).astype(np.float32)
 

@@ -32,11 +32,11 @@ def tallied(splits: dict[str, Batch], config: AuditConfig = CPU, layers=LAYERS) 
     results = {}
     with MemoryBudget(config.memory_budget) as budget:
         for split, batch in splits.items():
-            ready = feed(split, 0, batch, prepared.structure.input, config.feeding)
+            ready, model_x = feed(split, 0, batch, prepared.structure.input, config.feeding)
             tally = SplitTally(
                 prepared.exposed, counted, config.margin_seed, prepared.structure.output_is_probability, budget
             )
-            tally.add(ready, prepared.runner.run(ready.input, prepared.exposed.output_names))
+            tally.add(ready, prepared.runner.run(model_x, prepared.exposed.output_names))
             results[split] = tally.finish(TOP_STATES)
     return prepared, results
 

@@ -15,6 +15,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -82,7 +83,9 @@ def test_batchnorm_sits_after_or_before_the_activation():
     assert after[1:4] == ["Linear", "ELU", "BatchNorm1d"]
     assert before[1:4] == ["Linear", "BatchNorm1d", "ELU"]
     # Exported, the auditor's pre-activation of a Dense → BatchNorm → ELU block is the BatchNorm output.
-    proto = onnx.load_from_string(run_job(tiny_job(net={"variant": "batchnorm-pre"})).onnx)
+    torch.manual_seed(0)
+    model = build(Architecture("lenet-300-100", (4, 2), "batchnorm-pre"))
+    proto = onnx.load_from_string(to_onnx(model, torch.rand(8, 1, 28, 28), {}))
     producers = {out: node.op_type for node in proto.graph.node for out in node.output}
     hidden = [layer for layer in find_layers(proto) if layer.role == "hidden"]
     assert [producers[layer.name] for layer in hidden] == ["BatchNormalization", "BatchNormalization"]
@@ -582,6 +585,12 @@ def test_states_at_reaches_the_audit(grid, report_dir, tmp_path, capsys):
     for row in json.loads((out / "networks.json").read_text())["rows"]:
         assert row["network_efficiency"] == pre[row["file"]]["network_efficiency"]
     assert "States read at: pre-activation" in report_dir[1]
+
+
+def test_the_study_does_not_import_torch():
+    code = "import sys, trainers.cli, trainers.study, trainers.study_page; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_find_networks_reads_metadata_and_leaves_out_the_rest(grid, tmp_path):

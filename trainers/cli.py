@@ -15,10 +15,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from auditor.config import STATE_POINTS
 from auditor.errors import AuditError
+from auditor.usage import Parser
 
 if TYPE_CHECKING:
     from trainers.records import Architecture, Job
@@ -26,13 +27,6 @@ if TYPE_CHECKING:
 PROG = "auditor-train"
 EXIT_BAD_INPUT = 2
 TRAIN_EXTRA = ("torch", "matplotlib")  # the modules of the 'train' extra
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line, like every other refusal here."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _int_list(text: str) -> list[int]:
@@ -133,8 +127,8 @@ def _add_network_args(parser: argparse.ArgumentParser, *, lists: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Train, export and summarise the paper's LeNet grids.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog=PROG, description="Train, export and summarise the paper's LeNet grids.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = commands.add_parser("train", help="train one network and export it to ONNX")
     _add_network_args(train, lists=False)

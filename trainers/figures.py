@@ -84,8 +84,8 @@ def _heatmap(cells: Sequence[Cell], metric: str, limits: tuple[float, float], sc
     noises = sorted({c.label_noise for c in cells})
     n1 = sorted({c.architecture.widths[0] for c in cells})
     n2 = sorted({c.architecture.widths[1] for c in cells})
-    panel_w, panel_h = 1.2 + 0.5 * len(n2), 1.0 + 0.4 * len(n1)
-    figure = _canvas(0.8 + panel_w * len(noises), 0.6 + panel_h * len(rows))
+    panel_w, panel_h = max(2.2, 1.2 + 0.5 * len(n2)), 1.0 + 0.4 * len(n1)
+    figure = _canvas(max(4.5, 1.2 + panel_w * len(noises)), 0.8 + panel_h * len(rows))
     axes = figure.subplots(len(rows), len(noises), squeeze=False)
     image = None
     for (r, key), (c, noise) in ((rk, cn) for rk in enumerate(rows) for cn in enumerate(noises)):
@@ -138,9 +138,9 @@ def heatmaps(cells: Sequence[Cell], scale: Scale) -> list[Figure]:
             if all(c.mean(metric) is None for c in group):
                 continue
             where = f"_N3-{'-'.join(map(str, rest))}" if rest else ""
-            title = f"{label(metric)}: {arch}" + (f", N3 = {rest[0]}" if rest else "") + " (mean over replicates)"
+            title = f"{label(metric)}: {arch}" + (f", N3 = {rest[0]}" if rest else "") + "\nmean over replicates"
             png = _heatmap(group, metric, limits, scale, title)
-            figures.append(Figure(f"heatmap_{arch}{where}_{metric}.png", title, png))
+            figures.append(Figure(f"heatmap_{arch}{where}_{metric}.png", title.replace("\n", ", "), png))
     return figures
 
 

@@ -128,7 +128,8 @@ class AuditorServicer:
     def Audit(self, request_iterator, context):
         """Run an audit. The client sends an AuditStart first, then (unless it named a server-side
         dataset) any number of SampleBatch messages, and closes its side. The server answers with
-        progress events and finally the stored report.
+        progress events (its place in the queue while it waits, then samples done) and finally the
+        stored report. A client that sends nothing for the server's idle timeout loses the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,20 @@
+"""argparse for our command lines: a usage error is one line and exit code 2, like every refusal.
+
+argparse prints the whole usage block before its error; a CI log then shows a dozen lines for
+one mistyped flag. This parser keeps only the error and points at ``--help``. Subcommands
+inherit it, since ``add_subparsers`` builds them with the parser's own class.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+EXIT_BAD_INPUT = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
