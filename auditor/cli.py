@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AuditError as exc:
         print(f"auditor: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # stdout piped into `head` and closed: that reader wanted no more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush stays quiet
+        return EXIT_OK
     except OSError as exc:  # a file named on the command line (--json, --junit) cannot be written
         where = f" {exc.filename}" if exc.filename else ""
         print(f"auditor: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ from auditor.config import SessionSettings
 from auditor.graph import Exposed, Structure, describe, expose, with_shape
 from auditor.modelfile import LoadedModel, load_model
 from auditor.report import LayerInfo, ModelInfo
-from auditor.run import Runner, probe_shapes
+from auditor.run import CPU_ONLY, Runner, probe_shapes, requested_providers
 
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
 CALL_BYTES = 128 << 20  # a session call's widest activations, about
@@ -49,7 +49,8 @@ def prepare(model: ModelSource | LoadedModel, *, device: str = "auto", states_at
     settings = SessionSettings(device, states_at)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     structure = structure_of(loaded)
-    exposed = expose(loaded.proto, structure, states_at)
+    # onnxruntime's CUDA MatMulInteger takes int8 × int8 only: CUDA sessions pack in float
+    exposed = expose(loaded.proto, structure, states_at, integer_packing=requested_providers(device) == CPU_ONLY)
     runner = Runner(exposed.model, structure.input, device)
     return Prepared(loaded, structure, exposed, runner, settings, rows_per_call(structure))
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 R = TypeVar("R")
 GPU_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+CPU_ONLY = ["CPUExecutionProvider"]
 
 @functools.cache
 def onnxruntime() -> ModuleType:
@@ -64,7 +65,7 @@ def requested_providers(device: str) -> list[str]:
     """Providers to ask for: CUDA first when wanted and able to run, the CPU always as fallback."""
     if device != "cpu" and cuda_usable():
         return GPU_PROVIDERS
-    return ["CPUExecutionProvider"]
+    return CPU_ONLY
 
 
 def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | None = None) -> ort.InferenceSession:
@@ -76,7 +77,7 @@ def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | 
     """
     providers = requested_providers(device)
     if threads is None:
-        threads = 1 if providers == ["CPUExecutionProvider"] else 0
+        threads = 1 if providers == CPU_ONLY else 0
     if device == "cuda" and not cuda_usable():
         raise AuditError(
             "CUDA was requested but onnxruntime cannot start it (no GPU, or CUDA/cuDNN libraries "

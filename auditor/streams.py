@@ -33,8 +33,8 @@ class Messages:
     async def next(self, *, idle_timeout: bool = True) -> Any:
         """The next message, or None once the client has closed its side."""
         try:
-            read = self._context.read()
-            message = await (asyncio.wait_for(read, self._idle_timeout) if idle_timeout else read)
+            async with asyncio.timeout(self._idle_timeout if idle_timeout else None):
+                message = await self._context.read()
         except TimeoutError:
             raise LimitError(
                 f"the client sent nothing for {self._idle_timeout:g} s (serve --idle-timeout); the call was "
@@ -89,7 +89,10 @@ class ProgressStream:
             while self._pending:
                 event = self._pending.pop(next(iter(self._pending)))
                 try:
-                    await asyncio.wait_for(self._context.write(pb.AuditResponse(progress=event)), self._idle_timeout)
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
+                    # arrives as the write completes, and this task would then wait for ever
+                    async with asyncio.timeout(self._idle_timeout):
+                        await self._context.write(pb.AuditResponse(progress=event))
                 except TimeoutError:
                     raise LimitError(
                         f"the client read nothing for {self._idle_timeout:g} s (serve --idle-timeout); the call "

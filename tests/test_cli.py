@@ -464,3 +464,16 @@ def test_subprocess_refusal_of_overflowing_preprocessing_is_the_only_line_on_std
     overflow = cli("audit", str(model), "--data", "mnist", "--limit", "10", "--std", "1e-45")
     assert overflow.returncode == 2 and overflow.stdout == ""
     assert overflow.stderr.startswith("auditor: error: ") and overflow.stderr.count("\n") == 1, overflow.stderr
+
+
+def test_a_reader_that_stops_early_is_not_an_error() -> None:
+    """``auditor … | head -1``: stdout closed before the table is written ends quietly, exit 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "auditor.cli", "layers", str(EXAMPLE)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # the reader is gone before anything is written
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == ""

@@ -221,8 +221,7 @@ def test_cancelling_mid_stream_stops_the_server_side_audit(
     stop.set()
     expected = grpc.StatusCode.CANCELLED if how == "cancel" else grpc.StatusCode.DEADLINE_EXCEEDED
     assert code(caught) == expected
-    # once its thread has ended; generous, since a loaded CI machine can take a while to wind it down
-    eventually(lambda: _audit_log(caplog, "CANCELLED"), timeout=120, what="the Audit log line")
+    eventually(lambda: _audit_log(caplog, "CANCELLED"), what="the Audit log line")  # once its thread has ended
     # The one slot is free again (and the queue holds none): the next audit runs at once.
     assert remote_audit(served.conn, mnist8, "mnist", "test", 16, AuditConfig()).splits["test"].samples == 16
 
