@@ -61,13 +61,6 @@ def mean_ci(values: Sequence[float | None], confidence: float = 0.95) -> tuple[f
     return mean, t_critical(n - 1, confidence) * sd / math.sqrt(n)
 
 
-def format_mean_ci(mean: float | None, ci: float | None, digits: int = 4) -> str:
-    """``0.9512 ± 0.0031``; just the mean without an interval, ``n/a`` without a mean."""
-    if mean is None:
-        return "n/a"
-    return f"{mean:.{digits}f}" if ci is None else f"{mean:.{digits}f} ± {ci:.{digits}f}"
-
-
 @dataclass(frozen=True)
 class Estimate:
     """One metric over a cell's replicates: the mean, the 95% half-width, and how many values."""
