@@ -103,29 +103,32 @@ def metric_value(report: Report, metric: str, split: str) -> float | None:
 
 def gate_checks(report: Report, thresholds: Mapping[str, float | None], split: str) -> list[Check]:
     """One check per absolute threshold given (``GATE_METRICS`` keys); None means not given."""
-    _require_split(report, split)
-    checks = []
-    for key, threshold in thresholds.items():
-        if threshold is None:
-            continue
-        metric, op = GATE_METRICS[key]
-        where = MARGIN_SPLIT if metric == "cna_margin_max" else split
-        checks.append(Check(metric, where, metric_value(report, metric, split), threshold, op))
-    return checks
+    return _checks(report, None, thresholds, GATE_METRICS, split)
 
 
 def baseline_checks(
     report: Report, baseline: Report, thresholds: Mapping[str, float | None], split: str
 ) -> list[Check]:
     """One check per relative threshold given (``BASELINE_METRICS`` keys) against ``baseline``."""
+    return _checks(report, baseline, thresholds, BASELINE_METRICS, split)
+
+
+def _checks(
+    report: Report,
+    baseline: Report | None,
+    thresholds: Mapping[str, float | None],
+    metrics: Mapping[str, tuple[str, str]],
+    split: str,
+) -> list[Check]:
+    """A check per threshold given, of the metric and comparison ``metrics`` names for its key."""
     _require_split(report, split)
     checks = []
     for key, threshold in thresholds.items():
         if threshold is None:
             continue
-        metric, op = BASELINE_METRICS[key]
+        metric, op = metrics[key]
         where = MARGIN_SPLIT if metric == "cna_margin_max" else split
-        base = metric_value(baseline, metric, split)
+        base = None if baseline is None else metric_value(baseline, metric, split)
         checks.append(Check(metric, where, metric_value(report, metric, split), threshold, op, base))
     return checks
 

@@ -33,7 +33,7 @@ from typing import Any
 from auditor.config import AuditConfig
 from auditor.data import KNOWN_DATASETS
 from auditor.errors import AuditError, CancelledError, DataError, LimitError, NotFoundError
-from auditor.persist import check_id, connect, page_bounds
+from auditor.persist import check_id, connect, create_tables, page_bounds
 
 log = logging.getLogger("auditor.jobs")
 
@@ -239,10 +239,7 @@ class JobStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(connect(path)) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+        create_tables(path, _SCHEMA)
 
     def add(self, job: Job) -> None:
         with closing(connect(self.path)) as db, db:

@@ -97,6 +97,14 @@ def connect(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(path, timeout=30)
 
 
+def create_tables(path: Path, schema: str) -> None:
+    """Make the SQLite file at ``path`` (and its folder) in WAL mode and run ``schema`` on it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with closing(connect(path)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(schema)
+
+
 @dataclass(frozen=True)
 class StoredReport:
     """A finished report with the service's bookkeeping around it."""
@@ -112,10 +120,7 @@ class ReportStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(connect(path)) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+        create_tables(path, _SCHEMA)
 
     def add(self, address: str, report: Report) -> StoredReport:
         """Store a finished report in one transaction and give it an id."""
