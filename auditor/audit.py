@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from auditor.allocator import keep_freed_memory
 from auditor.config import AuditConfig, Feeding
 from auditor.count import MemoryBudget
 from auditor.data import Batch, Dataset, skipped_warnings, tagged
@@ -108,7 +109,9 @@ def tally(
 
     ``first`` gives the index in its split of each split's first sample (0 unless the batches
     are a shard that starts further in), so per-sample draws follow the sample, not the shard.
+    The process keeps the memory each batch frees for the next one (``allocator``).
     """
+    keep_freed_memory()
     counted = frozenset(
         out.layer.name
         for out in prepared.exposed.layers

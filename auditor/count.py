@@ -1,8 +1,9 @@
 """Exact, mergeable counting of layer states in bounded memory (SPEC §2).
 
 A state is the bit-vector of a layer's firing neurons at one (sample, position). The graph hands
-us those bits packed into int32 groups of at most 24 bits (``graph.word_groups``); ``join_groups``
-turns them into exact keys: one integer when the layer has ≤ 64 neurons, else rows of 64-bit words.
+us those bits packed into int32 groups, one per byte or of at most 24 bits (``graph.packing``);
+``join_groups`` turns them into exact keys: one integer when the layer has ≤ 64 neurons, else rows
+of 64-bit words.
 
 Each counted layer owns a store. A narrow layer gets a dense histogram. Any other queues raw keys
 and folds them, by one sort, into *runs*: record arrays of distinct keys with their counts, in key
@@ -71,18 +72,33 @@ def parse_size(text: str) -> int:
 
 
 def join_groups(packed: np.ndarray, groups: list[tuple[int, int]], group_axis: int) -> np.ndarray:
-    """Exact keys, one per (sample, position): 1-D when ≤ 64 neurons, else rows of uint64 words."""
+    """Exact keys, one per (sample, position): 1-D when ≤ 64 neurons, else rows of uint64 words.
+
+    Keys are uint32 for layers of at most 32 neurons and uint64 (words) beyond; one group is its
+    own key. Each group is shifted to its place in its 64-bit word (groups never straddle words)
+    and or-ed in; within 32 bits that is done on the int32 groups themselves, without a copy.
+    """
     axis = group_axis % packed.ndim
     if len(groups) == 1:
         return packed.reshape(-1)
     neurons = groups[-1][1]
-    dtype = np.uint32 if neurons <= 32 else np.uint64
+    where: list[slice | int] = [slice(None)] * packed.ndim
+
+    def group(g: int) -> np.ndarray:
+        where[axis] = g
+        return packed[tuple(where)]
+
+    if neurons <= 32:  # int32 arithmetic wraps into the sign bit, so the uint32 view is exact
+        key = group(0).astype(np.int32)
+        for g, (start, _) in enumerate(groups[1:], 1):
+            key |= group(g).astype(np.int32, copy=False) << np.int32(start)
+        return key.reshape(-1).view(np.uint32)
     words: dict[int, np.ndarray] = {}
     for g, (start, _) in enumerate(groups):
         word, shift = divmod(start, 64)
-        part = np.take(packed, g, axis=axis).reshape(-1).astype(dtype)
+        part = group(g).reshape(-1).astype(np.uint64)
         if shift:
-            part <<= dtype(shift)
+            part <<= np.uint64(shift)
         words[word] = part if word not in words else words[word] | part
     if len(words) == 1:
         return words[0]

@@ -255,7 +255,7 @@ def expose(
                 "channel/feature dimensions"
             )
         prefix = f"auditor/{index}"
-        groups, group_axis = packing(layer)
+        groups, group_axis = packing(layer, integer)
         nodes, inits, key_name, sum_name = _layer_nodes(
             layer, model.graph, structure.opset, states_at, prefix, fast, integer
         )
@@ -278,22 +278,30 @@ def expose(
     )
 
 
-def packing(layer: Layer) -> tuple[list[tuple[int, int]], int]:
+def packing(layer: Layer, integer: bool = False) -> tuple[list[tuple[int, int]], int]:
     """How ``expose`` packs a layer: its bit groups, and the packed output's axis that holds them.
 
-    Neurons on the last axis give (batch, …, groups); otherwise (batch, groups, positions).
+    Integer packing gives one byte per 8 neurons (``byte_groups``), float packing groups of at
+    most 24 bits (``word_groups``). Neurons on the last axis give (batch, …, groups); otherwise
+    (batch, groups, positions).
     """
     last = layer.axis % layer.rank == layer.rank - 1
-    return word_groups(layer.neurons), -1 if last else 1
+    groups = byte_groups(layer.neurons) if integer else word_groups(layer.neurons)
+    return groups, -1 if last else 1
 
 
 def word_groups(neurons: int) -> list[tuple[int, int]]:
-    """Bit ranges [start, stop) of the packed groups: at most 24 bits, never straddling 64-bit words."""
+    """Bit ranges [start, stop) of the float-packed groups: at most 24 bits, never straddling 64-bit words."""
     return [
         (start, min(start + GROUP_BITS, word + WORD_BITS, neurons))
         for word in range(0, neurons, WORD_BITS)
         for start in range(word, min(word + WORD_BITS, neurons), GROUP_BITS)
     ]
+
+
+def byte_groups(neurons: int) -> list[tuple[int, int]]:
+    """Bit ranges [start, stop) of the integer-packed groups: one per 8 neurons."""
+    return [(start, min(start + 8, neurons)) for start in range(0, neurons, 8)]
 
 
 def _infer(model: onnx.ModelProto) -> tuple[dict[str, list[int | str | None]], dict[str, int]]:
@@ -592,15 +600,16 @@ def _layer_nodes(
 def _pack_nodes(
     layer: Layer, states_at: str, prefix: str, *, at_output: bool = False, integer: bool = True
 ) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
-    """Nodes that turn a layer's state tensor into int32 groups of firing bits.
+    """Nodes that turn a layer's state tensor into int32 groups of firing bits (``packing``).
 
     ``x > 0`` gives the bits, read at ``Layer.firing_output`` when ``at_output`` (the same bits).
-    Then each group's bits are summed with powers of two, exactly (float32 below 2**24):
-    - ``integer``: MatMulInteger of 8-bit bits against one byte weight per neuron gives a byte per
-      8 neurons, and a small float MatMul joins each group's bytes. On the CPU this costs 40%
-      less than the float path (docs/performance.md); the weights are uint8 on the left of the
-      product and the bits int8 on the right, onnxruntime's fastest pairing.
-    - otherwise a float MatMul against a block-diagonal matrix of powers of two.
+    Then each group's bits are summed with powers of two, exactly:
+    - ``integer``: a MatMulInteger of 8-bit bits against one byte weight per neuron gives one
+      byte per 8 neurons, which ``count.join_groups`` joins into keys. On the CPU this costs
+      less than half the float path (docs/performance.md); the weights are uint8 on the left of
+      the product and the bits int8 on the right, onnxruntime's fastest pairing.
+    - otherwise a float MatMul against a block-diagonal matrix of powers of two, in groups of at
+      most 24 bits (float32 is exact below 2**24), cast to int32.
     Neurons on the last axis give bits × W; otherwise W × bits viewed as (batch, neurons,
     positions). A MatMul, unlike a 1×1 Conv, needs no layout reorders.
     """
@@ -613,7 +622,7 @@ def _pack_nodes(
         nodes.append(helper.make_node("Cast", [source], [f"{prefix}/as_float"], to=TensorProto.FLOAT))
         source, dtype = f"{prefix}/as_float", TensorProto.FLOAT
     zero = numpy_helper.from_array(np.zeros((), helper.tensor_dtype_to_np_dtype(dtype)), f"{prefix}/zero")
-    layout, group_axis = packing(layer)
+    layout, group_axis = packing(layer, integer)
     last = group_axis == -1
     bits_type = TensorProto.FLOAT if not integer else TensorProto.UINT8 if last else TensorProto.INT8
     inits.append(zero)
@@ -631,52 +640,26 @@ def _pack_nodes(
         inits.append(numpy_helper.from_array(np.array([0, layer.neurons, -1], np.int64), f"{prefix}/rows"))
         nodes.append(helper.make_node("Reshape", [bits, f"{prefix}/rows"], [f"{prefix}/bits_rows"]))
         bits = f"{prefix}/bits_rows"
-    weights, join = _packing_weights(layer.neurons, layout, integer)
+    weights = _packing_weights(layer.neurons, layout, integer)
     inits.append(numpy_helper.from_array(weights if last else np.ascontiguousarray(weights.T), f"{prefix}/pack_w"))
     product = [bits, f"{prefix}/pack_w"] if last else [f"{prefix}/pack_w", bits]
-    if not integer:
-        nodes.append(helper.make_node("MatMul", product, [f"{prefix}/packed"]))
-    elif join is None:  # one group of at most 8 neurons: its byte is the key
+    if integer:
         nodes.append(helper.make_node("MatMulInteger", product, [f"{prefix}/keys"]))
         return nodes, inits, f"{prefix}/keys"
-    else:
-        inits.append(numpy_helper.from_array(join if last else np.ascontiguousarray(join.T), f"{prefix}/join_w"))
-        joined = [f"{prefix}/bytes_f", f"{prefix}/join_w"] if last else [f"{prefix}/join_w", f"{prefix}/bytes_f"]
-        nodes += [
-            helper.make_node("MatMulInteger", product, [f"{prefix}/bytes"]),
-            helper.make_node("Cast", [f"{prefix}/bytes"], [f"{prefix}/bytes_f"], to=TensorProto.FLOAT),
-            helper.make_node("MatMul", joined, [f"{prefix}/packed"]),
-        ]
-    nodes.append(helper.make_node("Cast", [f"{prefix}/packed"], [f"{prefix}/keys"], to=TensorProto.INT32))
+    nodes += [
+        helper.make_node("MatMul", product, [f"{prefix}/packed"]),
+        helper.make_node("Cast", [f"{prefix}/packed"], [f"{prefix}/keys"], to=TensorProto.INT32),
+    ]
     return nodes, inits, f"{prefix}/keys"
 
 
-def _packing_weights(
-    neurons: int, layout: list[tuple[int, int]], integer: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The (neurons, columns) matrix that sums firing bits, and the (bytes, groups) matrix that
-    joins bytes into groups (None when not needed).
-
-    Float: column g holds 2**k at neuron ``start_g + k``. Integer: column j holds 2**k (uint8) at
-    neuron 8j + k; every group starts on a byte (``word_groups`` starts at multiples of 8), so
-    group g is the sum of its bytes times 256**i, exact in float32 below 2**24.
-    """
-    if not integer:
-        weights = np.zeros((neurons, len(layout)), np.float32)
-        for g, (start, stop) in enumerate(layout):
-            weights[start:stop, g] = 2.0 ** np.arange(stop - start)
-        return weights, None
-    index = np.arange(neurons)
-    weights = np.zeros((neurons, -(-neurons // 8)), np.uint8)
-    weights[index, index // 8] = 1 << (index % 8)
-    if len(layout) == 1 and neurons <= 8:
-        return weights, None
-    join = np.zeros((weights.shape[1], len(layout)), np.float32)
+def _packing_weights(neurons: int, layout: list[tuple[int, int]], integer: bool) -> np.ndarray:
+    """The (neurons, groups) matrix that sums each group's firing bits: column g holds 2**k at
+    neuron ``start_g + k``, as uint8 for integer packing (groups are bytes), else float32."""
+    weights = np.zeros((neurons, len(layout)), np.uint8 if integer else np.float32)
     for g, (start, stop) in enumerate(layout):
-        first = start // 8
-        for byte in range(first, -(-stop // 8)):
-            join[byte, g] = 256.0 ** (byte - first)
-    return weights, join
+        weights[start:stop, g] = 2 ** np.arange(stop - start)
+    return weights
 
 
 def _sum_nodes(

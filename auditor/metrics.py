@@ -138,8 +138,9 @@ def _entropy_by_blocks(values: np.ndarray, bins: int, bin_index: Callable[[np.nd
     """Entropy in bits of the histogram of each row of ``values``, whose bins ``bin_index`` gives.
 
     Vectorised per block of rows: ``bin_index`` maps a ``(rows, D)`` block to bins in
-    ``[0, bins)``, and one ``bincount`` over ``row · bins + bin`` counts the whole block. Blocks
-    keep the histogram in cache: 60,000 MNIST rows in one histogram are slower by half or more.
+    ``[0, bins)``, and one ``bincount`` over ``bin · rows + row`` counts the whole block, bin by
+    bin, so the histogram comes out as ``(bins, rows)`` with no transpose. Blocks keep it in
+    cache: 60,000 MNIST rows in one histogram are slower by half or more.
     A count c contributes ``(c/D) · log2(c/D)``, looked up in a table of every count 0..D (0 for
     c = 0) instead of a log per bin: the table holds the same values, and a row's terms are added
     in bin order, one bin after another (the empty bins add 0.0), as a sequential sum of the
@@ -152,10 +153,10 @@ def _entropy_by_blocks(values: np.ndarray, bins: int, bin_index: Callable[[np.nd
     for start in range(0, rows, _ALPHA_BLOCK_ROWS):
         keys = bin_index(values[start : start + _ALPHA_BLOCK_ROWS])
         block = keys.shape[0]
-        keys += np.arange(0, block * bins, bins, dtype=np.intp)[:, None]
-        hist = np.bincount(keys.ravel(), minlength=block * bins).reshape(block, bins)
-        # (bins, block) in C order: the reduction adds bin after bin, vectorised across rows
-        by_bin = terms[np.ascontiguousarray(hist.T)]
+        keys *= block
+        keys += np.arange(block, dtype=np.intp)[:, None]
+        by_bin = terms[np.bincount(keys.ravel(), minlength=bins * block).reshape(bins, block)]
+        # the reduction adds bin after bin, vectorised across rows
         entropy[start : start + block] = 0.0 - np.add.reduce(by_bin, axis=0)  # 0.0 - x turns -0.0 into 0.0
     return entropy
 

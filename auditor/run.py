@@ -32,6 +32,7 @@ R = TypeVar("R")
 GPU_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 CPU_ONLY = ["CPUExecutionProvider"]
 
+
 @functools.cache
 def onnxruntime() -> ModuleType:
     """onnxruntime, imported on first use: ``import auditor`` and the health probe never load it."""
@@ -100,13 +101,18 @@ class Runner:
     """One onnxruntime session over a model with one data input; outputs come back by name.
 
     Safe to share between threads (onnxruntime's ``run`` is). ``workers`` is how many runs to
-    keep side by side (``workers_for``).
+    keep side by side (``workers_for``). ``call_rows`` caps the samples of one session call on
+    the CPU, where calls whose activations stay in the core's cache run faster (FIELD-NOTES);
+    a GPU session takes each batch whole.
     """
 
-    def __init__(self, model: onnx.ModelProto, model_input: ModelInput, device: str = "auto") -> None:
+    def __init__(
+        self, model: onnx.ModelProto, model_input: ModelInput, device: str = "auto", call_rows: int | None = None
+    ) -> None:
         self.session = create_session(model, device)
         self.input = model_input
         self.workers = workers_for(self.session)
+        self.call_rows = call_rows if self.providers == CPU_ONLY else None
 
     @property
     def providers(self) -> list[str]:
@@ -114,19 +120,22 @@ class Runner:
         return list(self.session.get_providers())
 
     def run(self, feed: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
-        """The outputs ``names`` for a batch; a model of fixed batch size gets it in chunks of that
-        size, the last one zero-padded and the padding cut off again."""
+        """The outputs ``names`` for a batch, in calls of at most ``call_rows`` samples; a model of
+        fixed batch size gets it in chunks of that size, the last one zero-padded and the padding
+        cut off again."""
         dims = self.input.shape
         fixed = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else 0
-        if not fixed or fixed == len(feed):
+        rows = fixed or self.call_rows or len(feed)
+        if rows == len(feed) or (not fixed and rows > len(feed)):
             return self._run(feed, names)
         chunks = []
-        for start in range(0, len(feed), fixed):
-            part = feed[start : start + fixed]
+        for start in range(0, len(feed), rows):
+            part = feed[start : start + rows]
             n = len(part)
-            if n < fixed:
+            if fixed and n < fixed:
                 part = np.concatenate([part, np.zeros((fixed - n, *part.shape[1:]), part.dtype)])
-            chunks.append({name: out[:n] for name, out in self._run(part, names).items()})
+            outputs = self._run(part, names)
+            chunks.append({name: out[:n] for name, out in outputs.items()} if n < len(part) else outputs)
         return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in names}
 
     def _run(self, feed: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:

@@ -16,7 +16,8 @@ Workloads (the images are held in memory before any clock starts):
 A round runs three fresh processes, one after another, in an order that rotates between rounds:
 - ``default``: plain inference with onnxruntime's default session options, one call per batch;
 - ``own-way``: plain inference run the audit's own way: ``auditor.run.Runner`` over the plain
-  model, its batches spread over ``Runner.workers`` calls side by side by ``ordered_map``;
+  model, its batches spread over ``Runner.workers`` calls side by side by ``ordered_map``, each
+  batch run in calls of ``prepare.call_rows`` samples;
 - ``audit``: ``auditor.audit`` of the same batches (labels included), report built.
 Each process times itself from after loading the images to the end (session creation included),
 and reports its wall time, CPU time and peak resident memory. A round's ratio is audit ÷
@@ -155,10 +156,12 @@ def run_plain(mode: str, work: Workload) -> None:
     import onnxruntime as ort
 
     from auditor.graph import describe
+    from auditor.prepare import call_rows
     from auditor.run import Runner, ordered_map
 
     model = onnx.load(work.model)
-    model_input = describe(model).input
+    structure = describe(model)
+    model_input = structure.input
     prepare = preprocessor(model_input.dtype, model_input.shape)
     if mode == "default":
         session = ort.InferenceSession(str(work.model), providers=["CPUExecutionProvider"])
@@ -168,7 +171,7 @@ def run_plain(mode: str, work: Workload) -> None:
             for start in range(0, len(feed), fixed or len(feed)):
                 session.run(None, {model_input.name: feed[start : start + (fixed or len(feed))]})
         return
-    runner = Runner(model, model_input, "cpu")
+    runner = Runner(model, model_input, "cpu", call_rows(structure))
     outputs = [o.name for o in model.graph.output]
     for _ in ordered_map(lambda x: runner.run(prepare(x), outputs), (x for x, _ in work.batches()), runner.workers):
         pass
@@ -279,6 +282,8 @@ def profile(work: Workload, images: int) -> None:
     plain = times["inference, plain graph"]
     for label, seconds in times.items():
         print(f"  {label:32s} {seconds:7.3f} s  ({seconds / plain:6.1%} of plain inference)")
+    if not isinstance(structure.input.shape[0], int):
+        call_sizes(graphs, name, [x for _, x in fed])
     print("  onnxruntime's profile (one thread), ms per image:")
     for label, (graph, names) in graphs.items():
         inputs = [x for _, x in fed[: max(1, 2048 // work.batch_size)]]
@@ -287,6 +292,32 @@ def profile(work: Workload, images: int) -> None:
         added = sum(v for (op, mine), v in nodes.items() if mine)
         top = ", ".join(f"{op}{' (auditor)' if mine else ''} {v / total:.0%}" for (op, mine), v in nodes.most_common(6))
         print(f"    {label:8s} {total:7.3f} ms, auditor nodes {added / total:5.1%}: {top}")
+
+
+def call_sizes(graphs: dict, input_name: str, inputs: list[np.ndarray], rounds: int = 5) -> None:
+    """CPU per batch of the plain and exposed graphs run in calls of 256, 64, 32, 16 and 8 samples:
+    interleaved rounds, median of each against one call per batch of the plain graph."""
+    from auditor.run import create_session
+
+    sessions = {}
+    for label in ("plain", "exposed"):
+        graph, names = graphs[label]
+        sessions[label] = (create_session(graph, "cpu", threads=1), names)
+    variants = [(label, rows) for rows in (256, 64, 32, 16, 8) for label in ("plain", "exposed")]
+    times: dict[tuple[str, int], list[float]] = {variant: [] for variant in variants}
+    for _ in range(rounds):
+        for label, rows in variants:
+            session, names = sessions[label]
+            start = time.thread_time()
+            for x in inputs:
+                for i in range(0, len(x), rows):
+                    session.run(names, {input_name: x[i : i + rows]})
+            times[label, rows].append(time.thread_time() - start)
+    base = times["plain", 256]
+    print("  call size (one thread), CPU per batch against one call of the plain graph:")
+    for label, rows in variants:
+        ratio = statistics.median(t / b for t, b in zip(times[label, rows], base, strict=True))
+        print(f"    {label:8s} calls of {rows:3d}: {ratio:.3f}×")
 
 
 def _chunked(session, names: list[str], input_name: str, x: np.ndarray, shape: tuple) -> dict[str, np.ndarray]:

@@ -35,7 +35,7 @@ from auditor.count import (
 )
 from auditor.data import Batch
 from auditor.errors import AuditError, CancelledError, LimitError
-from auditor.graph import word_groups
+from auditor.graph import byte_groups, word_groups
 
 NEURONS = [1, 3, 16, 20, 21, 24, 25, 32, 33, 64, 65, 130]
 POSITIONS = (3, 3)  # the conv layout's H × W
@@ -798,15 +798,16 @@ def reference_keys(rows: np.ndarray) -> np.ndarray:
     return words[0] if len(words) == 1 else np.stack(words, axis=1)
 
 
+@pytest.mark.parametrize("grouping", [word_groups, byte_groups], ids=["words", "bytes"])
 @pytest.mark.parametrize("layout", ["dense", "last", "nchw", "rows"])
 @pytest.mark.parametrize("neurons", NEURONS)
-def test_join_groups_matches_direct_bit_packing(neurons: int, layout: str) -> None:
+def test_join_groups_matches_direct_bit_packing(neurons: int, layout: str, grouping) -> None:
     rng = np.random.default_rng(neurons)
     shape, axis = ((50, neurons), 1) if layout == "dense" else ((20, neurons, 3, 2), 1)
     bits = rng.random(shape) < 0.5
     if layout == "last":
         bits, axis = np.ascontiguousarray(np.moveaxis(bits, 1, -1)), 3  # channels-last
-    groups = word_groups(neurons)
+    groups = grouping(neurons)
     packed, group_axis = pack(bits, axis, groups, "last" if layout in ("dense", "last") else layout)
     keys = join_groups(packed, groups, group_axis)
     rows = state_rows(bits, axis)
@@ -817,10 +818,13 @@ def test_join_groups_matches_direct_bit_packing(neurons: int, layout: str) -> No
     assert len(np.unique(keys, axis=0 if keys.ndim == 2 else None)) == distinct_rows
 
 
-def test_join_groups_top_bits_survive() -> None:
+@pytest.mark.parametrize("grouping", [word_groups, byte_groups], ids=["words", "bytes"])
+def test_join_groups_top_bits_survive(grouping) -> None:
     """All-ones states: the top bit of every word is set and nothing overflows or sign-extends."""
     for neurons in (24, 25, 32, 33, 63, 64, 65, 128, 130):
-        groups = word_groups(neurons)
+        groups = grouping(neurons)
         bits = np.ones((1, neurons), bool)
         keys = join_groups(pack(bits, 1, groups, "last")[0], groups, -1)
         np.testing.assert_array_equal(keys.astype(np.uint64), reference_keys(bits))
+        if len(groups) > 1:  # one group is its own int32 key
+            assert keys.dtype == (np.uint32 if neurons <= 32 else np.uint64)

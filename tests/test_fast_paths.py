@@ -20,6 +20,7 @@ from models import FLOAT16, Net, run
 from onnx import helper
 
 from auditor import AuditConfig, audit, metrics, prepare
+from auditor.count import join_groups
 from auditor.data import Batch, load_arrays
 from auditor.graph import Exposed, LayerOutputs, describe, expose
 from auditor.modelfile import load_model
@@ -34,15 +35,19 @@ def outputs(model: onnx.ModelProto, x: np.ndarray, **options: object) -> tuple[E
     return exposed, dict(zip(names, run(exposed.model, x, names), strict=True))
 
 
+def keys_of(got: dict[str, np.ndarray], out: LayerOutputs) -> np.ndarray:
+    """A layer's keys, joined from its packed groups (byte groups and 24-bit groups alike)."""
+    return join_groups(got[out.keys], out.groups, out.group_axis)
+
+
 def assert_like_oracle(model: onnx.ModelProto, x: np.ndarray, **options: object) -> Exposed:
     """Keys bit-identical to the oracle's, φ equal up to float rounding; returns the fast graph."""
     fast, got = outputs(model, x, **options)
     oracle, want = outputs(model, x, fast=False, states_at=options.get("states_at", "pre-activation"))
     for mine, theirs in zip(fast.layers, oracle.layers, strict=True):
-        assert (mine.groups, mine.group_axis) == (theirs.groups, theirs.group_axis)
-        keys = got[mine.keys]
-        assert keys.dtype == np.int32
-        np.testing.assert_array_equal(keys, want[theirs.keys], err_msg=mine.layer.name)
+        assert mine.group_axis == theirs.group_axis
+        assert got[mine.keys].dtype == np.int32
+        np.testing.assert_array_equal(keys_of(got, mine), keys_of(want, theirs), err_msg=mine.layer.name)
         phi, exact = got[mine.sum], want[theirs.sum]
         assert phi.dtype == np.float32 and phi.shape == exact.shape == (len(x),)
         finite = np.isfinite(exact)
@@ -319,7 +324,7 @@ def test_fp16_conv_sum_through_linearity_casts_to_float32() -> None:
     fast, got = outputs(model, x)
     oracle, want = outputs(model, x, fast=False)
     assert through_linearity(fast, "pre")
-    np.testing.assert_array_equal(got[fast.layers[0].keys], want[oracle.layers[0].keys])
+    np.testing.assert_array_equal(keys_of(got, fast.layers[0]), keys_of(want, oracle.layers[0]))
     # the oracle sums fp16-rounded pre-activations; the linear path works in float32 throughout
     np.testing.assert_allclose(got[fast.layers[0].sum], want[oracle.layers[0].sum], rtol=2e-3, atol=0.05)
 
@@ -338,7 +343,7 @@ def test_squeezenet_fp16_keys_and_sums_match_the_oracle(shared_models: Path) -> 
     (mine, got), (theirs, want) = results[True], results[False]
     assert not any(node.op_type == "MatMulInteger" for node in mine.model.graph.node)  # opset 7: float packing
     for a, b in zip(mine.layers, theirs.layers, strict=True):
-        np.testing.assert_array_equal(got[a.keys], want[b.keys])
+        np.testing.assert_array_equal(keys_of(got, a), keys_of(want, b))
         np.testing.assert_allclose(got[a.sum], want[b.sum], rtol=1e-6)
 
 
@@ -348,7 +353,7 @@ def test_squeezenet_fp16_keys_and_sums_match_the_oracle(shared_models: Path) -> 
 @pytest.mark.parametrize("neurons", [1, 7, 8, 9, 16, 23, 24, 25, 48, 63, 64, 65, 100, 130])
 @pytest.mark.parametrize("layout", ["dense", "conv"])
 def test_integer_packing_gives_the_float_packings_keys(neurons: int, layout: str) -> None:
-    """MatMulInteger bytes joined into 24-bit groups equal the float MatMul's groups, bit for bit."""
+    """Keys joined from MatMulInteger bytes equal those joined from the float MatMul's 24-bit groups."""
     net = Net(("batch", 3) if layout == "dense" else ("batch", 3, 4, 5), seed=neurons)
     if layout == "dense":
         hidden = net.op("Relu", net.dense(net.input, 3, neurons, out="pre"))
@@ -363,7 +368,7 @@ def test_integer_packing_gives_the_float_packings_keys(neurons: int, layout: str
     assert any(node.op_type == "MatMulInteger" for node in integer.model.graph.node)
     assert not any(node.op_type == "MatMulInteger" for node in floating.model.graph.node)
     for a, b in zip(integer.layers, floating.layers, strict=True):
-        np.testing.assert_array_equal(got[a.keys], want[b.keys])
+        np.testing.assert_array_equal(keys_of(got, a), keys_of(want, b))
 
 
 def test_models_before_opset_10_pack_in_float() -> None:

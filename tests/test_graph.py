@@ -30,7 +30,7 @@ from refusals import refused
 from auditor import AuditConfig, audit, prepare
 from auditor.data import Batch
 from auditor.errors import ModelError
-from auditor.graph import Layer, describe, expose, find_layers, packing, word_groups
+from auditor.graph import Layer, byte_groups, describe, expose, find_layers, packing, word_groups
 from auditor.modelfile import load_model
 
 SHARED_MODELS = (
@@ -584,8 +584,14 @@ def test_expose_leaves_the_model_alone_and_builds_a_valid_one(shared_models: Pat
     assert outputs[: len(original)] == original
     assert set(exposed.output_names) == set(outputs[: len(original)]) | set(outputs)
     assert [out.layer for out in exposed.layers] == structure.layers
-    assert [out.groups for out in exposed.layers] == [word_groups(lay.neurons) for lay in structure.layers]
-    assert [(out.groups, out.group_axis) for out in exposed.layers] == [packing(lay) for lay in structure.layers]
+    integer = structure.opset >= 10  # integer packing needs MatMulInteger
+    groups = byte_groups if integer else word_groups
+    assert [out.groups for out in exposed.layers] == [groups(lay.neurons) for lay in structure.layers]
+    assert [(out.groups, out.group_axis) for out in exposed.layers] == [
+        packing(lay, integer) for lay in structure.layers
+    ]
+    floats = expose(model, structure, integer_packing=False)
+    assert [out.groups for out in floats.layers] == [word_groups(lay.neurons) for lay in structure.layers]
 
 
 def old_ir_model() -> onnx.ModelProto:
@@ -621,13 +627,19 @@ def test_exposed_outputs_are_typed_for_onnxruntime() -> None:
     x = np.random.default_rng(15).standard_normal((9, 4)).astype(np.float32)
     layer = exposed.layers[0]
     keys, sums = run(exposed.model, x, [layer.keys, layer.sum])
-    assert keys.dtype == np.int32 and keys.shape == (9, 2)  # 30 neurons: groups of 24 and 6 bits
+    assert keys.dtype == np.int32 and keys.shape == (9, 4)  # 30 neurons: one byte per 8
     assert sums.dtype == np.float32 and sums.shape == (9,)
     (pre,) = run(model, x, ["pre1"])
+    bits = (pre > 0).astype(np.int64)
+    bytes_ = [bits[:, start:stop] @ (1 << np.arange(stop - start)) for start, stop in byte_groups(30)]
+    np.testing.assert_array_equal(keys, np.stack(bytes_, axis=1))
+    floats = expose(model, structure, integer_packing=False)
+    (packed,) = run(floats.model, x, [floats.layers[0].keys])
+    assert packed.dtype == np.int32 and packed.shape == (9, 2)  # float packing: groups of 24 and 6 bits
     np.testing.assert_allclose(sums, pre.sum(axis=1), rtol=1e-5, atol=1e-5)
 
 
-# --- word_groups ----------------------------------------------------------------------------
+# --- word_groups and byte_groups --------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -657,6 +669,13 @@ def test_word_groups_tile_the_neurons_without_crossing_words(neurons: int) -> No
 
 def test_word_groups_130() -> None:
     assert word_groups(130) == [(0, 24), (24, 48), (48, 64), (64, 88), (88, 112), (112, 128), (128, 130)]
+
+
+@pytest.mark.parametrize(
+    ("neurons", "groups"), [(1, [(0, 1)]), (8, [(0, 8)]), (9, [(0, 8), (8, 9)]), (20, [(0, 8), (8, 16), (16, 20)])]
+)
+def test_byte_groups_examples(neurons: int, groups: list[tuple[int, int]]) -> None:
+    assert byte_groups(neurons) == groups
 
 
 # --- Regressions found in review -------------------------------------------------------------

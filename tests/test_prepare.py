@@ -18,8 +18,9 @@ from auditor import AuditConfig, Prepared, audit, find_layers, prepare
 from auditor.config import SessionSettings
 from auditor.data import Batch
 from auditor.errors import ModelError
+from auditor.graph import describe
 from auditor.modelfile import load_model
-from auditor.prepare import describe_model, structure_of
+from auditor.prepare import MIN_CALL_ROWS, call_rows, describe_model, rows_per_batch, structure_of
 
 
 def sha256(path: Path) -> str:
@@ -40,6 +41,19 @@ def test_prepare_finds_exposes_and_starts_a_session_once() -> None:
     outputs = prepared.runner.run(x, prepared.exposed.output_names)
     assert set(outputs) == set(prepared.exposed.output_names)
     np.testing.assert_allclose(outputs["probs"], run(model, x, ["probs"])[0], rtol=1e-6)
+
+
+def test_cpu_calls_hold_about_a_mebibyte_of_the_widest_layer() -> None:
+    """LeNet's widest layer is c1, 4 × 576 units: 1 MiB of float32 is 113 samples a call; a
+    model whose widest layer is huge still gets ``MIN_CALL_ROWS``; batches stay uncapped."""
+    prepared = prepare(lenet_model(), device="cpu")
+    assert call_rows(prepared.structure) == prepared.runner.call_rows == (1 << 20) // (4 * 576 * 4)
+    assert rows_per_batch(prepared.structure) == prepared.max_rows > 256
+    net = Net(("batch", 3, 64, 64))
+    pooled = net.op("Flatten", net.op("GlobalAveragePool", net.op("Relu", net.conv(net.input, 3, 512))), axis=1)
+    wide = describe(net.build(net.dense(pooled, 512, 2)))
+    assert wide.layers[0].neurons * wide.layers[0].positions * 4 * MIN_CALL_ROWS > 1 << 20
+    assert call_rows(wide) == MIN_CALL_ROWS
 
 
 def test_prepare_reads_states_where_it_is_asked() -> None:

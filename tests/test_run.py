@@ -57,6 +57,25 @@ def test_a_fixed_batch_model_runs_in_chunks_and_the_padding_is_cut_off(samples: 
         np.testing.assert_allclose(got[name], expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("call_rows", [1, 3, 4, 10, 11])
+def test_a_batch_runs_in_calls_of_call_rows_with_the_same_answer(call_rows: int) -> None:
+    """10 samples in calls of at most ``call_rows``: outputs equal one call's, in order."""
+    model = with_outputs(mlp([4, 5, 3]), ["pre1"])
+    whole = runner(model).run(X, ["logits", "pre1"])
+    split = Runner(model, describe(model).input, "cpu", call_rows=call_rows)
+    assert split.call_rows == call_rows
+    got = split.run(X, ["logits", "pre1"])
+    for name in ("logits", "pre1"):
+        np.testing.assert_array_equal(got[name], whole[name])
+
+
+def test_a_fixed_batch_size_wins_over_call_rows() -> None:
+    """A model of batch size 4 is always called with 4 samples, whatever ``call_rows`` says."""
+    fixed = mlp([4, 5, 3], batch=4)
+    got = Runner(fixed, describe(fixed).input, "cpu", call_rows=3).run(X, ["logits"])
+    np.testing.assert_allclose(got["logits"], run(mlp([4, 5, 3]), X, ["logits"])[0], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("x", "fragment"),
     [(np.zeros((3, 5), np.float32), "shape (3, 5)"), (np.zeros((3, 4), np.float64), "shape (3, 4)")],
