@@ -9,7 +9,10 @@ of 32 MiB (blocks below it come from malloc's heaps) and 64 MiB (free memory a h
 bring the faults down to 37,000 and the peak resident memory up by about 8 MiB.
 
 This is a process-wide setting, so it is applied once, only on glibc, and never where the user
-has tuned malloc already (any ``MALLOC_*`` variable, or ``glibc.malloc`` in ``GLIBC_TUNABLES``).
+has set these thresholds already: ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
+``MALLOC_TOP_PAD_`` or ``MALLOC_MMAP_MAX_``, or the same ``glibc.malloc`` tunables in
+``GLIBC_TUNABLES``. Setting any of them (for instance ``MALLOC_TRIM_THRESHOLD_=131072``, glibc's
+own starting value) keeps the process's malloc as the user configured it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's largest; blocks below it are reused, not mapped anew
 TRIM_THRESHOLD = 64 << 20  # free memory a heap keeps before it is returned
+USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+USER_TUNABLES = tuple(f"glibc.malloc.{name}" for name in ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max"))
 
 
 @functools.cache
@@ -31,7 +36,8 @@ def keep_freed_memory() -> bool:
     """Set glibc's malloc thresholds for the audit's batches, once; whether they were set."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
-    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(name.startswith("MALLOC_") for name in os.environ):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(name in os.environ for name in USER_VARIABLES) or any(name in tunables for name in USER_TUNABLES):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

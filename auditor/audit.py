@@ -48,7 +48,9 @@ def audit(
     ``progress(split, samples_done)`` is called after each batch; when ``cancelled()`` turns
     true the audit stops with ``CancelledError``. State counts past ``config.memory_budget`` spill
     to a private folder under ``spill_dir`` (default: the system's temp folder), removed however
-    the audit ends.
+    the audit ends. On glibc the first audit sets the process's malloc thresholds so that memory
+    freed by one batch serves the next (``auditor.allocator``; thresholds set through
+    ``MALLOC_*_`` variables are left alone).
     """
     config = config or AuditConfig()
     prepared = _prepared_for(model, config)

@@ -74,35 +74,34 @@ def parse_size(text: str) -> int:
 def join_groups(packed: np.ndarray, groups: list[tuple[int, int]], group_axis: int) -> np.ndarray:
     """Exact keys, one per (sample, position): 1-D when ≤ 64 neurons, else rows of uint64 words.
 
-    Keys are uint32 for layers of at most 32 neurons and uint64 (words) beyond; one group is its
-    own key. Each group is shifted to its place in its 64-bit word (groups never straddle words)
-    and or-ed in; within 32 bits that is done on the int32 groups themselves, without a copy.
+    One group is its own key, as it came. Several are shifted to their places in their 64-bit
+    words (groups never straddle words) and or-ed together: into uint32 keys for layers of at
+    most 32 neurons, uint64 beyond.
     """
     axis = group_axis % packed.ndim
     if len(groups) == 1:
         return packed.reshape(-1)
     neurons = groups[-1][1]
     where: list[slice | int] = [slice(None)] * packed.ndim
+    unsigned = packed.view(np.uint32) if packed.dtype == np.int32 else packed  # group values are ≥ 0
 
     def group(g: int) -> np.ndarray:
         where[axis] = g
-        return packed[tuple(where)]
+        return unsigned[tuple(where)]
 
-    if neurons <= 32:  # int32 arithmetic wraps into the sign bit, so the uint32 view is exact
-        key = group(0).astype(np.int32)
-        for g, (start, _) in enumerate(groups[1:], 1):
-            key |= group(g).astype(np.int32, copy=False) << np.int32(start)
-        return key.reshape(-1).view(np.uint32)
+    dtype = np.uint32 if neurons <= 32 else np.uint64
     words: dict[int, np.ndarray] = {}
     for g, (start, _) in enumerate(groups):
         word, shift = divmod(start, 64)
-        part = group(g).reshape(-1).astype(np.uint64)
+        part = group(g).astype(dtype)
         if shift:
-            part <<= np.uint64(shift)
-        words[word] = part if word not in words else words[word] | part
-    if len(words) == 1:
-        return words[0]
-    return np.stack([words[w] for w in sorted(words)], axis=1)
+            part <<= dtype(shift)
+        if word in words:
+            np.bitwise_or(words[word], part, out=words[word])
+        else:
+            words[word] = part
+    keys = [words[w].reshape(-1) for w in sorted(words)]
+    return keys[0] if len(keys) == 1 else np.stack(keys, axis=1)
 
 
 def key_words(neurons: int) -> int:

@@ -255,7 +255,7 @@ def expose(
                 "channel/feature dimensions"
             )
         prefix = f"auditor/{index}"
-        groups, group_axis = packing(layer, integer)
+        groups, group_axis = packing(layer, integer=integer)
         nodes, inits, key_name, sum_name = _layer_nodes(
             layer, model.graph, structure.opset, states_at, prefix, fast, integer
         )
@@ -278,7 +278,7 @@ def expose(
     )
 
 
-def packing(layer: Layer, integer: bool = False) -> tuple[list[tuple[int, int]], int]:
+def packing(layer: Layer, *, integer: bool) -> tuple[list[tuple[int, int]], int]:
     """How ``expose`` packs a layer: its bit groups, and the packed output's axis that holds them.
 
     Integer packing gives one byte per 8 neurons (``byte_groups``), float packing groups of at
@@ -622,7 +622,7 @@ def _pack_nodes(
         nodes.append(helper.make_node("Cast", [source], [f"{prefix}/as_float"], to=TensorProto.FLOAT))
         source, dtype = f"{prefix}/as_float", TensorProto.FLOAT
     zero = numpy_helper.from_array(np.zeros((), helper.tensor_dtype_to_np_dtype(dtype)), f"{prefix}/zero")
-    layout, group_axis = packing(layer, integer)
+    layout, group_axis = packing(layer, integer=integer)
     last = group_axis == -1
     bits_type = TensorProto.FLOAT if not integer else TensorProto.UINT8 if last else TensorProto.INT8
     inits.append(zero)

@@ -3,8 +3,8 @@
 CUDA is used when onnxruntime can really start it; otherwise the session runs on the CPU.
 Only ``session.get_providers()`` tells which providers run (FIELD-NOTES), so that is what the
 report records. A ``Runner`` owns one session and answers ``run(feed) -> {name: array}``,
-feeding models of a fixed batch size in chunks of that size; ``probe_shapes`` measures tensor
-shapes that shape inference could not give.
+feeding models of a fixed batch size in chunks of that size and, on the CPU, others in
+cache-sized calls; ``probe_shapes`` measures tensor shapes that shape inference could not give.
 """
 
 from __future__ import annotations
@@ -102,13 +102,15 @@ class Runner:
 
     Safe to share between threads (onnxruntime's ``run`` is). ``workers`` is how many runs to
     keep side by side (``workers_for``). ``call_rows`` caps the samples of one session call on
-    the CPU, where calls whose activations stay in the core's cache run faster (FIELD-NOTES);
-    a GPU session takes each batch whole.
+    the CPU, where calls whose activations stay in the core's cache run faster
+    (docs/performance.md, "Cache-sized session calls"); a GPU session takes each batch whole.
     """
 
     def __init__(
         self, model: onnx.ModelProto, model_input: ModelInput, device: str = "auto", call_rows: int | None = None
     ) -> None:
+        if call_rows is not None and call_rows < 1:
+            raise ValueError(f"call_rows must be at least 1, got {call_rows}")
         self.session = create_session(model, device)
         self.input = model_input
         self.workers = workers_for(self.session)
@@ -135,6 +137,12 @@ class Runner:
             if fixed and n < fixed:
                 part = np.concatenate([part, np.zeros((fixed - n, *part.shape[1:]), part.dtype)])
             outputs = self._run(part, names)
+            for name, out in outputs.items():
+                if out.ndim == 0 or out.shape[0] != len(part):
+                    raise ModelError(
+                        f"output {name!r} has shape {out.shape} for {len(part)} samples; the auditor needs "
+                        "outputs with the batch on their first axis"
+                    )
             chunks.append({name: out[:n] for name, out in outputs.items()} if n < len(part) else outputs)
         return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in names}
 

@@ -155,12 +155,12 @@ def run_plain(mode: str, work: Workload) -> None:
     """Plain inference of every batch: onnxruntime defaults, or the audit's own Runner and workers."""
     import onnxruntime as ort
 
-    from auditor.graph import describe
-    from auditor.prepare import call_rows
+    from auditor.modelfile import load_model
+    from auditor.prepare import call_rows, structure_of
     from auditor.run import Runner, ordered_map
 
-    model = onnx.load(work.model)
-    structure = describe(model)
+    loaded = load_model(work.model)
+    model, structure = loaded.proto, structure_of(loaded)
     model_input = structure.input
     prepare = preprocessor(model_input.dtype, model_input.shape)
     if mode == "default":

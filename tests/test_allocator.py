@@ -1,4 +1,4 @@
-"""The allocator setting: applied once on glibc, never over the user's own malloc tuning."""
+"""The allocator setting: applied once on glibc, never over thresholds the user set."""
 
 from __future__ import annotations
 
@@ -30,10 +30,16 @@ def test_the_thresholds_are_set_once_on_glibc() -> None:
     "env",
     [
         {"MALLOC_TRIM_THRESHOLD_": "131072"},
-        {"MALLOC_ARENA_MAX": "2"},
-        {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"},
+        {"MALLOC_MMAP_THRESHOLD_": "131072"},
+        {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.trim_threshold=131072"},
     ],
-    ids=["trim", "arena", "tunables"],
+    ids=["trim", "mmap", "tunables"],
 )
-def test_a_user_who_tuned_malloc_keeps_their_settings(env: dict[str, str]) -> None:
+def test_a_user_who_set_the_thresholds_keeps_them(env: dict[str, str]) -> None:
     assert keeps(env) == "False False"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting applies to glibc only")
+def test_other_malloc_settings_do_not_stop_it() -> None:
+    """``MALLOC_ARENA_MAX`` (common in containers) is no statement about the thresholds."""
+    assert keeps({"MALLOC_ARENA_MAX": "2", "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}) == "True True"

@@ -171,7 +171,8 @@ def _reference_states(values: np.ndarray, axis: int) -> tuple[int, float]:
 
 
 def test_state_counts_match_an_exact_reference() -> None:
-    # widths 100 and 70 cross the 24-bit groups and the 64-bit words the counter packs states into
+    # widths 100 and 70 cross the packed groups (bytes, or 24 bits in float packing) and the
+    # 64-bit words the counter packs states into
     rng = np.random.default_rng(4)
     layers = [
         (rng.standard_normal((784, 100)) * 0.05, rng.standard_normal(100) * 0.1),

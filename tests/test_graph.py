@@ -588,7 +588,7 @@ def test_expose_leaves_the_model_alone_and_builds_a_valid_one(shared_models: Pat
     groups = byte_groups if integer else word_groups
     assert [out.groups for out in exposed.layers] == [groups(lay.neurons) for lay in structure.layers]
     assert [(out.groups, out.group_axis) for out in exposed.layers] == [
-        packing(lay, integer) for lay in structure.layers
+        packing(lay, integer=integer) for lay in structure.layers
     ]
     floats = expose(model, structure, integer_packing=False)
     assert [out.groups for out in floats.layers] == [word_groups(lay.neurons) for lay in structure.layers]

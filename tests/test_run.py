@@ -69,6 +69,17 @@ def test_a_batch_runs_in_calls_of_call_rows_with_the_same_answer(call_rows: int)
         np.testing.assert_array_equal(got[name], whole[name])
 
 
+def test_outputs_without_the_batch_first_are_refused_when_a_batch_is_split() -> None:
+    """A batch-independent output (here the input's shape) cannot be put together from calls."""
+    model = mlp([4, 5, 3])
+    model.graph.node.append(helper.make_node("Shape", ["x"], ["shape"]))
+    model.graph.output.append(helper.make_tensor_value_info("shape", onnx.TensorProto.INT64, [2]))
+    split = Runner(model, describe(model).input, "cpu", call_rows=3)
+    refused(ModelError, lambda: split.run(X, ["logits", "shape"]), "'shape' has shape (2,) for 3 samples")
+    with pytest.raises(ValueError, match="call_rows"):
+        Runner(model, describe(model).input, "cpu", call_rows=0)
+
+
 def test_a_fixed_batch_size_wins_over_call_rows() -> None:
     """A model of batch size 4 is always called with 4 samples, whatever ``call_rows`` says."""
     fixed = mlp([4, 5, 3], batch=4)
