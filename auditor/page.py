@@ -404,12 +404,24 @@ def _split_color(split: str, index: int) -> str:
     return SPLIT_COLORS.get(split, OTHER_COLORS[index % len(OTHER_COLORS)])
 
 
-def _layer_axis(axes: Any, count: int) -> np.ndarray:
+def _layers_figure(count: int, height: float) -> tuple[Any, Any, np.ndarray]:
+    """A figure with one axes over ``count`` layers in depth order, and the layers' x positions."""
+    figure = _new_figure(7.5, height)
+    axes = figure.add_subplot()
     x = np.arange(1, count + 1)
     step = max(1, math.ceil(count / 30))
     axes.set_xticks(x[::step])
     axes.set_xlabel("layer (depth order)")
-    return x
+    return figure, axes, x
+
+
+def _legend_outside(axes: Any) -> None:
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
+def _widths(splits: Mapping[str, Any], order: Sequence[str]) -> np.ndarray:
+    """Each layer's neuron count, from whichever split has the layer."""
+    return np.nanmax(np.vstack(list(_per_split(splits, order, "neurons").values())), axis=0)
 
 
 def _per_split(splits: Mapping[str, Any], order: Sequence[str], key: str) -> dict[str, np.ndarray]:
@@ -427,9 +439,7 @@ def _bar_offsets(count: int, width: float = 0.8) -> tuple[float, list[float]]:
 
 
 def _efficiency_figure(splits: Mapping[str, Any], order: Sequence[str]) -> Any:
-    figure = _new_figure(7.5, 3.0)
-    axes = figure.add_subplot()
-    x = _layer_axis(axes, len(order))
+    figure, axes, x = _layers_figure(len(order), 3.0)
     efficiency = _per_split(splits, order, "efficiency")
     bar, offsets = _bar_offsets(len(efficiency))
     for i, (split, values) in enumerate(efficiency.items()):
@@ -440,17 +450,15 @@ def _efficiency_figure(splits: Mapping[str, Any], order: Sequence[str]) -> Any:
             axes.axhline(network, color=color, linestyle="--", linewidth=1, label=f"η_N {split} = {network:.3f}")
     axes.set_ylim(0, 1)
     axes.set_ylabel("efficiency η_l")
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    _legend_outside(axes)
     return figure
 
 
 def _entropy_figure(splits: Mapping[str, Any], order: Sequence[str]) -> Any:
-    figure = _new_figure(7.5, 3.2)
-    axes = figure.add_subplot()
-    x = _layer_axis(axes, len(order))
+    figure, axes, x = _layers_figure(len(order), 3.2)
     entropy = _per_split(splits, order, "entropy_bits")
     ceiling = _per_split(splits, order, "max_entropy_bits")
-    neurons = np.nanmax(np.vstack(list(_per_split(splits, order, "neurons").values())), axis=0)
+    neurons = _widths(splits, order)
     bar, offsets = _bar_offsets(len(entropy))
     for i, split in enumerate(entropy):
         color = _split_color(split, i)
@@ -459,15 +467,13 @@ def _entropy_figure(splits: Mapping[str, Any], order: Sequence[str]) -> Any:
     axes.scatter(x, neurons, marker="_", s=400, color="black", linewidths=2, label="width N_l", zorder=3)
     axes.set_ylim(0, None)
     axes.set_ylabel("bits")
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    _legend_outside(axes)
     return figure
 
 
 def _width_figure(splits: Mapping[str, Any], order: Sequence[str]) -> Any:
-    figure = _new_figure(7.5, 3.2)
-    axes = figure.add_subplot()
-    x = _layer_axis(axes, len(order))
-    neurons = np.nanmax(np.vstack(list(_per_split(splits, order, "neurons").values())), axis=0)
+    figure, axes, x = _layers_figure(len(order), 3.2)
+    neurons = _widths(splits, order)
     suggested = _per_split(splits, order, "suggested_neurons")
     bar, offsets = _bar_offsets(len(suggested) + 1)
     axes.bar(x + offsets[0], neurons, bar, color="#999999", label="neurons N_l")
@@ -483,7 +489,7 @@ def _width_figure(splits: Mapping[str, Any], order: Sequence[str]) -> Any:
     if finite.size and finite.max() / max(finite.min(), 1) > 32:
         axes.set_yscale("log", base=2)
     axes.set_ylabel("neurons")
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    _legend_outside(axes)
     return figure
 
 
