@@ -19,7 +19,6 @@ from auditor import client, server
 from auditor.compare import compare, describe_settings, render_comparison, setting_differences
 from auditor.config import AGGREGATES, DEVICES, STATE_POINTS, AuditConfig
 from auditor.count import parse_size
-from auditor.data import KNOWN_DATASETS
 from auditor.errors import AuditError, first_line
 from auditor.gate import (
     BASELINE_METRICS,
@@ -31,9 +30,8 @@ from auditor.gate import (
     summary_markdown,
     threshold_problem,
 )
-from auditor.images import ImageOptions
-from auditor.jobs import DONE, DatasetRef, Job
 from auditor.page import render_page
+from auditor.records import DONE, KNOWN_DATASETS, SPLIT_CHOICES, DatasetRef, ImageOptions, Job
 from auditor.report import SCHEMA, Report, format_table, render_table
 from auditor.usage import Parser
 
@@ -157,7 +155,7 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--data", required=True, help="mnist, fashion-mnist, a path to a .npz/.npy file, or a folder of images"
     )
-    data.add_argument("--split", default="test", choices=["train", "test", "both"], help="default: test")
+    data.add_argument("--split", default="test", choices=SPLIT_CHOICES, help="default: test")
     data.add_argument("--limit", type=int, metavar="N", help="use the first N samples of each split")
     data.add_argument(
         "--resize", type=int, metavar="N", help="image folders: shorter side to N (default: just cover the crop)"

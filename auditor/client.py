@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,16 +32,12 @@ from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
 from auditor.config import AuditConfig
-from auditor.data import KNOWN_DATASETS, open_splits, skipped_warnings, tagged
+from auditor.data import open_splits, skipped_warnings, tagged
 from auditor.errors import AuditError, ModelError
-from auditor.jobs import AuditSpec, DatasetRef, Job
-from auditor.persist import content_address
+from auditor.records import KNOWN_DATASETS, AuditSpec, DatasetRef, ImageOptions, Job
 from auditor.report import Report
 from auditor.transport import CHANNEL_OPTIONS, bearer_metadata, error_from_status, read_token, retryable
 from auditor.usage import Parser
-
-if TYPE_CHECKING:
-    from auditor.images import ImageOptions
 
 T = TypeVar("T")
 UPLOAD_CHUNK = 1 << 20  # well under gRPC's 4 MB default message size
@@ -254,7 +250,9 @@ def model_files(model_path: Path) -> dict[str, Path]:
 
 
 def model_address(files: dict[str, Path]) -> str:
-    """The content address the server files the model under (``persist.content_address``)."""
+    """The content address the server files the model under (``modelfile.content_address``)."""
+    from auditor.modelfile import content_address  # here, not at the top: the health probe needs no onnx
+
     shas = {}
     for name, path in files.items():
         with path.open("rb") as stream:

@@ -33,17 +33,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 
 from auditor.errors import DataError, NotFoundError, first_line
-
-if TYPE_CHECKING:
-    from auditor.images import ImageOptions
-
-KNOWN_DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist")
-SPLITS: tuple[str, ...] = ("train", "test")
+from auditor.records import KNOWN_DATASETS, SPLIT_CHOICES, SPLITS, ImageOptions
 
 # The original distribution files, (bytes, sha256), as listed in ../shared/data/README.md.
 _FILES: dict[str, dict[str, tuple[int, str]]] = {
@@ -197,7 +192,7 @@ def open_splits(
     holds two splits: a known dataset, a ``.npz`` with ``x_train`` and ``x_test``, or a folder
     with ``train/`` and ``test/``.
     """
-    return _open(spec, _wanted(split, (*SPLITS, "both")), limit, data_dir, images)
+    return _open(spec, _wanted(split, SPLIT_CHOICES), limit, data_dir, images)
 
 
 def skipped_warnings(datasets: Sequence[Dataset]) -> list[str]:

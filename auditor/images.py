@@ -48,8 +48,9 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from auditor.data import SPLITS, Batch, Dataset
+from auditor.data import Batch, Dataset
 from auditor.errors import DataError, first_line
+from auditor.records import SPLITS, ImageOptions
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
 MAX_PIXELS = 1 << 26  # 67M pixels (a 50-megapixel photo fits), under Pillow's own bomb warning
@@ -60,34 +61,6 @@ _FORMATS = ("PNG", "JPEG", "WEBP")  # the only Pillow plugins that may read a fi
 _MODES_8BIT = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
 _OPEN_LOCK = threading.Lock()
 _LAYOUTS = {"chw": "N×C×H×W", "hwc": "N×H×W×C", "hw": "N×H×W"}
-
-
-@dataclass(frozen=True)
-class ImageOptions:
-    """How an image folder becomes samples. Other data ignores ``input_shape`` and refuses the rest.
-
-    ``input_shape`` is the model input's shape, batch axis first, as ``prepare(...).structure.input
-    .shape`` gives it (``(N, 3, 224, 224)``, ``("batch", 224, 224, 3)``, ``(N, 28, 28)``,
-    ``(N, 784)``): it decides the channels, the layout and the crop. None leaves images at their
-    own size, RGB, H×W×C. ``resize`` sets the shorter side before the crop, ``crop`` the side of a
-    square centre crop (default: the model's H×W). ``skip_bad`` skips bad images instead of
-    refusing them.
-    """
-
-    input_shape: tuple[int | str | None, ...] | None = None
-    resize: int | None = None
-    crop: int | None = None
-    skip_bad: bool = False
-
-    def __post_init__(self) -> None:
-        for flag, value in (("resize", self.resize), ("crop", self.crop)):
-            if value is not None and not 1 <= value <= 1 << 15:
-                raise DataError(f"--{flag} must be between 1 and 32768 pixels, got {value}")
-
-    @property
-    def has_folder_settings(self) -> bool:
-        """Whether a setting that only image folders use is set."""
-        return self.resize is not None or self.crop is not None or self.skip_bad
 
 
 @dataclass(frozen=True)

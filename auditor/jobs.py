@@ -22,25 +22,21 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager, closing
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import asdict, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from auditor.config import AuditConfig
-from auditor.data import KNOWN_DATASETS
-from auditor.errors import AuditError, CancelledError, DataError, LimitError, NotFoundError
-from auditor.persist import check_id, connect, create_tables, page_bounds
+from auditor.errors import AuditError, CancelledError, LimitError, NotFoundError
+from auditor.persist import connect, create_tables, page_bounds
+from auditor.records import CANCELLED, DONE, FAILED, QUEUED, RUNNING, AuditSpec, DatasetRef, Job, check_id, utc_now
 
 log = logging.getLogger("auditor.jobs")
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
-ENDED = (DONE, FAILED, CANCELLED)
-DATASET_SPLITS = ("train", "test", "both")
 _WATCH_INTERVAL_S = 0.2  # progress reaches watchers at most this often; state changes at once
 
 Progress = Callable[[str, int], None]
@@ -145,62 +141,6 @@ class AuditQueue:
 # ---- what a job is ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DatasetRef:
-    """A dataset the server reads itself: a known name, never a path on the server."""
-
-    name: str
-    split: str = "test"
-    limit: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.name not in KNOWN_DATASETS:
-            raise DataError(
-                f"the server resolves only the datasets {', '.join(KNOWN_DATASETS)}, not {self.name[:80]!r}; "
-                "send other data as batches"
-            )
-        if self.split not in DATASET_SPLITS:
-            raise DataError(f"dataset split must be one of {DATASET_SPLITS}, got {self.split[:80]!r}")
-        if self.limit is not None and self.limit < 1:
-            raise DataError(f"dataset limit must be at least 1, got {self.limit}")
-
-
-@dataclass(frozen=True)
-class AuditSpec:
-    """What one audit runs: a stored model (by content address), its report name, its settings, and
-    the server-side dataset (None when the client streams the samples)."""
-
-    content_address: str
-    model_name: str
-    config: AuditConfig
-    dataset: DatasetRef | None = None
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class Job:
-    """A detached audit and how far it has got. ``queue_position`` is live, never stored."""
-
-    id: str
-    spec: AuditSpec
-    state: str = QUEUED
-    samples: Mapping[str, int] = field(default_factory=dict)
-    error: str = ""
-    report_id: str = ""
-    created: datetime = field(default_factory=_now)
-    started: datetime | None = None
-    finished: datetime | None = None
-    restarts: int = 0
-    queue_position: int | None = None
-
-    @property
-    def ended(self) -> bool:
-        return self.state in ENDED
-
-
 def new_job(spec: AuditSpec) -> Job:
     if spec.dataset is None:
         raise AuditError("a job audits a dataset the server holds: give a DatasetRef (mnist or fashion-mnist)")
@@ -296,8 +236,8 @@ class JobStore:
                 with closing(connect(self.path)) as db, db:
                     db.execute(
                         "UPDATE jobs SET state = ?, error = ?, finished = ? WHERE id = ?",
-                        (FAILED, f"this server version cannot read the job's settings ({reason})", _now().isoformat(),
-                         row[0]),
+                        (FAILED, f"this server version cannot read the job's settings ({reason})",
+                         utc_now().isoformat(), row[0]),
                     )  # fmt: skip
         return jobs
 
@@ -452,7 +392,7 @@ class Jobs:
             await self._queue.turn(ticket)
             if self._stopping:
                 return
-            job = replace(job, state=RUNNING, started=_now(), samples={}, queue_position=None)
+            job = replace(job, state=RUNNING, started=utc_now(), samples={}, queue_position=None)
             self._stops[job.id] = stop = threading.Event()
             self._set(job)
             await self._call(self._store.save, job)
@@ -479,7 +419,7 @@ class Jobs:
         finally:
             self._queue.leave(ticket)
             if ended is not None:
-                await self._end(replace(ended, finished=_now(), queue_position=None))
+                await self._end(replace(ended, finished=utc_now(), queue_position=None))
             self._forget(job.id)
 
     async def _end(self, job: Job) -> None:

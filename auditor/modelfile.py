@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,19 @@ def _tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
 def external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
     """The tensors whose bytes live in external data files (the client uploads those files)."""
     return [t for t in _tensors(proto.graph) if external_data_helper.uses_external_data(t)]
+
+
+def content_address(file_sha256: str, data_sha256: Mapping[str, str]) -> str:
+    """A model's content address from the SHA-256 of its file and of each external data file.
+
+    Without external data it is the file's own SHA-256 (what ``sha256sum model.onnx`` prints).
+    With it, it is the SHA-256 of the ``sha256sum``-style manifest, model first, then data files
+    by location, so that new weights under an unchanged graph get a new address.
+    """
+    if not data_sha256:
+        return file_sha256
+    lines = [f"{file_sha256}  {MODEL_FILE}\n", *(f"{data_sha256[n]}  {n}\n" for n in sorted(data_sha256))]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def check_data_file_name(name: str, model_name: str = MODEL_FILE) -> str:

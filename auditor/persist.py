@@ -24,22 +24,20 @@ import shutil
 import sqlite3
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from auditor.errors import AuditError, LimitError, ModelError, NotFoundError
-from auditor.modelfile import MODEL_FILE, check_data_file_name
+from auditor.modelfile import MODEL_FILE, check_data_file_name, content_address
+from auditor.records import StoredReport, check_content_address, check_id, is_content_address
 from auditor.report import Report
 
 MAX_FILES = 4096  # external data files per model; each tensor in its own file stays well under
 PAGE_SIZE = 100
 
-_CONTENT_ADDRESS = re.compile(r"[0-9a-f]{64}")
-_ID = re.compile(r"[0-9a-f]{32}")
 _PAGE_TOKEN = re.compile(r"[0-9]{1,18}")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -53,43 +51,12 @@ CREATE INDEX IF NOT EXISTS reports_by_model ON reports (model_sha256, seq);
 """
 
 
-def content_address(file_sha256: str, data_sha256: Mapping[str, str]) -> str:
-    """A model's content address from the SHA-256 of its file and of each external data file.
-
-    Without external data it is the file's own SHA-256 (what ``sha256sum model.onnx`` prints).
-    With it, it is the SHA-256 of the ``sha256sum``-style manifest, model first, then data files
-    by location, so that new weights under an unchanged graph get a new address.
-    """
-    if not data_sha256:
-        return file_sha256
-    lines = [f"{file_sha256}  {MODEL_FILE}\n", *(f"{data_sha256[n]}  {n}\n" for n in sorted(data_sha256))]
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
-def check_content_address(value: str) -> str:
-    """Refuse anything but 64 lowercase hex digits, without echoing a hostile value back."""
-    if not _CONTENT_ADDRESS.fullmatch(value):
-        raise AuditError(f"a model's content address is 64 lowercase hex digits; got {_described(value)}")
-    return value
-
-
-def check_id(value: str, what: str) -> str:
-    """Refuse an id that is not 32 lowercase hex digits (every report and job id is)."""
-    if not _ID.fullmatch(value):
-        raise AuditError(f"a {what} id is 32 lowercase hex digits; got {_described(value)}")
-    return value
-
-
 def page_bounds(page_size: int, page_token: str) -> tuple[int, int | None]:
     """The rows one List call returns (default and cap ``PAGE_SIZE``) and where it starts (None = newest)."""
     if page_token and not _PAGE_TOKEN.fullmatch(page_token):
         raise AuditError("the page token is not one this server gave out; start again from the first page")
     size = min(page_size, PAGE_SIZE) if page_size > 0 else PAGE_SIZE
     return size, int(page_token) if page_token else None
-
-
-def _described(value: str) -> str:
-    return repr(value) if len(value) <= 80 else f"{len(value)} characters"
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -103,16 +70,6 @@ def create_tables(path: Path, schema: str) -> None:
     with closing(connect(path)) as db:
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(schema)
-
-
-@dataclass(frozen=True)
-class StoredReport:
-    """A finished report with the service's bookkeeping around it."""
-
-    id: str
-    content_address: str
-    created: datetime
-    report: Report
 
 
 class ReportStore:
@@ -219,7 +176,7 @@ class ModelStore:
         self._staging.mkdir(parents=True, exist_ok=True)
 
     def has(self, address: str) -> bool:
-        return bool(_CONTENT_ADDRESS.fullmatch(address)) and (self.root / address / MODEL_FILE).is_file()
+        return is_content_address(address) and (self.root / address / MODEL_FILE).is_file()
 
     def path(self, address: str) -> Path:
         """The stored model file for a content address; ``NotFoundError`` when there is none."""

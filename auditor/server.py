@@ -50,11 +50,12 @@ from auditor._proto.auditor.v1 import auditor_pb2_grpc
 from auditor.audit import audit
 from auditor.config import DEVICES, SessionSettings
 from auditor.count import MAX_MEMORY_BUDGET, MIN_MEMORY_BUDGET, parse_size
-from auditor.data import KNOWN_DATASETS, Batch, Dataset, open_splits
+from auditor.data import Batch, Dataset, open_splits
 from auditor.errors import AuditError, CancelledError, DataError, LimitError, UnauthenticatedError, require
-from auditor.jobs import DONE, AuditQueue, AuditSpec, Job, Jobs, JobStore, Progress, QueueFullError
-from auditor.persist import MAX_FILES, PAGE_SIZE, ModelStore, ReportStore, StoredReport, check_content_address, check_id
+from auditor.jobs import AuditQueue, Jobs, JobStore, Progress, QueueFullError
+from auditor.persist import MAX_FILES, PAGE_SIZE, ModelStore, ReportStore
 from auditor.prepare import Prepared, describe_model, prepare
+from auditor.records import DONE, KNOWN_DATASETS, AuditSpec, Job, StoredReport, check_content_address, check_id
 from auditor.report import ModelInfo, Report
 from auditor.service_metrics import ServiceMetrics
 from auditor.streams import Messages, ProgressStream, client_batches, expect_no_batches

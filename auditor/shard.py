@@ -40,9 +40,9 @@ from auditor.config import AuditConfig
 from auditor.count import MemoryBudget, RunStore, add_histograms, count_of_counts, hash_rows, summarize
 from auditor.data import Batch, Dataset, open_splits, skipped_warning
 from auditor.errors import AuditError, first_line
-from auditor.images import ImageOptions
 from auditor.modelfile import external_tensors, load_model
 from auditor.prepare import describe_model, prepare, structure_of
+from auditor.records import ImageOptions
 from auditor.report import Report
 from auditor.summary import TOP_STATES
 from auditor.summary import summarize as summarize_report

@@ -16,10 +16,9 @@ import numpy as np
 
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor.config import AuditConfig
-from auditor.data import SPLITS, Batch
+from auditor.data import Batch
 from auditor.errors import AuditError, DataError
-from auditor.jobs import AuditSpec, DatasetRef, Job
-from auditor.persist import StoredReport, check_content_address
+from auditor.records import SPLITS, AuditSpec, DatasetRef, Job, StoredReport, check_content_address
 from auditor.report import ModelInfo, Report
 
 # KServe v2 datatype names and the numpy types they carry (always little-endian on the wire).

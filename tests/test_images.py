@@ -15,7 +15,7 @@ from PIL import Image
 from auditor import AuditConfig, audit, prepare
 from auditor.data import Dataset, load_arrays, open_dataset, open_splits, skipped_warnings
 from auditor.errors import AuditError, DataError
-from auditor.images import ImageOptions
+from auditor.records import ImageOptions
 from tests.models import Net
 
 REPO = Path(__file__).resolve().parents[1]
