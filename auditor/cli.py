@@ -11,7 +11,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
@@ -31,8 +31,10 @@ from auditor.gate import (
     threshold_problem,
 )
 from auditor.page import render_page
-from auditor.records import DONE, KNOWN_DATASETS, SPLIT_CHOICES, DatasetRef, ImageOptions, Job
+from auditor.raycluster import ADDRESS_FORMS
+from auditor.records import DONE, KNOWN_DATASETS, SPLIT_CHOICES, DatasetRef, DataSpec, ImageOptions, Job
 from auditor.report import SCHEMA, Report, format_table, render_table
+from auditor.runners import LocalRunner, RayRunner, RemoteRunner, Runner
 from auditor.usage import Parser
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -212,7 +214,7 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--ray",
         metavar="ADDRESS",
-        help="audit on Ray: local (a private instance), auto, host:6379 or ray://host:10001; needs the ray extra",
+        help=f"audit on Ray: {ADDRESS_FORMS}; needs the ray extra",
     )
     run.add_argument(
         "--shards", type=int, metavar="N", help="with --ray: cut each split into N contiguous shards (default: 1)"
@@ -259,68 +261,52 @@ def run_layers(args: argparse.Namespace) -> int:
 
 
 def produce_report(args: argparse.Namespace) -> Report:
-    """Run the audit the arguments describe: locally, on Ray shards (``--ray``) or on ``--server``."""
+    """Run the audit the arguments describe, on the runner they choose."""
+    with _progress_bar(args) as progress:
+        return choose_runner(args).run(args.model, data_from_args(args), config_from_args(args), progress)
+
+
+def data_from_args(args: argparse.Namespace) -> DataSpec:
+    """The data the arguments name."""
     if args.limit is not None and args.limit < 1:
         raise AuditError(f"--limit must be at least 1, got {args.limit}")
-    config = config_from_args(args)
+    images = ImageOptions(resize=args.resize, crop=args.crop, skip_bad=args.skip_bad)
+    return DataSpec(args.data, args.split, args.limit, images)
+
+
+def choose_runner(args: argparse.Namespace) -> Runner:
+    """Where the audit runs: on ``--server``, on the Ray cluster at ``--ray``, or here."""
     connection = client.connection_from_args(args)
     if args.shards is not None and args.ray is None:
-        raise AuditError("--shards needs --ray ADDRESS (local, auto, host:6379 or ray://host:10001)")
-    if connection is not None and (args.ray is not None or args.spill_dir is not None):
-        raise AuditError("--ray and --spill-dir apply to local audits; the server has its own settings")
-    images = _image_options(args)
+        raise AuditError(f"--shards needs --ray ADDRESS ({ADDRESS_FORMS})")
     if connection is not None:
-        with _progress_bar(args, None) as progress:
-            return client.remote_audit(
-                connection, args.model, args.data, args.split, args.limit, config, progress=progress, images=images
-            )
-    from auditor.data import open_splits
-
-    datasets = open_splits(args.data, args.split, limit=args.limit, images=images)
-    with _progress_bar(args, sum(d.count for d in datasets)) as progress:
-        if args.ray is not None:
-            from auditor.shard import audit_on_ray
-
-            shards = 1 if args.shards is None else args.shards
-            return audit_on_ray(
-                args.model, args.data, args.split, args.limit, config, address=args.ray, shards=shards,
-                images=images, progress=progress,
-            )  # fmt: skip
-        from auditor.audit import audit
-
-        return audit(args.model, datasets, config, progress=progress, spill_dir=args.spill_dir)
-
-
-def _image_options(args: argparse.Namespace) -> ImageOptions:
-    """How an image folder becomes samples of this model; other data ignores the model's shape
-    (and refuses the folder options), so the model is read here only for a folder."""
-    shape = None
-    if args.data not in KNOWN_DATASETS and Path(args.data).expanduser().is_dir():
-        from auditor.graph import describe
-        from auditor.modelfile import load_model
-
-        shape = describe(load_model(args.model).proto).input.shape
-    return ImageOptions(shape, resize=args.resize, crop=args.crop, skip_bad=args.skip_bad)
+        if args.ray is not None or args.spill_dir is not None:
+            raise AuditError("--ray and --spill-dir apply to local audits; the server has its own settings")
+        return RemoteRunner(connection)
+    if args.ray is not None:
+        return RayRunner(args.ray, 1 if args.shards is None else args.shards)
+    return LocalRunner(args.spill_dir)
 
 
 class _progress_bar:
-    """A tqdm bar on an interactive stderr, nothing otherwise; yields a ``progress`` callback."""
+    """A tqdm bar on an interactive stderr, nothing otherwise; yields a runner's ``Progress``."""
 
-    def __init__(self, args: argparse.Namespace, total: int | None) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         self.enabled = sys.stderr.isatty() and not args.no_progress
-        self.total = total
         self.bar = None
         self.done: dict[str, int] = {}
 
-    def __enter__(self) -> Callable[[str, int], None] | None:
-        if not self.enabled:
-            return None
+    def __enter__(self) -> _progress_bar | None:
+        return self if self.enabled else None
+
+    def started(self, total: int | None) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=self.total, unit="sample", file=sys.stderr, leave=False, dynamic_ncols=True)
-        return self.update
+        self.bar = tqdm(total=total, unit="sample", file=sys.stderr, leave=False, dynamic_ncols=True)
 
-    def update(self, split: str, done: int) -> None:
+    def advanced(self, split: str, done: int) -> None:
+        if self.bar is None:
+            self.started(None)
         self.bar.update(done - self.done.get(split, 0))
         self.done[split] = done
         self.bar.set_description(split)

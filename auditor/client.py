@@ -34,7 +34,7 @@ from auditor._proto.auditor.v1 import auditor_pb2_grpc
 from auditor.config import AuditConfig
 from auditor.data import open_splits, skipped_warnings, tagged
 from auditor.errors import AuditError, ModelError
-from auditor.records import KNOWN_DATASETS, AuditSpec, DatasetRef, ImageOptions, Job
+from auditor.records import AuditSpec, DatasetRef, DataSpec, Job
 from auditor.report import Report
 from auditor.transport import CHANNEL_OPTIONS, bearer_metadata, error_from_status, read_token, retryable
 from auditor.usage import Parser
@@ -86,14 +86,11 @@ def connection_from_args(args: argparse.Namespace) -> Connection | None:
 def remote_audit(
     conn: Connection,
     model_path: Path,
-    data: str,
-    split: str,
-    limit: int | None,
+    data: DataSpec,
     config: AuditConfig,
     *,
     progress: Callable[[str, int], None] | None = None,
     queued: Callable[[int], None] | None = None,
-    images: ImageOptions | None = None,
 ) -> Report:
     """Audit on the server; the same report, number for number, as a local audit.
 
@@ -101,11 +98,14 @@ def remote_audit(
     dataset name is sent as a name for the server to read; a ``.npz``/``.npy`` file is streamed
     in batches of ``config.batch_size`` and never held whole. While the audit waits in the
     server's queue, ``queued(position)`` says how many audits are ahead of it. An image folder is
-    decoded here as ``images`` says, and the files it skipped are added to the report's warnings.
+    decoded here as ``data.images`` says (sized to the model by ``runners.for_model``), and the
+    files it skipped are added to the report's warnings.
     """
     files = model_files(model_path)
-    dataset = DatasetRef(data, split, limit) if data in KNOWN_DATASETS else None
-    datasets = None if dataset is not None else open_splits(data, split, limit=limit, images=images)  # fails early
+    dataset = DatasetRef(data.source, data.split, data.limit) if data.known else None
+    datasets = (
+        None if dataset is not None else open_splits(data.source, data.split, limit=data.limit, images=data.images)
+    )  # opened before anything is uploaded, so that bad data fails early
     deadline = _deadline(conn)
     with _channel(conn) as channel:
         stub = auditor_pb2_grpc.AuditorStub(channel)

@@ -30,6 +30,7 @@ class LoadedModel:
     proto: onnx.ModelProto
     sha256: str
     name: str
+    path: Path | None = None  # the file it was read from; None for bytes and protos
 
 
 def load_model(
@@ -41,19 +42,20 @@ def load_model(
     and every location is checked to stay inside that folder before any file is opened
     (CVE-2022-25882, CVE-2024-27318).
     """
+    path = None
     if isinstance(source, onnx.ModelProto):
         raw, folder, name = source.SerializeToString(), None, source.graph.name or "model"
     elif isinstance(source, bytes):
         raw, folder, name = source, None, "model"
     else:
-        path = Path(source)
-        raw, folder, name = _read_file(path, max_bytes), path.resolve().parent, path.name
+        path = Path(source).resolve()
+        raw, folder, name = _read_file(Path(source), max_bytes), path.parent, Path(source).name
     if len(raw) > max_bytes:
         raise ModelError(f"model is {len(raw)} bytes, over the {max_bytes}-byte limit; raise the limit or shrink it")
     proto = _parse(raw, name)
     _load_external_data(proto, folder, name)
     _check(proto, name)
-    return LoadedModel(proto=proto, sha256=hashlib.sha256(raw).hexdigest(), name=name)
+    return LoadedModel(proto=proto, sha256=hashlib.sha256(raw).hexdigest(), name=name, path=path)
 
 
 def _read_file(path: Path, max_bytes: int) -> bytes:

@@ -1,7 +1,9 @@
-"""Sharded audits on Ray: each split cut into contiguous shards, merged exactly by a partitioned reduce.
+"""Sharded audits: each split cut into contiguous shards, merged exactly by a partitioned reduce.
 
-The driver (this process) opens the data to learn each split's size, cuts every split into
-``shards`` contiguous ranges and starts one Ray task per range. A task audits its range under its
+The driver (this process) opens the data once to learn each split's size, cuts every split into
+``shards`` contiguous ranges and starts one task per range on a ``ShardExecutor``: Ray tasks on
+a cluster (``RayExecutor``), or one after another in this process (``InlineExecutor``, which
+tests the plan, the shard audits and the reduce without Ray). A task audits its range under its
 own memory budget, exactly as a local audit would, and returns two kinds of partial result:
 
 - the split's ``SplitFigures`` (sample counts and a few floats per sample), which the driver
@@ -15,40 +17,37 @@ counts over disjoint sets of states add exactly, and the driver derives each lay
 count, entropy and top states from their sum with the same function a local audit uses, so state
 counts and entropies are bit-identical to a local audit; no process ever holds every key.
 
-``ray`` is imported only here (the ``ray`` extra). Named datasets are read by each worker from its
+``ray`` is never imported here: ``RayExecutor`` is handed the module ``raycluster.connected``
+joined. Named datasets are read by each worker from its
 own data folder (``AUDITOR_DATA_DIR`` is passed on); files and image folders must be readable at
 the same path on every node.
 """
 
 from __future__ import annotations
 
-import importlib
 import itertools
-import logging
-import os
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from auditor.audit import tally
 from auditor.config import AuditConfig
-from auditor.count import MemoryBudget, RunStore, add_histograms, count_of_counts, hash_rows, summarize
+from auditor.count import MemoryBudget, RunStore, StateSummary, add_histograms, count_of_counts, hash_rows, summarize
 from auditor.data import Batch, Dataset, open_splits, skipped_warning
 from auditor.errors import AuditError, first_line
-from auditor.modelfile import external_tensors, load_model
+from auditor.modelfile import LoadedModel, external_tensors
 from auditor.prepare import describe_model, prepare, structure_of
-from auditor.records import ImageOptions
+from auditor.records import DataSpec
 from auditor.report import Report
 from auditor.summary import TOP_STATES
 from auditor.summary import summarize as summarize_report
 from auditor.tally import SplitFigures, SplitResult
 
 MAX_SHARDS = 4096
+Histogram = tuple[np.ndarray, np.ndarray]  # a count of counts: (values, how many states have each)
 _POLL_S = 0.5
 
 
@@ -59,8 +58,7 @@ class Shard:
     split: str
     start: int
     stop: int
-    data: str
-    images: ImageOptions | None
+    data: DataSpec  # its image options carry the model's input shape already
     config: AuditConfig
     partitions: int
 
@@ -93,38 +91,48 @@ def partition_of(heads: np.ndarray, partitions: int) -> np.ndarray:
     return (mixed % np.uint64(partitions)).astype(np.intp)
 
 
-def audit_on_ray(
-    model_path: Path,
-    data: str,
-    split: str,
-    limit: int | None,
+class ShardExecutor(Protocol):
+    """Where shard and reducer tasks run: ``RayExecutor`` on a cluster, ``InlineExecutor`` in this process.
+
+    The plan, the shard audits and the exact reduce are the same code whichever runs them, so
+    they are tested without Ray.
+    """
+
+    def share(self, model: bytes | str) -> Any:
+        """A handle every task can read the model from (its bytes, or a path every node can read)."""
+
+    def run_shards(
+        self, model: Any, work: list[Shard], progress: Callable[[str, int], None] | None
+    ) -> tuple[list[ShardOutcome], list[list[Any]]]:
+        """Every shard's outcome and, per shard, a handle to each of its partitions."""
+
+    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, Histogram]:
+        """``reduce_partition`` over one partition's parts from every shard of a split."""
+
+
+def audit_sharded(
+    loaded: LoadedModel,
+    datasets: list[Dataset],
+    data: DataSpec,
     config: AuditConfig,
+    executor: ShardExecutor,
     *,
-    address: str,
     shards: int,
-    images: ImageOptions | None = None,
     progress: Callable[[str, int], None] | None = None,
 ) -> Report:
-    """Audit ``model_path`` on ``data`` as ``shards`` Ray tasks per split; the report a local audit gives.
+    """Audit ``loaded`` on ``datasets`` as ``shards`` tasks per split; the report a local audit gives.
 
-    ``address`` is ``local`` (a private instance on this machine), ``auto``, ``host:6379`` or
-    ``ray://host:10001``. A task that dies is retried twice; a task that fails stops the audit
-    with its one-line reason, and no partial report is ever returned.
+    ``datasets`` are the splits ``data`` names, opened once by the caller to learn their sizes;
+    each task opens its own range again from ``data``. A task that fails stops the audit with
+    its one-line reason, and no partial report is ever returned.
     """
-    loaded = load_model(model_path)
-    datasets = open_splits(data, split, limit=limit, images=images)
     ranges = plan({d.split: d.count for d in datasets}, shards)
-    ray = _ray()
-    started = _connect(ray, address)
-    try:
-        model = str(model_path.resolve()) if external_tensors(loaded.proto) else ray.put(model_path.read_bytes())
-        partitions = max(1, min(shards, 64))
-        work = [Shard(s, a, b, data, images, config, partitions) for s, a, b in ranges]
-        outcomes, parts = _run_shards(ray, model, work, progress)
-        states = _reduce(ray, loaded, config, outcomes, parts, partitions)
-    finally:
-        if started:
-            ray.shutdown()
+    source = str(loaded.path) if external_tensors(loaded.proto) else loaded.proto.SerializeToString()
+    model = executor.share(source)
+    partitions = max(1, min(shards, 64))
+    work = [Shard(s, a, b, data, config, partitions) for s, a, b in ranges]
+    outcomes, parts = executor.run_shards(model, work, progress)
+    states = _reduce(executor, config, outcomes, parts, partitions)
     structure = structure_of(loaded)
     results = {}
     for name in dict.fromkeys(o.shard.split for o in outcomes):
@@ -139,75 +147,106 @@ def audit_on_ray(
     report = summarize_report(
         describe_model(loaded), outcomes[0].providers, structure.layers, results, config, [s for s in skipped if s]
     )
-    return replace(report, sharding={"address": address, "shards": shards, "partitions": partitions})
+    return replace(report, sharding={"shards": shards, "partitions": partitions})
 
 
-def _ray() -> ModuleType:
-    try:
-        return importlib.import_module("ray")
-    except ImportError:
-        raise AuditError("--ray needs Ray: pip install 'onnx-auditor[ray]'") from None
+class RayExecutor:
+    """Shard tasks on a Ray cluster (``raycluster.connected``): retried twice when a worker dies,
+    cancelled when the audit stops, progress summed by a small actor."""
+
+    def __init__(self, ray: ModuleType) -> None:
+        self.ray = ray
+
+    def share(self, model: bytes | str) -> Any:
+        return model if isinstance(model, str) else self.ray.put(model)
+
+    def run_shards(
+        self, model: Any, work: list[Shard], progress: Callable[[str, int], None] | None
+    ) -> tuple[list[ShardOutcome], list[list[Any]]]:
+        ray = self.ray
+        partitions = work[0].partitions
+        counter = ray.remote(_Progress).options(num_cpus=0).remote()
+        task = ray.remote(_audit_shard_task).options(num_returns=1 + partitions, max_retries=2)
+        refs = [task.remote(model, shard, counter) for shard in work]
+        pending = [r[0] for r in refs]
+        try:
+            while pending:
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
+                if progress is not None:
+                    for split, done in ray.get(counter.totals.remote()).items():
+                        progress(split, done)
+            outcomes = [self._get(r[0]) for r in refs]
+        except BaseException:
+            for r in refs:
+                ray.cancel(r[0], force=True)
+            raise
+        return outcomes, [r[1:] for r in refs]
+
+    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, Histogram]:
+        task = self.ray.remote(reduce_partition).options(max_retries=2)
+        return self._get(task.remote(budget_bytes, *parts))
+
+    def _get(self, ref: Any) -> Any:
+        """``ray.get(ref)``, with a task's own refusal re-raised as itself and other failures as one line."""
+        ray = self.ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, AuditError):
+                raise cause from None
+            raise AuditError(f"a Ray task of the audit failed: {first_line(cause or exc)}") from None
+        except ray.exceptions.RayError as exc:
+            raise AuditError(f"the Ray cluster lost part of the audit: {first_line(exc)}; run it again") from None
 
 
-def _connect(ray: ModuleType, address: str) -> bool:
-    """Join (or, for ``local``, start) a Ray instance; True when this call started it."""
-    if ray.is_initialized():
-        return False
-    env = {key: os.environ[key] for key in ("AUDITOR_DATA_DIR",) if key in os.environ}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Ray warns before it raises; the refusal says it in one line
-            ray.init(
-                address=None if address == "local" else address,
-                runtime_env={"env_vars": env} if env else None,
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-                include_dashboard=False,
-            )
-    except Exception as exc:  # ConnectionError, ValueError, RuntimeError, … depending on the address form
-        raise AuditError(f"cannot reach the Ray cluster at {address!r}: {first_line(exc)}") from None
-    return True
+class InlineExecutor:
+    """Shard and reducer tasks run one after another in this process: the same plan, audits and
+    reduce as on Ray, for tests and for machines without Ray."""
+
+    def share(self, model: bytes | str) -> Any:
+        return model
+
+    def run_shards(
+        self, model: Any, work: list[Shard], progress: Callable[[str, int], None] | None
+    ) -> tuple[list[ShardOutcome], list[list[Any]]]:
+        done: dict[str, int] = {}
+        outcomes, parts = [], []
+        for shard in work:
+            outcome, *shard_parts = audit_shard(model, shard, _Inline(done, progress).add)
+            outcomes.append(outcome)
+            parts.append(shard_parts)
+        return outcomes, parts
+
+    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, Histogram]:
+        return reduce_partition(budget_bytes, *parts)
 
 
-def _run_shards(
-    ray: ModuleType, model: Any, work: list[Shard], progress: Callable[[str, int], None] | None
-) -> tuple[list[ShardOutcome], list[list[Any]]]:
-    """Run every shard task; returns their outcomes and, per shard, its partition references."""
-    partitions = work[0].partitions
-    counter = ray.remote(_Progress).options(num_cpus=0).remote()
-    task = ray.remote(audit_shard).options(num_returns=1 + partitions, max_retries=2)
-    refs = [task.remote(model, shard, counter) for shard in work]
-    pending = [r[0] for r in refs]
-    try:
-        while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
-            if progress is not None:
-                for split, done in ray.get(counter.totals.remote()).items():
-                    progress(split, done)
-        outcomes = [_unwrap(ray, lambda r=r: ray.get(r[0])) for r in refs]
-    except BaseException:
-        for r in refs:
-            ray.cancel(r[0], force=True)
-        raise
-    return outcomes, [r[1:] for r in refs]
+class _Inline:
+    """``InlineExecutor``'s stand-in for the progress actor: adds a shard's samples to its split's."""
+
+    def __init__(self, done: dict[str, int], progress: Callable[[str, int], None] | None) -> None:
+        self.done, self.progress = done, progress
+
+    def add(self, split: str, samples: int) -> None:
+        self.done[split] = self.done.get(split, 0) + samples
+        if self.progress is not None:
+            self.progress(split, self.done[split])
 
 
 def _reduce(
-    ray: ModuleType,
-    loaded: Any,
+    executor: ShardExecutor,
     config: AuditConfig,
     outcomes: list[ShardOutcome],
     parts: list[list[Any]],
     partitions: int,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, dict[str, StateSummary]]:
     """Each split's state summaries, from one reducer task per (split, partition)."""
-    task = ray.remote(reduce_partition).options(max_retries=2)
-    states: dict[str, dict[str, Any]] = {}
+    states: dict[str, dict[str, StateSummary]] = {}
     for split in dict.fromkeys(o.shard.split for o in outcomes):
         mine = [i for i, o in enumerate(outcomes) if o.shard.split == split]
         totals = {layer: sum(outcomes[i].totals[layer] for i in mine) for layer in outcomes[mine[0]].totals}
-        refs = [task.remote(config.memory_budget, *(parts[i][p] for i in mine)) for p in range(partitions)]
-        histograms = [_unwrap(ray, lambda r=r: ray.get(r)) for r in refs]
+        histograms = [executor.reduce(config.memory_budget, [parts[i][p] for i in mine]) for p in range(partitions)]
         states[split] = {}
         for layer, total in totals.items():
             values, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -218,19 +257,6 @@ def _reduce(
                 raise AuditError(f"layer {layer!r} lost states in the sharded merge ({summary.total} of {total})")
             states[split][layer] = summary
     return states
-
-
-def _unwrap(ray: ModuleType, get: Callable[[], Any]) -> Any:
-    """``get()``, with a task's own refusal re-raised as itself and other failures as one line."""
-    try:
-        return get()
-    except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, AuditError):
-            raise cause from None
-        raise AuditError(f"a Ray task of the audit failed: {first_line(cause or exc)}") from None
-    except ray.exceptions.RayError as exc:
-        raise AuditError(f"the Ray cluster lost part of the audit: {first_line(exc)}; run it again") from None
 
 
 class _Progress:
@@ -246,20 +272,22 @@ class _Progress:
         return dict(self.done)
 
 
-def audit_shard(model: Any, shard: Shard, counter: Any = None) -> tuple[Any, ...]:
-    """Audit one shard (a Ray task): its outcome, then one part of its distinct states per partition.
+def audit_shard(model: Any, shard: Shard, added: Callable[[str, int], None] | None = None) -> tuple[Any, ...]:
+    """Audit one shard (a task): its outcome, then one part of its distinct states per partition.
 
     ``model`` is the model's bytes, or a path readable on this node (models with external data).
+    ``added(split, samples)`` hears of every batch's samples as they are audited.
     """
     settings = shard.config.session
     source = model if isinstance(model, str) else bytes(model)
     prepared = prepare(source, device=settings.device, states_at=settings.states_at)
-    (dataset,) = open_splits(shard.data, shard.split, limit=shard.stop, images=shard.images)
+    data = shard.data
+    (dataset,) = open_splits(data.source, shard.split, limit=shard.stop, images=data.images)
     last = [0]
 
     def report(split: str, done: int) -> None:
-        if counter is not None:
-            counter.add.remote(split, done - last[0])
+        if added is not None:
+            added(split, done - last[0])
         last[0] = done
 
     with MemoryBudget(shard.config.memory_budget) as budget:
@@ -284,6 +312,11 @@ def audit_shard(model: Any, shard: Shard, counter: Any = None) -> tuple[Any, ...
         totals = {name: layer.total for name, layer in split.counters.items()}
     outcome = ShardOutcome(shard, prepared.providers, split.figures, totals, dataset.skipped)
     return (outcome, *parts)
+
+
+def _audit_shard_task(model: Any, shard: Shard, counter: Any) -> tuple[Any, ...]:
+    """``audit_shard`` as a Ray task, its samples added up by the progress actor ``counter``."""
+    return audit_shard(model, shard, lambda split, samples: counter.add.remote(split, samples))
 
 
 def reduce_partition(budget_bytes: int, *parts: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -25,6 +25,7 @@ from auditor.data import Batch, load_arrays, open_splits
 from auditor.errors import AuditError, NotFoundError
 from auditor.persist import ReportStore
 from auditor.prepare import describe_model
+from auditor.records import DataSpec
 from auditor.server import ServeOptions, build_server
 
 
@@ -151,7 +152,8 @@ def test_upload_file_names_outside_the_model_folder_are_refused(shared: Served, 
 def test_remote_audit_of_a_named_dataset_equals_the_local_audit(shared: Served, mnist8: Path) -> None:
     config = AuditConfig()
     seen: list[tuple[str, int]] = []
-    remote = remote_audit(shared.conn, mnist8, "mnist", "both", 300, config, progress=lambda *e: seen.append(e))
+    data = DataSpec("mnist", "both", 300)
+    remote = remote_audit(shared.conn, mnist8, data, config, progress=lambda *e: seen.append(e))
     assert remote.to_dict() == _local(mnist8, "mnist", "both", 300, config).to_dict()
     assert seen[-1] == ("test", 300) and ("train", 300) in seen
 
@@ -163,7 +165,7 @@ def test_remote_audit_of_streamed_npz_data_equals_the_local_audit(shared: Served
         arrays[f"x_{split}"] = x.astype(np.float32) / 255  # float32 reaches onnxruntime without a copy
     np.savez(tmp_path / "digits.npz", **arrays)
     config = AuditConfig(beta=3.0, batch_size=48, aggregate="mean", margin_fraction=0.5, mean=0.1307, std=0.3081)
-    remote = remote_audit(shared.conn, mnist8, str(tmp_path / "digits.npz"), "both", None, config)
+    remote = remote_audit(shared.conn, mnist8, DataSpec(str(tmp_path / "digits.npz"), "both", None), config)
     assert remote.to_dict() == _local(mnist8, str(tmp_path / "digits.npz"), "both", None, config).to_dict()
     [row, *_] = list_reports(shared.conn, remote.model.sha256)
     assert get_report(shared.conn, row["id"]).to_dict() == remote.to_dict()
@@ -173,7 +175,7 @@ def test_remote_audit_of_streamed_npz_data_equals_the_local_audit(shared: Served
 def test_a_model_over_4_mb_uploads_and_audits(shared: Served, big_model: Path) -> None:
     assert big_model.stat().st_size > 4 * 2**20
     config = AuditConfig(batch_size=128)
-    remote = remote_audit(shared.conn, big_model, "mnist", "test", 128, config)
+    remote = remote_audit(shared.conn, big_model, DataSpec("mnist", "test", 128), config)
     assert remote.to_dict() == _local(big_model, "mnist", "test", 128, config).to_dict()
 
 
@@ -184,7 +186,7 @@ def test_a_model_with_external_data_audits_the_same_locally_and_remotely(
     """One rule for data file names on both ends: a subfolder audits locally and through the store."""
     model = save_mlp(tmp_path / "ext.onnx", hidden=32, external_data=location)
     config = AuditConfig(batch_size=64)
-    remote = remote_audit(shared.conn, model, "mnist", "test", 64, config)
+    remote = remote_audit(shared.conn, model, DataSpec("mnist", "test", 64), config)
     assert remote.to_dict() == _local(model, "mnist", "test", 64, config).to_dict()
     [row] = list_reports(shared.conn, None)[:1]
     assert row["model_sha256"] != remote.model.sha256  # the content address covers the weights file too
@@ -223,13 +225,14 @@ def test_cancelling_mid_stream_stops_the_server_side_audit(
     assert code(caught) == expected
     eventually(lambda: _audit_log(caplog, "CANCELLED"), what="the Audit log line")  # once its thread has ended
     # The one slot is free again (and the queue holds none): the next audit runs at once.
-    assert remote_audit(served.conn, mnist8, "mnist", "test", 16, AuditConfig()).splits["test"].samples == 16
+    assert remote_audit(served.conn, mnist8, DataSpec("mnist", "test", 16), AuditConfig()).splits["test"].samples == 16
 
 
 def test_the_client_maps_a_deadline_to_a_one_line_error_naming_the_timeout(shared: Served, mnist8: Path) -> None:
     conn = Connection(shared.conn.target, timeout=0.001)
     # Whether the channel even connected in 1 ms decides which: "cannot reach" or "did not answer".
-    refused(AuditError, lambda: remote_audit(conn, mnist8, "mnist", "test", 1000, AuditConfig()), "0.001 s (--timeout)")
+    data = DataSpec("mnist", "test", 1000)
+    refused(AuditError, lambda: remote_audit(conn, mnist8, data, AuditConfig()), "0.001 s (--timeout)")
 
 
 def test_bad_data_is_invalid_argument_with_the_engines_message(shared: Served, mnist8: Path) -> None:
@@ -274,7 +277,7 @@ def test_audit_calls_out_of_protocol_are_invalid_argument(
 
 def test_reports_survive_a_restart_on_the_same_store(serve, mnist8: Path, tmp_path: Path) -> None:
     first = serve(store=tmp_path / "kept")
-    report = remote_audit(first.conn, mnist8, "mnist", "test", 32, AuditConfig())
+    report = remote_audit(first.conn, mnist8, DataSpec("mnist", "test", 32), AuditConfig())
     [row] = list_reports(first.conn)
     first.stop()
     second = serve(store=tmp_path / "kept")
@@ -285,7 +288,7 @@ def test_reports_survive_a_restart_on_the_same_store(serve, mnist8: Path, tmp_pa
 
 def test_list_reports_walks_every_page(serve, mnist8: Path) -> None:
     served = serve()
-    report = remote_audit(served.conn, mnist8, "mnist", "test", 16, AuditConfig())
+    report = remote_audit(served.conn, mnist8, DataSpec("mnist", "test", 16), AuditConfig())
     store = ReportStore(served.options.store / "reports.sqlite3")
     ids = [store.add("c" * 64, report).id for _ in range(101)]
     rows = list_reports(served.conn, "c" * 64)
@@ -343,7 +346,7 @@ def test_each_audit_gets_at_most_the_servers_memory_budget(serve, mnist8: Path) 
     served = serve(audit_memory=256 << 20)
     assert server_metadata(served.conn).limits.audit_memory_bytes == 256 << 20
     for asked, given in [(AuditConfig(), 256 << 20), (AuditConfig(memory_budget=128 << 20), 128 << 20)]:
-        report = remote_audit(served.conn, mnist8, "mnist", "test", 16, asked)
+        report = remote_audit(served.conn, mnist8, DataSpec("mnist", "test", 16), asked)
         assert report.config["memory_budget"] == given
 
 

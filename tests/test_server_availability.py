@@ -21,6 +21,7 @@ from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor.client import Connection, check_health, list_reports, remote_audit
 from auditor.data import open_splits
 from auditor.errors import LimitError
+from auditor.records import DataSpec
 from auditor.transport import RETRY_LATER
 
 
@@ -48,7 +49,7 @@ def expected(model: Path) -> dict:
 
 def _audit(served: Served, model: Path, timeout: float = 120, **callbacks: Callable[[int], None]) -> dict:
     conn = Connection(served.conn.target, timeout=timeout)
-    return remote_audit(conn, model, "mnist", "test", 64, CONFIG, **callbacks).to_dict()
+    return remote_audit(conn, model, DataSpec("mnist", "test", 64), CONFIG, **callbacks).to_dict()
 
 
 def _holding(served: Served, model: Path, count: int, gate: threading.Event) -> list[Iterator[pb.AuditResponse]]:

@@ -16,6 +16,7 @@ from auditor import AuditConfig
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor.client import remote_audit, server_metadata, submit_job, watch_job
 from auditor.jobs import DatasetRef
+from auditor.records import DataSpec
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def test_audits_samples_durations_uploads_and_the_queue_are_counted(serve, share
     served = serve(max_concurrent=1, metrics_port=0)
     assert "metrics" in server_metadata(served.conn).extensions
     model = shared_models / MNIST8
-    remote_audit(served.conn, model, "mnist", "both", 100, AuditConfig())
+    remote_audit(served.conn, model, DataSpec("mnist", "both", 100), AuditConfig())
     watch_job(served.conn, submit_job(served.conn, model, DatasetRef("mnist", "test", 50), AuditConfig()).id)
     with pytest.raises(grpc.RpcError):
         bad = pb.SampleBatch(split="test", samples=pb.Tensor(datatype="FP32", shape=[2, 5], raw_contents=bytes(40)))

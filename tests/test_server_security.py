@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from auditor.client import Connection, check_health, list_reports, main, remote_audit
 from auditor.config import AuditConfig
 from auditor.errors import AuditError
+from auditor.records import DataSpec
 from auditor.server import ServeOptions, build_server
 
 
@@ -40,14 +41,13 @@ def test_calls_without_the_right_token_are_unauthenticated(token_server: str, to
 
 def test_streaming_calls_are_refused_too(token_server: str, shared_models: Path) -> None:
     with pytest.raises(AuditError, match="needs a bearer token"):
-        remote_audit(
-            Connection(token_server), shared_models / "mnist-8_cntk_opset8.onnx", "mnist", "test", 8, AuditConfig()
-        )
+        model = shared_models / "mnist-8_cntk_opset8.onnx"
+        remote_audit(Connection(token_server), model, DataSpec("mnist", "test", 8), AuditConfig())
 
 
 def test_the_right_token_is_served(token_server: str, shared_models: Path) -> None:
     conn = Connection(token_server, token="s3cret-token")
-    report = remote_audit(conn, shared_models / "mnist-8_cntk_opset8.onnx", "mnist", "test", 8, AuditConfig())
+    report = remote_audit(conn, shared_models / "mnist-8_cntk_opset8.onnx", DataSpec("mnist", "test", 8), AuditConfig())
     assert [row["model_sha256"] for row in list_reports(conn)] == [report.model.sha256]
 
 

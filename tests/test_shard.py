@@ -1,7 +1,8 @@
 """Sharded audits (``auditor.shard``): the plan, the partitioned reduce, and a real local Ray run.
 
-The in-process tests call the shard and reducer functions directly, as Ray would, and check the
-merge against a local audit; the slow tests start a real private Ray instance.
+The in-process tests run the whole sharded audit on ``InlineExecutor`` (the plan, every shard's
+audit and the exact reduce, as Ray would run them) and check it against a local audit; the slow
+tests start a real private Ray instance.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from auditor.cli import main
 from auditor.count import add_histograms, count_of_counts, fold_keys, summarize
 from auditor.data import open_splits
 from auditor.errors import AuditError
-from auditor.shard import Shard, audit_shard, partition_of, plan, reduce_partition
-from auditor.tally import SplitFigures
+from auditor.modelfile import load_model
+from auditor.records import DataSpec
+from auditor.shard import InlineExecutor, audit_sharded, partition_of, plan, reduce_partition
 
 REPO = Path(__file__).resolve().parents[1]
 LENET5 = REPO / "examples" / "lenet5_3_9_4.onnx"
@@ -67,26 +69,38 @@ def test_reduced_partitions_give_the_exact_count_of_counts(words: int) -> None:
     assert summarize(*histogram).entropy_bits == summarize(*reference).entropy_bits
 
 
-def test_shards_merged_in_process_equal_a_local_audit() -> None:
-    """audit_shard and reduce_partition called as Ray would call them, without Ray."""
+@pytest.mark.parametrize("shards", [1, 4])
+def test_the_sharded_audit_run_in_process_equals_a_local_audit(shards: int) -> None:
+    """The plan, the shard audits and the exact reduce of a sharded audit, without Ray: the same
+    counts, entropies and accuracy as a local audit, and CNA to float rounding."""
+    data = DataSpec("mnist", "test", 900)
     local = audit(str(LENET5), open_splits("mnist", "test", limit=900), CPU)
-    partitions = 3
-    outcomes = [
-        audit_shard(LENET5.read_bytes(), Shard("test", a, b, "mnist", None, CPU, partitions))
-        for _, a, b in plan({"test": 900}, 4)
-    ]
-    figures = SplitFigures()
-    for outcome, *_ in outcomes:
-        figures.merge(outcome.figures)
-    assert figures.samples == 900 and figures.correct == round(local.splits["test"].accuracy * 900)
-    for stats in local.splits["test"].layers:
-        histogram = np.zeros(0, np.int64), np.zeros(0, np.int64)
-        for p in range(partitions):
-            reduced = reduce_partition(1 << 24, *(parts[p] for _, *parts in outcomes))
-            histogram = add_histograms(histogram, reduced[stats.name])
-        states = summarize(*histogram)
-        assert (states.total, states.distinct) == (stats.states_total, stats.states_distinct)
-        assert states.entropy_bits == stats.entropy_bits
+    seen: list[tuple[str, int]] = []
+    sharded = audit_sharded(
+        load_model(LENET5), open_splits("mnist", "test", limit=900), data, CPU, InlineExecutor(),
+        shards=shards, progress=lambda split, done: seen.append((split, done)),
+    )  # fmt: skip
+    assert sharded.sharding == {"shards": shards, "partitions": shards}
+    a, b = local.splits["test"], sharded.splits["test"]
+    assert a.layers == b.layers and a.accuracy == b.accuracy  # counts and entropies, bit for bit
+    assert b.cna == pytest.approx(a.cna, abs=1e-9)  # float32 sums may round apart between batchings
+    assert sharded.warnings == local.warnings
+    assert seen[-1] == ("test", 900)
+
+
+def test_a_failing_shard_stops_the_sharded_audit_with_its_own_reason() -> None:
+    data = DataSpec("mnist", "test", 900)
+    with pytest.raises(AuditError, match="model"):
+        audit_sharded(
+            load_model(LENET5), open_splits("mnist", "test", limit=900), data, CPU, _CorruptingExecutor(), shards=2
+        )
+
+
+class _CorruptingExecutor(InlineExecutor):
+    """Hands the shard tasks a model that is not one, as a broken object store would."""
+
+    def share(self, model: bytes | str) -> bytes:
+        return b"not a model"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

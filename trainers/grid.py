@@ -10,10 +10,7 @@ already listed in the manifest whose file exists, and redoes any that were inter
 from __future__ import annotations
 
 import contextlib
-import importlib
-import logging
 import multiprocessing
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from auditor.errors import AuditError
+from auditor.raycluster import connected
 from trainers import manifest
 from trainers.files import save_atomic
 from trainers.job import JobResult, run_job
@@ -110,30 +108,19 @@ def _local_results(jobs: list[Job], workers: int, threads: int | None) -> Iterat
 
 
 def _ray_results(jobs: list[Job], address: str, threads: int | None) -> Iterator[JobResult]:
-    """Results as they finish from Ray tasks; ``ray`` is imported only here (the ``ray`` extra)."""
+    """Results as they finish from Ray tasks, on the cluster ``raycluster.connected`` joins."""
     if not jobs:
         return
-    try:
-        ray = importlib.import_module("ray")
-    except ImportError:
-        raise AuditError("--ray needs Ray: pip install 'onnx-auditor[ray]'") from None
-    env = {key: os.environ[key] for key in ("AUDITOR_DATA_DIR",) if key in os.environ}
-    ray.init(
-        address=address,
-        runtime_env={"env_vars": env} if env else None,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
-    task = ray.remote(num_cpus=threads or 1)(run_job)
-    pending = [task.remote(job, threads) for job in jobs]
-    try:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(ready[0])
-    finally:
-        for ref in pending:
-            ray.cancel(ref)
-        ray.shutdown()
+    with connected(address) as ray:
+        task = ray.remote(num_cpus=threads or 1)(run_job)
+        pending = [task.remote(job, threads) for job in jobs]
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(ready[0])
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
 
 
 def run_grid(
