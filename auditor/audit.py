@@ -53,7 +53,7 @@ def audit(
     ``MALLOC_*_`` variables are left alone).
     """
     config = config or AuditConfig()
-    prepared = _prepared_for(model, config)
+    prepared = prepared_for(model, config)
     datasets = _datasets(data)
     size = min(config.batch_size, prepared.max_rows or config.batch_size)
     batches = tagged(datasets, size) if datasets is not None else _cut(data, size)
@@ -69,7 +69,9 @@ def audit(
     return replace(report, spilled_bytes=budget.spilled_bytes)
 
 
-def _prepared_for(model: ModelSource | Prepared, config: AuditConfig) -> Prepared:
+def prepared_for(model: ModelSource | Prepared, config: AuditConfig) -> Prepared:
+    """The prepared model an audit with ``config`` runs: ``model`` itself when it is a ``Prepared``
+    whose session settings serve the config, else ``model`` prepared for them."""
     session = config.session
     if isinstance(model, Prepared):
         if session.satisfied_by(model.settings):

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 from auditor import client, server
@@ -26,18 +24,15 @@ from auditor.gate import (
     baseline_checks,
     gate_checks,
     junit_xml,
-    metric_value,
     summary_markdown,
     threshold_problem,
 )
 from auditor.page import render_page
 from auditor.raycluster import ADDRESS_FORMS
 from auditor.records import DONE, KNOWN_DATASETS, SPLIT_CHOICES, DatasetRef, DataSpec, ImageOptions, Job
-from auditor.report import SCHEMA, Report, format_table, render_table
+from auditor.report import REPORT_MAX_BYTES, SCHEMA, Report, ReportError, format_table, render_table
 from auditor.runners import LocalRunner, RayRunner, RemoteRunner, Runner
-from auditor.usage import Parser
-
-EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from auditor.usage import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("auditor: interrupted", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a bug, not bad input: one line, never exit 1 (which means "gate failed")
         if os.environ.get("AUDITOR_DEBUG"):
             raise
@@ -408,7 +403,7 @@ def _read_baseline(args: argparse.Namespace, relative: dict[str, float | None], 
         )
     for key in given:
         metric = BASELINE_METRICS[key][0]
-        if metric_value(baseline, metric, split) is None:
+        if baseline.metric(metric, split) is None:
             where = "CNA-Margin (it needs --split both)" if metric == "cna_margin_max" else f"{metric} on {split}"
             raise AuditError(
                 f"the baseline {args.baseline} has no {where}: it is null there, so --{key.replace('_', '-')} "
@@ -433,15 +428,9 @@ def run_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-REPORT_MAX_BYTES = 64 << 20  # a report with every optional key is well under 1 MiB
-
-
 def read_report(source: str, what: str) -> Report:
-    """A stored ``auditor.report/v1`` from a JSON file, or stdin for ``-``, with every field checked.
-
-    Anything else (a missing file, not JSON, another schema, a field of the wrong type or a
-    non-finite number) is an ``AuditError`` that names ``what`` and the file.
-    """
+    """A stored ``auditor.report/v1`` from a JSON file, or stdin for ``-``, every field checked
+    (``Report.load``); anything else is an ``AuditError`` that names ``what`` and the file."""
     if source == "-":
         raw = sys.stdin.buffer.read(REPORT_MAX_BYTES + 1)
     else:
@@ -450,46 +439,10 @@ def read_report(source: str, what: str) -> Report:
             raise AuditError(f"{what} {source} {'is not a file' if path.exists() else 'does not exist'}")
         with path.open("rb") as file:
             raw = file.read(REPORT_MAX_BYTES + 1)
-    if len(raw) > REPORT_MAX_BYTES:
-        raise AuditError(f"{what} {source} is larger than {REPORT_MAX_BYTES >> 20} MiB; it is not an auditor report")
     try:
-        data = json.loads(raw)
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            schema = data.get("schema") if isinstance(data, dict) else None
-            raise ValueError(f"its schema is {schema!r}")
-        report = Report.from_dict(data)
-        _check_fields(report, "report")
-    except KeyError as exc:
-        raise AuditError(f"{what} {source} is not an {SCHEMA} report (it lacks {exc})") from None
-    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
-        raise AuditError(f"{what} {source} is not an {SCHEMA} report ({first_line(exc)})") from None
-    return report
-
-
-_FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
-
-
-def _check_fields(value: object, where: str) -> None:
-    """Raise ``ValueError`` at the first field of a report dataclass whose value does not have its
-    declared scalar type (booleans are not numbers; floats must be finite). Nested reports, lists
-    and dicts are checked inside."""
-    if is_dataclass(value):
-        for item in fields(value):
-            inner, path = getattr(value, item.name), f"{where}.{item.name}"
-            declared = str(item.type)
-            if "[" not in declared and not is_dataclass(inner):
-                allowed = tuple(t for kind in declared.split(" | ") for t in _FIELD_TYPES.get(kind, (object,)))
-                if not isinstance(inner, allowed) or (isinstance(inner, bool) and bool not in allowed):
-                    raise ValueError(f"{path} is {inner!r}, not {declared}")
-            _check_fields(inner, path)
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{where} is {value}, not a finite number")
-    elif isinstance(value, list | tuple):
-        for i, inner in enumerate(value):
-            _check_fields(inner, f"{where}[{i}]")
-    elif isinstance(value, dict):
-        for key, inner in value.items():
-            _check_fields(inner, f"{where}.{key}")
+        return Report.load(raw)
+    except ReportError as exc:
+        raise AuditError(f"{what} {source} is not an {SCHEMA} report ({exc})") from None
 
 
 def run_reports(args: argparse.Namespace) -> int:

@@ -125,12 +125,15 @@ def compare(base: Report, new: Report) -> Comparison:
     if differences:
         warnings.append(f"the reports were audited with different settings: {describe_settings(differences)}")
     metrics = [
-        Delta(metric, split, getattr(base.splits[split], metric), getattr(new.splits[split], metric))
+        Delta(metric, split, base.metric(metric, split), new.metric(metric, split))
         for split in common
         for metric in HEADLINE
     ]
     if base.cna_margin is not None or new.cna_margin is not None:
-        metrics += [Delta(metric, MARGIN_SPLIT, _margin(base, metric), _margin(new, metric)) for metric in MARGIN]
+        metrics += [
+            Delta(metric, MARGIN_SPLIT, base.metric(metric, MARGIN_SPLIT), new.metric(metric, MARGIN_SPLIT))
+            for metric in MARGIN
+        ]
     layers = []
     for split in common:
         base_layers = {layer.name: layer for layer in base.splits[split].layers}
@@ -218,10 +221,6 @@ def _model_changes(base: Report, new: Report) -> ModelChanges:
         removed=[name for name in base_widths if name not in new_widths],
         widths=[(name, base_widths[name], n) for name, n in new_widths.items() if base_widths.get(name, n) != n],
     )
-
-
-def _margin(report: Report, metric: str) -> float | None:
-    return None if report.cna_margin is None else getattr(report.cna_margin, metric)
 
 
 def _normal(value: Any) -> Any:

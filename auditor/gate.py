@@ -94,13 +94,6 @@ class Check:
         return f"{verdict} {self.metric} on {self.split}: {_shown(self.value)} (needs {self.op} {self.threshold:g})"
 
 
-def metric_value(report: Report, metric: str, split: str) -> float | None:
-    """A gated metric's figure: a split's headline figure, or CNA-Margin (train and test together)."""
-    if metric == "cna_margin_max":
-        return report.cna_margin.cna_margin_max if report.cna_margin else None
-    return getattr(report.splits[split], metric)
-
-
 def gate_checks(report: Report, thresholds: Mapping[str, float | None], split: str) -> list[Check]:
     """One check per absolute threshold given (``GATE_METRICS`` keys); None means not given."""
     return _checks(report, None, thresholds, GATE_METRICS, split)
@@ -128,8 +121,8 @@ def _checks(
             continue
         metric, op = metrics[key]
         where = MARGIN_SPLIT if metric == "cna_margin_max" else split
-        base = None if baseline is None else metric_value(baseline, metric, split)
-        checks.append(Check(metric, where, metric_value(report, metric, split), threshold, op, base))
+        base = None if baseline is None else baseline.metric(metric, split)
+        checks.append(Check(metric, where, report.metric(metric, split), threshold, op, base))
     return checks
 
 
@@ -198,8 +191,8 @@ def summary_markdown(checks: Sequence[Check], report: Report, baseline: Report |
         )
     lines += ["", "| headline | value | baseline | change |", "|---|---:|---:|---:|"]
     for metric in ("accuracy", "network_efficiency", "aiq", "cna", "cna_margin_max"):
-        value = metric_value(report, metric, split)
-        base = metric_value(baseline, metric, split) if baseline else None
+        value = report.metric(metric, split)
+        base = baseline.metric(metric, split) if baseline else None
         change = "–" if value is None or base is None else f"{value - base:+.4f}"
         label = metric if metric == "cna_margin_max" else f"{metric} ({_md(split)})"
         lines.append(f"| {label} | {_cell(value)} | {_cell(base) if baseline else '–'} | {change} |")

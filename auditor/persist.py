@@ -122,7 +122,7 @@ class ReportStore:
 
 def _stored(row: tuple[str, str, str, str]) -> StoredReport:
     report_id, address, created, text = row
-    return StoredReport(report_id, address, datetime.fromisoformat(created), Report.from_json(text))
+    return StoredReport(report_id, address, datetime.fromisoformat(created), Report.load(text, strict=False))
 
 
 class Upload:

@@ -1,18 +1,22 @@
 """The audit report: plain data, its JSON form (schema ``auditor.report/v1``), and its text table.
 
 The JSON key names are a contract that CI users parse; ``to_dict``/``from_dict`` are the one
-place that spells them. A metric that could not be computed is ``None`` (JSON ``null``) and the
-reason is in ``warnings``.
+place that spells them, and ``Report.load`` is the one reader of report JSON from outside. A
+metric that could not be computed is ``None`` (JSON ``null``) and the reason is in ``warnings``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
+from auditor.errors import AuditError, first_line
+
 SCHEMA = "auditor.report/v1"
+REPORT_MAX_BYTES = 64 << 20  # a report with every optional key is well under 1 MiB
 
 
 @dataclass(frozen=True)
@@ -134,8 +138,72 @@ class Report:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> Report:
-        return cls.from_dict(json.loads(text))
+    def load(cls, raw: str | bytes, *, strict: bool = True) -> Report:
+        """A report from its JSON text: the one reader the CLI, the client and the store use.
+
+        Anything that is not an ``auditor.report/v1`` report (not JSON, another schema, a missing
+        key) raises ``ReportError`` with a one-line reason. ``strict`` also checks every field's
+        declared scalar type and that every float is finite, as a report from outside must be.
+        """
+        if len(raw) > REPORT_MAX_BYTES:
+            raise ReportError(f"it is larger than {REPORT_MAX_BYTES >> 20} MiB")
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+                schema = data.get("schema") if isinstance(data, dict) else None
+                raise ValueError(f"its schema is {schema!r}")
+            report = cls.from_dict(data)
+            if strict:
+                _check_fields(report, "report")
+        except KeyError as exc:
+            raise ReportError(f"it lacks {exc}") from None
+        except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+            raise ReportError(first_line(exc)) from None
+        return report
+
+    def metric(self, name: str, split: str) -> float | None:
+        """A headline figure by name: a split's ``samples``, ``accuracy``, ``network_efficiency``,
+        ``aiq`` or ``cna``, or a ``cna_margin`` figure (``area``, ``margin_max``, ``cna_margin_max``,
+        …), which covers train and test together and so ignores ``split``. None where it could not
+        be computed or the split was not audited; an unknown name is a ``KeyError``."""
+        if name in _MARGIN_FIGURES:
+            return None if self.cna_margin is None else getattr(self.cna_margin, name)
+        if name not in _SPLIT_FIGURES:
+            raise KeyError(f"no report metric is called {name!r}")
+        figures = self.splits.get(split)
+        return None if figures is None else getattr(figures, name)
+
+
+class ReportError(AuditError):
+    """A text that is not an ``auditor.report/v1`` report; the message says why, in one line."""
+
+
+_SPLIT_FIGURES = frozenset({"samples", "accuracy", "network_efficiency", "aiq", "cna"})
+_MARGIN_FIGURES = frozenset({"area", "margin_max", "margin_p5", "cna_margin_max", "cna_margin_p5"})
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
+
+
+def _check_fields(value: object, where: str) -> None:
+    """Raise ``ValueError`` at the first field of a report dataclass whose value does not have its
+    declared scalar type (booleans are not numbers; floats must be finite). Nested reports, lists
+    and dicts are checked inside."""
+    if is_dataclass(value):
+        for item in fields(value):
+            inner, path = getattr(value, item.name), f"{where}.{item.name}"
+            declared = str(item.type)
+            if "[" not in declared and not is_dataclass(inner):
+                allowed = tuple(t for kind in declared.split(" | ") for t in _FIELD_TYPES.get(kind, (object,)))
+                if not isinstance(inner, allowed) or (isinstance(inner, bool) and bool not in allowed):
+                    raise ValueError(f"{path} is {inner!r}, not {declared}")
+            _check_fields(inner, path)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}, not a finite number")
+    elif isinstance(value, list | tuple):
+        for i, inner in enumerate(value):
+            _check_fields(inner, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            _check_fields(inner, f"{where}.{key}")
 
 
 def render_table(report: Report) -> str:

@@ -10,7 +10,11 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
-EXIT_BAD_INPUT = 2
+# The exit codes of both command lines (``auditor`` and ``auditor-train``), defined once.
+EXIT_OK = 0
+EXIT_GATE_FAILED = 1  # only ``auditor gate``: a threshold was missed
+EXIT_BAD_INPUT = 2  # every refusal, usage errors included
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
 
 
 class Parser(argparse.ArgumentParser):

@@ -19,7 +19,7 @@ from auditor.config import AuditConfig
 from auditor.data import Batch
 from auditor.errors import AuditError, DataError
 from auditor.records import SPLITS, AuditSpec, DatasetRef, Job, StoredReport, check_content_address
-from auditor.report import ModelInfo, Report
+from auditor.report import ModelInfo, Report, ReportError
 
 # KServe v2 datatype names and the numpy types they carry (always little-endian on the wire).
 DATATYPES: dict[str, np.dtype] = {
@@ -231,7 +231,11 @@ def report_to_proto(stored: StoredReport) -> pb.Report:
 
 
 def report_from_proto(message: pb.Report) -> Report:
-    return Report.from_json(message.report_json)
+    """The report a server sent, checked as strictly as any report from outside (``Report.load``)."""
+    try:
+        return Report.load(message.report_json)
+    except ReportError as exc:
+        raise AuditError(f"the server sent a report this client cannot read ({exc})") from None
 
 
 def model_info_to_proto(info: ModelInfo) -> pb.DescribeModelResponse:

@@ -25,8 +25,10 @@ from onnx import TensorProto, helper
 from refusals import refused
 
 from auditor import AuditConfig, Prepared, Report, audit, prepare
+from auditor.audit import prepared_for
 from auditor.data import Batch, open_splits
 from auditor.errors import AuditError, CancelledError, DataError, NotFoundError
+from auditor.metrics import probability_margins, sample_uniforms
 from auditor.run import cuda_usable
 
 CPU = AuditConfig(device="cpu")
@@ -283,13 +285,18 @@ def test_cna_null_when_alpha_has_zero_variance() -> None:
 
 
 def test_one_prepared_model_serves_every_metric_setting() -> None:
-    # aggregate is applied after the run, so one session serves sum and mean alike
+    # metric settings are applied after the run, so the one session serves them all, unprepared again
     prepared = prepare(dense_model(CNA_LAYERS), device="cpu")
-    for aggregate in ("sum", "mean"):
-        config = AuditConfig(device="cpu", aggregate=aggregate)
+    for config in (
+        AuditConfig(device="cpu", aggregate="sum"),
+        AuditConfig(device="cpu", aggregate="mean"),
+        AuditConfig(device="auto", beta=5.0, margin_fraction=0.5, include_output_layer=True),
+    ):
+        assert prepared_for(prepared, config) is prepared
         shared = audit(prepared, [("test", Batch(CNA_X))], config)
         fresh = audit(dense_model(CNA_LAYERS), [("test", Batch(CNA_X))], config)
         assert shared.to_dict() == fresh.to_dict()
+    assert prepared_for(prepared, AuditConfig(device="cpu", states_at="block-output")) is not prepared
 
 
 def test_audit_honours_session_settings_a_prepared_model_lacks() -> None:
@@ -710,6 +717,10 @@ def test_margin_max_uses_exactly_the_fraction_even_on_a_tiny_split() -> None:
     config = AuditConfig(device="cpu", margin_fraction=0.01)
     report = audit(dense_model(layers), [("train", Batch(x, y)), ("test", Batch(x, y))], config)
     assert report.cna_margin is not None, report.warnings
+    hidden = np.maximum(x / 255.0 @ layers[0][0] + layers[0][1], 0)
+    gamma = probability_margins(hidden @ layers[1][0] + layers[1][1], y, already_probabilities=False)
+    (chosen,) = np.argsort(sample_uniforms(np.arange(30), config.margin_seed), kind="stable")[:1]
+    assert report.cna_margin.margin_max == pytest.approx(gamma[chosen], abs=1e-6)  # that one sample's γ
 
 
 def test_one_split_says_why_cna_margin_is_null() -> None:

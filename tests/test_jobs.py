@@ -14,19 +14,8 @@ from refusals import refused
 
 from auditor.config import AuditConfig
 from auditor.errors import AuditError, DataError, NotFoundError
-from auditor.jobs import (
-    CANCELLED,
-    DONE,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    AuditQueue,
-    AuditSpec,
-    DatasetRef,
-    JobStore,
-    QueueFullError,
-    new_job,
-)
+from auditor.jobs import AuditQueue, JobStore, QueueFullError, new_job
+from auditor.records import CANCELLED, DONE, FAILED, QUEUED, RUNNING, AuditSpec, DatasetRef
 
 SPEC = AuditSpec("a" * 64, "net.onnx", AuditConfig(beta=3.0), DatasetRef("mnist", "test", 50))
 

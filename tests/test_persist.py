@@ -12,8 +12,9 @@ from refusals import refused
 from auditor import audit, prepare
 from auditor.data import open_splits
 from auditor.errors import AuditError, LimitError, ModelError, NotFoundError
-from auditor.modelfile import MODEL_FILE, check_data_file_name
-from auditor.persist import ModelStore, ReportStore, check_content_address, check_id, content_address
+from auditor.modelfile import MODEL_FILE, check_data_file_name, content_address
+from auditor.persist import ModelStore, ReportStore
+from auditor.records import check_content_address, check_id
 
 
 def _sha(data: bytes) -> str:

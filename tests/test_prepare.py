@@ -79,7 +79,9 @@ def test_model_info_describes_the_model_and_every_layer() -> None:
 
 def test_describe_model_gives_what_prepare_gives(shared_models: Path) -> None:
     """``auditor layers``, DescribeModel and the report's model block all come from one rule."""
-    for path in sorted(shared_models.glob("*.onnx")):
+    paths = sorted(shared_models.glob("*.onnx"))
+    assert len(paths) >= 5, f"the shared models are missing from {shared_models}"
+    for path in paths:
         assert describe_model(path) == prepare(path, device="cpu").model_info, path.name
         assert describe_model(load_model(path)) == describe_model(path), path.name
 

@@ -85,10 +85,10 @@ def test_report_json_is_strict_json(audited: tuple[Path, Report]) -> None:
 def test_report_round_trips_through_json(audited: tuple[Path, Report]) -> None:
     _, report = audited
     data = report.to_dict()
-    again = Report.from_json(report.to_json())
+    again = Report.load(report.to_json())
     assert again == report
     assert again.to_dict() == data
-    assert Report.from_json(report.to_json(indent=None)).to_dict() == data
+    assert Report.load(report.to_json(indent=None)).to_dict() == data
     assert Report.from_dict(json.loads(json.dumps(data))) == report
 
 

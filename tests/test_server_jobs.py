@@ -24,7 +24,7 @@ from auditor.client import (
 )
 from auditor.data import open_splits
 from auditor.errors import AuditError, LimitError, NotFoundError
-from auditor.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, DatasetRef
+from auditor.records import CANCELLED, DONE, FAILED, QUEUED, RUNNING, DatasetRef
 
 
 @pytest.fixture

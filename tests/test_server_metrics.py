@@ -15,8 +15,7 @@ from servers import MNIST8, Served, eventually, gated, serving, zeros_batch
 from auditor import AuditConfig
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor.client import remote_audit, server_metadata, submit_job, watch_job
-from auditor.jobs import DatasetRef
-from auditor.records import DataSpec
+from auditor.records import DatasetRef, DataSpec
 
 
 @pytest.fixture

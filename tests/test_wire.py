@@ -16,8 +16,7 @@ from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor.config import AuditConfig
 from auditor.data import Batch, open_splits, tagged
 from auditor.errors import AuditError, DataError
-from auditor.jobs import AuditSpec, DatasetRef, Job
-from auditor.persist import StoredReport
+from auditor.records import AuditSpec, DatasetRef, Job, StoredReport
 from auditor.report import LayerInfo, ModelInfo
 from auditor.wire import (
     DATATYPES,

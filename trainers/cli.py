@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING
 
 from auditor.config import STATE_POINTS
 from auditor.errors import AuditError
-from auditor.usage import Parser
+from auditor.usage import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Parser
 
 if TYPE_CHECKING:
     from trainers.records import Architecture, Job
 
 PROG = "auditor-train"
-EXIT_BAD_INPUT = 2
 TRAIN_EXTRA = ("torch", "matplotlib")  # the modules of the 'train' extra
 
 
@@ -275,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {error.strerror or error}{where}", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return EXIT_BAD_INPUT
 
 
