@@ -122,7 +122,7 @@ def test_with_no_queue_a_busy_server_refuses_at_once(serve, model: Path) -> None
     gate = threading.Event()
     [holder] = _holding(served, model, 1, gate)
     with pytest.raises(LimitError, match=r"running 1 audits and 0 more are queued"):
-        remote_audit(Connection(served.conn.target, timeout=1), model, "mnist", "test", 8, AuditConfig())
+        remote_audit(Connection(served.conn.target, timeout=1), model, DataSpec("mnist", "test", 8), AuditConfig())
     gate.set()
     assert list(holder)[-1].HasField("report")
 
