@@ -3,11 +3,20 @@
 #   docker build -t onnx-auditor .
 #   docker run --gpus all -p 50051:50051 -v auditor-store:/var/lib/auditor onnx-auditor
 #
+# Build arguments (docs/deploy.md):
+#   BASE_IMAGE  the image to build on; any Debian or Ubuntu with Python >= 3.11 works (CI builds on
+#               a debootstrapped Debian bookworm, scripts/container-check).
+#   PIP_CERT    a CA bundle for pip during the build, for builds behind a TLS-intercepting proxy;
+#               mount it for the build only (buildah/podman: --volume BUNDLE:PATH:ro, docker:
+#               a bind mount), so that nothing of it lands in the image.
+#
 # Base image: onnxruntime-gpu 1.31.1 is built against CUDA 13 and cuDNN 9 (it dlopens
 # libcublasLt.so.13, libcudnn.so.9). NVIDIA's "cudnn-runtime" images ship exactly those runtime
 # libraries and no compilers; Ubuntu 24.04 brings Python 3.12. Without a GPU (or without
 # --gpus) onnxruntime falls back to the CPU and the report's "providers" says so.
-FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+ARG BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+FROM ${BASE_IMAGE}
+ARG PIP_CERT=""
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -29,7 +38,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY auditor ./auditor
 COPY trainers ./trainers
-RUN pip install . && rm -rf /src
+RUN pip install ${PIP_CERT:+--cert "$PIP_CERT"} . && rm -rf /src
 
 RUN groupadd --system --gid 10001 auditor \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/auditor auditor \
