@@ -163,21 +163,24 @@ class Serving:
         self.address = f"127.0.0.1:{port}"
 
     def server_pid(self) -> int:
-        """The server's own process: the descendant of buildah whose command line is ``... serve ...``."""
+        """The server's own process: the last descendant of buildah whose arguments include ``serve``
+        (buildah's ``buildah-chroot-exec`` above it carries the same arguments)."""
         children: dict[int, list[int]] = {}
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 with contextlib.suppress(OSError):
                     parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
                     children.setdefault(parent, []).append(int(entry.name))
-        todo = [self.process.pid]
-        while todo:
-            pid = todo.pop()
-            with contextlib.suppress(OSError):
-                if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") and pid != self.process.pid:
-                    return pid
-            todo += children.get(pid, [])
-        raise CheckFailed(f"no auditor serve process under buildah run; log: {self.tail()}")
+        found, level = None, children.get(self.process.pid, [])
+        while level:
+            for pid in level:
+                with contextlib.suppress(OSError):
+                    if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                        found = pid
+            level = [child for pid in level for child in children.get(pid, [])]
+        if found is None:
+            raise CheckFailed(f"no auditor serve process under buildah run; log: {self.tail()}")
+        return found
 
     def terminate(self) -> None:
         """SIGTERM to the server (as ``docker stop`` sends it); it must exit 0 within the grace period."""
