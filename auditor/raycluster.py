@@ -31,18 +31,19 @@ def ray_module() -> ModuleType:
 
 
 @contextmanager
-def connected(address: str) -> Iterator[ModuleType]:
+def connected(address: str, env: dict[str, str] | None = None) -> Iterator[ModuleType]:
     """Ray, joined to ``address`` for the block (``local`` starts a private instance).
 
     Joining when this process is already connected reuses that connection and leaves it open;
     otherwise the connection made here is shut down when the block ends, however it ends. An
-    address Ray cannot reach is refused in one line.
+    address Ray cannot reach is refused in one line. ``env`` adds environment variables for the
+    workers to those passed on from this process (``FORWARDED_ENV``).
     """
     ray = ray_module()
     if ray.is_initialized():
         yield ray
         return
-    env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    env = {**{key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}, **(env or {})}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Ray warns before it raises; the refusal says it in one line

@@ -48,6 +48,7 @@ from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
 from auditor.audit import audit
+from auditor.cluster import RayAudits
 from auditor.config import DEVICES, SessionSettings
 from auditor.count import MAX_MEMORY_BUDGET, MIN_MEMORY_BUDGET, parse_size
 from auditor.data import Batch, Dataset, open_splits
@@ -55,9 +56,11 @@ from auditor.errors import AuditError, CancelledError, DataError, LimitError, Un
 from auditor.jobs import AuditQueue, Jobs, JobStore, Progress, QueueFullError
 from auditor.persist import MAX_FILES, PAGE_SIZE, ModelStore, ReportStore
 from auditor.prepare import Prepared, describe_model, prepare
+from auditor.raycluster import ADDRESS_FORMS
 from auditor.records import DONE, KNOWN_DATASETS, AuditSpec, Job, StoredReport, check_content_address, check_id
 from auditor.report import ModelInfo, Report
 from auditor.service_metrics import ServiceMetrics
+from auditor.shard import MAX_SHARDS
 from auditor.streams import Messages, ProgressStream, client_batches, expect_no_batches
 from auditor.transport import NO_RETRY, SERVICE, read_token, status_of
 
@@ -73,6 +76,8 @@ _PREPARED_CACHE = 4  # onnxruntime sessions kept warm
 _DESCRIBED_CACHE = 64  # model descriptions kept (models never change under their address)
 _MODEL_WORKERS = 2
 _LOOKUP_WORKERS = 4
+_CLUSTER_PROBE_S = 5.0  # a Ray cluster that has not answered in this long counts as unreachable
+_CLUSTER_WATCH_S = 2.0  # how often health asks the cluster
 # An absolute path of two parts or more; a refusal never shows one (the server's folders are its own).
 _SERVER_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"/]+/[^\s'\"]*")
 
@@ -102,6 +107,8 @@ class ServeOptions:
     grace: float = 10.0
     device: str = "auto"
     metrics_port: int | None = None
+    ray: str | None = None
+    shards: int | None = None
 
     def __post_init__(self) -> None:
         require(
@@ -121,6 +128,11 @@ class ServeOptions:
                 (
                     self.metrics_port is None or 0 <= self.metrics_port <= 65535,
                     f"--metrics-port must be in 0..65535, got {self.metrics_port}",
+                ),
+                (self.shards is None or self.ray is not None, f"--shards needs --ray ADDRESS ({ADDRESS_FORMS})"),
+                (
+                    self.shards is None or 1 <= self.shards <= MAX_SHARDS,
+                    f"--shards must be between 1 and {MAX_SHARDS}, got {self.shards}",
                 ),
             ]
         )
@@ -204,6 +216,7 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         self._queue = AuditQueue(options.max_concurrent, options.max_queued, metrics.queue_changed)
         job_store = JobStore(options.store / "reports.sqlite3")
         self._jobs = Jobs(job_store, self._queue, self._run_job, self._lookup_pool, self._job_ended)
+        self.cluster = RayAudits(options.ray, options.shards, options.data_dir) if options.ray else None
 
     async def async_init(self) -> int:
         """Queue again the jobs a stopped server left; how many there were."""
@@ -214,6 +227,8 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         await self._jobs.stop(grace or 0.0)
         for pool in (self._audit_pool, self._model_pool, self._lookup_pool):
             pool.shutdown(wait=False, cancel_futures=True)
+        if self.cluster is not None:
+            self.cluster.leave()
 
     # ---- models
 
@@ -349,7 +364,13 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         progress: Progress,
         cancelled: Callable[[], bool],
     ) -> StoredReport:
-        """One audit, in an audit thread: the model's session, the data, the report, stored."""
+        """One audit, in an audit thread: the model's session, the data, the report, stored. With
+        ``--ray``, an audit of a dataset the server holds runs on the cluster instead."""
+        if self.cluster is not None and data is None:
+            ref = spec.dataset or _no_dataset()
+            path = self._models.path(spec.content_address)
+            report = self.cluster.audit(path, ref, spec.config, progress=progress, cancelled=cancelled)
+            return self._reports.add(spec.content_address, _named(report, spec.model_name))
         prepared = self._prepare(spec)
         batches: list[Dataset] | Iterator[tuple[str, Batch]]
         if data is not None:
@@ -444,6 +465,7 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         extensions += ["metrics"] if options.metrics_port is not None else []
         extensions += ["tls"] if options.tls_cert else []
         extensions += ["bearer-token"] if options.token_file else []
+        extensions += ["ray-cluster"] if self.cluster is not None else []
         limits = pb.ServerLimits(
             max_concurrent=options.max_concurrent,
             max_queued=options.max_queued,
@@ -461,7 +483,15 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
             limits=limits,
             datasets=KNOWN_DATASETS,
             device=options.device,
+            cluster=await self._cluster_offer() if self.cluster is not None else None,
         )
+
+    async def _cluster_offer(self) -> pb.RayCluster:
+        try:
+            offer = await asyncio.wait_for(self._on(self._lookup_pool, self.cluster.resources), _CLUSTER_PROBE_S)  # type: ignore[union-attr]
+        except (AuditError, TimeoutError):
+            return pb.RayCluster(reachable=False)
+        return pb.RayCluster(cpus=offer.cpus, gpus=offer.gpus, reachable=True)
 
     async def _on(self, pool: Executor, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -563,6 +593,7 @@ class _Service:
         self.metrics = ServiceMetrics()
         self.metrics_port: int | None = None
         self._metrics_http: Any = None
+        self._watcher: asyncio.Task[None] | None = None
 
     async def bind(self) -> int:
         """Build the server and bind its port (0 picks a free one); nothing is served yet."""
@@ -594,15 +625,47 @@ class _Service:
             except OSError as exc:
                 raise AuditError(f"cannot serve metrics on port {self.options.metrics_port}: {exc.strerror}") from None
             self.metrics_port = self._metrics_http.server_port
+        cluster = self.servicer.cluster
+        if cluster is not None:
+            cluster.join()  # before any job runs; a cluster that cannot be reached stops the start in one line
         recovered = await self.servicer.async_init()
         if recovered:
             log.info("queued again %d job(s) a stopped server left queued or running", recovered)
         await self.server.start()
+        await self._set_health(True)
+        if cluster is not None:
+            self._watcher = asyncio.create_task(self._watch(cluster), name="auditor-cluster-health")
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(service, status)
+
+    async def _watch(self, cluster: RayAudits) -> None:
+        """Health follows the cluster: NOT_SERVING while it cannot be reached, SERVING once it answers again."""
+        loop = asyncio.get_running_loop()
+        probes = ThreadPoolExecutor(1, thread_name_prefix="auditor-cluster-probe")
+        reachable = True
+        try:
+            while True:
+                await asyncio.sleep(_CLUSTER_WATCH_S)
+                try:
+                    await asyncio.wait_for(loop.run_in_executor(probes, cluster.resources), _CLUSTER_PROBE_S)
+                    now = True
+                except (AuditError, TimeoutError) as exc:
+                    now = False
+                    reason = exc.message if isinstance(exc, AuditError) else "no answer in time"
+                if now != reachable:
+                    reachable = now
+                    log.warning("Ray cluster %s", "reachable again" if now else f"unreachable: {reason}")
+                    await self._set_health(now)
+        finally:
+            probes.shutdown(wait=False, cancel_futures=True)
 
     async def stop(self, grace: float | None) -> None:
         """Health turns NOT_SERVING, new calls are refused, in-flight audits and jobs get ``grace`` seconds."""
+        if self._watcher is not None:
+            self._watcher.cancel()
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(self.server.stop(grace), self.servicer.stop(grace))
         if self._metrics_http is not None:
@@ -703,6 +766,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=DEVICES, default=d.device, help="device for audits that leave it to auto")
     parser.add_argument(
         "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port (0 picks one)"
+    )
+    parser.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help=f"run audits of server-held datasets on a Ray cluster: {ADDRESS_FORMS}; needs the ray extra",
+    )
+    parser.add_argument(
+        "--shards", type=int, metavar="N", help="with --ray: shards per split (default: one per CPU of the cluster)"
     )
 
 

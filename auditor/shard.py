@@ -37,7 +37,7 @@ from auditor.audit import tally
 from auditor.config import AuditConfig
 from auditor.count import MemoryBudget, RunStore, StateSummary, add_histograms, count_of_counts, hash_rows, summarize
 from auditor.data import Batch, Dataset, open_splits, skipped_warning
-from auditor.errors import AuditError, first_line
+from auditor.errors import AuditError, CancelledError, first_line
 from auditor.modelfile import LoadedModel, external_tensors
 from auditor.prepare import describe_model, prepare, structure_of
 from auditor.records import DataSpec
@@ -152,10 +152,11 @@ def audit_sharded(
 
 class RayExecutor:
     """Shard tasks on a Ray cluster (``raycluster.connected``): retried twice when a worker dies,
-    cancelled when the audit stops, progress summed by a small actor."""
+    cancelled when the audit stops (or ``cancelled()`` turns true), progress summed by a small actor."""
 
-    def __init__(self, ray: ModuleType) -> None:
+    def __init__(self, ray: ModuleType, cancelled: Callable[[], bool] | None = None) -> None:
         self.ray = ray
+        self.cancelled = cancelled
 
     def share(self, model: bytes | str) -> Any:
         return model if isinstance(model, str) else self.ray.put(model)
@@ -169,12 +170,17 @@ class RayExecutor:
         task = ray.remote(_audit_shard_task).options(num_returns=1 + partitions, max_retries=2)
         refs = [task.remote(model, shard, counter) for shard in work]
         pending = [r[0] for r in refs]
+        reported: dict[str, int] = {}
         try:
             while pending:
+                if self.cancelled is not None and self.cancelled():
+                    raise CancelledError("audit cancelled while its shards ran on the Ray cluster")
                 _, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
                 if progress is not None:
                     for split, done in ray.get(counter.totals.remote()).items():
-                        progress(split, done)
+                        if done > reported.get(split, 0):  # a retried shard counts again from none: never go back
+                            reported[split] = done
+                            progress(split, done)
             outcomes = [self._get(r[0]) for r in refs]
         except BaseException:
             for r in refs:
@@ -260,16 +266,23 @@ def _reduce(
 
 
 class _Progress:
-    """A Ray actor that adds up the samples every shard has audited, per split."""
+    """A Ray actor that adds up the samples every shard has audited, per split. A shard whose task
+    starts again (retried after its worker died) counts again from none, so nothing counts twice."""
 
     def __init__(self) -> None:
-        self.done: dict[str, int] = {}
+        self.done: dict[tuple[str, int], int] = {}
 
-    def add(self, split: str, samples: int) -> None:
-        self.done[split] = self.done.get(split, 0) + samples
+    def begin(self, split: str, start: int) -> None:
+        self.done[split, start] = 0
+
+    def add(self, split: str, start: int, samples: int) -> None:
+        self.done[split, start] = self.done.get((split, start), 0) + samples
 
     def totals(self) -> dict[str, int]:
-        return dict(self.done)
+        out: dict[str, int] = {}
+        for (split, _), samples in self.done.items():
+            out[split] = out.get(split, 0) + samples
+        return out
 
 
 def audit_shard(model: Any, shard: Shard, added: Callable[[str, int], None] | None = None) -> tuple[Any, ...]:
@@ -316,7 +329,8 @@ def audit_shard(model: Any, shard: Shard, added: Callable[[str, int], None] | No
 
 def _audit_shard_task(model: Any, shard: Shard, counter: Any) -> tuple[Any, ...]:
     """``audit_shard`` as a Ray task, its samples added up by the progress actor ``counter``."""
-    return audit_shard(model, shard, lambda split, samples: counter.add.remote(split, samples))
+    counter.begin.remote(shard.split, shard.start)
+    return audit_shard(model, shard, lambda split, samples: counter.add.remote(split, shard.start, samples))
 
 
 def reduce_partition(budget_bytes: int, *parts: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -354,4 +368,3 @@ def _window(dataset: Dataset, start: int, batch_size: int) -> Iterator[tuple[str
             cut = max(0, start - seen)
             yield dataset.split, Batch(batch.x[cut:], None if batch.y is None else batch.y[cut:])
         seen += n
-

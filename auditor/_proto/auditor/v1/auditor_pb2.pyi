@@ -392,17 +392,29 @@ class ServerLimits(_message.Message):
     def __init__(self, max_concurrent: _Optional[int] = ..., max_queued: _Optional[int] = ..., max_model_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_data_files: _Optional[int] = ..., idle_timeout_seconds: _Optional[float] = ..., audit_memory_bytes: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
 
 class ServerMetadataResponse(_message.Message):
-    __slots__ = ("name", "version", "extensions", "limits", "datasets", "device")
+    __slots__ = ("name", "version", "extensions", "limits", "datasets", "device", "cluster")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     DATASETS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     extensions: _containers.RepeatedScalarFieldContainer[str]
     limits: ServerLimits
     datasets: _containers.RepeatedScalarFieldContainer[str]
     device: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., extensions: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., datasets: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ...) -> None: ...
+    cluster: RayCluster
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., extensions: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., datasets: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., cluster: _Optional[_Union[RayCluster, _Mapping]] = ...) -> None: ...
+
+class RayCluster(_message.Message):
+    __slots__ = ("cpus", "gpus", "reachable")
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    cpus: float
+    gpus: float
+    reachable: bool
+    def __init__(self, cpus: _Optional[float] = ..., gpus: _Optional[float] = ..., reachable: _Optional[bool] = ...) -> None: ...

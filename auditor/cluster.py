@@ -1,0 +1,102 @@
+"""The server's Ray cluster (``auditor serve --ray ADDRESS``): joined for the server's life, audits run on it.
+
+The server stays the one front door (auth, queue, jobs, progress, the report store); what moves
+is where an accepted audit of a dataset the server holds runs. ``RayAudits.audit`` cuts each
+split into shards exactly as ``auditor audit --ray`` does (``auditor.shard.audit_sharded``): the
+model's bytes reach the workers once, through Ray's object store; the shards' samples add up
+into the call's or job's progress; the server's stop flag (a cancelled call or job, a stopping
+server) cancels the tasks; a worker that dies has its task retried twice by Ray, and past that
+the audit fails with one line and stores nothing. The report equals a local audit's.
+
+Samples a client streams in its Audit call arrive once, in order, through the server, so those
+audits run in the server process as without ``--ray``.
+
+``ray`` is imported only through ``auditor.raycluster``. ``resources`` answers what the cluster
+offers, or raises when it cannot be reached: the server's health check follows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from auditor.config import AuditConfig
+from auditor.data import open_splits
+from auditor.errors import AuditError, first_line
+from auditor.modelfile import load_model
+from auditor.raycluster import connected
+from auditor.records import DatasetRef, DataSpec
+from auditor.report import Report
+from auditor.shard import RayExecutor, audit_sharded
+
+Progress = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What the cluster offers in all: CPUs and GPUs (Ray's cluster resources)."""
+
+    cpus: float
+    gpus: float
+
+
+class RayAudits:
+    """Audits on the Ray cluster at ``address`` (``local`` starts a private instance with the server).
+
+    ``shards`` per split, or None for one per CPU the cluster offers when the audit starts.
+    ``data_dir`` is where workers read named datasets (passed on as ``AUDITOR_DATA_DIR``).
+    """
+
+    def __init__(self, address: str, shards: int | None = None, data_dir: Path | None = None) -> None:
+        self.address = address
+        self.shards = shards
+        self.data_dir = data_dir
+        self._stack = ExitStack()
+        self._ray: ModuleType | None = None
+
+    def join(self) -> None:
+        """Join the cluster (a one-line ``AuditError`` when it cannot be reached)."""
+        env = {"AUDITOR_DATA_DIR": str(self.data_dir.resolve())} if self.data_dir is not None else None
+        self._ray = self._stack.enter_context(connected(self.address, env))
+
+    def leave(self) -> None:
+        """Leave the cluster (a private instance stops with it)."""
+        self._ray = None
+        self._stack.close()
+
+    def resources(self) -> Offer:
+        """What the cluster offers now; ``AuditError`` when it cannot be reached."""
+        ray = self._joined()
+        try:
+            total = ray.cluster_resources()
+        except Exception as exc:  # Ray raises its own kinds (RaySystemError, ConnectionError, …)
+            raise AuditError(f"the Ray cluster cannot be reached: {first_line(exc)}") from None
+        if not total.get("CPU"):
+            raise AuditError("the Ray cluster offers no CPUs: no node is alive")
+        return Offer(cpus=float(total.get("CPU", 0.0)), gpus=float(total.get("GPU", 0.0)))
+
+    def audit(
+        self,
+        model: Path,
+        dataset: DatasetRef,
+        config: AuditConfig,
+        progress: Progress | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Report:
+        """Audit the model file ``model`` on the server's ``dataset`` as sharded Ray tasks; the report
+        a local audit gives. ``cancelled()`` turning true cancels the tasks (``CancelledError``)."""
+        ray = self._joined()
+        shards = self.shards or max(1, int(self.resources().cpus))
+        loaded = load_model(model)
+        data = DataSpec(source=dataset.name, split=dataset.split, limit=dataset.limit)
+        datasets = open_splits(dataset.name, dataset.split, limit=dataset.limit, data_dir=self.data_dir)
+        executor = RayExecutor(ray, cancelled)
+        return audit_sharded(loaded, datasets, data, config, executor, shards=shards, progress=progress)
+
+    def _joined(self) -> ModuleType:
+        if self._ray is None:
+            raise AuditError("the server has not joined its Ray cluster")
+        return self._ray
