@@ -89,7 +89,8 @@ class RayAudits:
         """Audit the model file ``model`` on the server's ``dataset`` as sharded Ray tasks; the report
         a local audit gives. ``cancelled()`` turning true cancels the tasks (``CancelledError``)."""
         ray = self._joined()
-        shards = self.shards or max(1, int(self.resources().cpus))
+        offer = self.resources()  # an unreachable cluster fails the audit here, in one line
+        shards = self.shards or max(1, int(offer.cpus))
         loaded = load_model(model)
         data = DataSpec(source=dataset.name, split=dataset.split, limit=dataset.limit)
         datasets = open_splits(dataset.name, dataset.split, limit=dataset.limit, data_dir=self.data_dir)

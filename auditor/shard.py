@@ -182,6 +182,13 @@ class RayExecutor:
                             reported[split] = done
                             progress(split, done)
             outcomes = [self._get(r[0]) for r in refs]
+            if progress is not None:  # the actor may not have heard every shard's last batch yet: the exact end
+                ended: dict[str, int] = {}
+                for outcome in outcomes:
+                    ended[outcome.shard.split] = ended.get(outcome.shard.split, 0) + outcome.figures.samples
+                for split, done in ended.items():
+                    if done != reported.get(split):
+                        progress(split, done)
         except BaseException:
             for r in refs:
                 ray.cancel(r[0], force=True)

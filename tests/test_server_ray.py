@@ -1,0 +1,128 @@
+"""``auditor serve --ray local``: audits of server-held datasets run sharded on a real local Ray instance.
+
+One server (and so one Ray instance, 2 CPUs) serves the whole module; its last test shuts Ray
+down under it. A killed worker is a real SIGKILL to the Ray worker process running a shard.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from servers import REPO, Served, Servers, eventually
+
+from auditor import AuditConfig, audit, prepare
+from auditor.client import cancel_job, get_job, remote_audit, server_metadata, submit_job, watch_job
+from auditor.data import open_splits
+from auditor.errors import AuditError
+from auditor.records import CANCELLED, DONE, FAILED, DatasetRef, DataSpec
+from auditor.server import ServeOptions
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+MODEL = REPO / "examples" / "lenet300_11_4.onnx"
+SMALL = DatasetRef("mnist", "both", 600)
+WHOLE = DatasetRef("mnist", "train")
+SLOW = AuditConfig(batch_size=4)  # small batches keep a shard running long enough to be caught at it
+SHARD_TASK = b"ray::_audit_shard_task"  # the process title of a Ray worker running a shard
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    servers = Servers(tmp_path_factory.mktemp("ray-server"))
+    yield servers.start(ray="local", shards=2)
+    servers.stop_all()
+
+
+def _local(ref: DatasetRef, config: AuditConfig | None = None) -> dict:
+    return audit(prepare(MODEL), open_splits(ref.name, ref.split, limit=ref.limit), config).to_dict()
+
+
+def _measured(report: dict) -> dict:
+    """A report less how it ran: shards, and spilled bytes (which shards do not add up: None)."""
+    return {key: value for key, value in report.items() if key not in ("sharding", "spilled_bytes")}
+
+
+def _shard_workers() -> list[int]:
+    """The pids of Ray workers running a shard task now."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(SHARD_TASK):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_metadata_names_the_cluster_and_what_it_offers(served: Served) -> None:
+    meta = server_metadata(served.conn)
+    assert "ray-cluster" in meta.extensions and meta.HasField("cluster")
+    assert meta.cluster.reachable and meta.cluster.cpus >= 1 and meta.cluster.gpus == 0
+
+
+def test_a_remote_audit_through_serve_ray_equals_a_local_one_with_progress(served: Served) -> None:
+    seen: dict[str, int] = {}
+    data = DataSpec(SMALL.name, SMALL.split, SMALL.limit)
+    report = remote_audit(served.conn, MODEL, data, AuditConfig(), progress=lambda s, n: seen.__setitem__(s, n))
+    assert _measured(report.to_dict()) == _measured(_local(SMALL))
+    assert seen == {"train": 600, "test": 600}
+
+
+def test_a_job_through_serve_ray_equals_a_local_audit(served: Served) -> None:
+    job = submit_job(served.conn, MODEL, SMALL, AuditConfig())
+    ended, report = watch_job(served.conn, job.id)
+    assert ended.state == DONE and ended.samples == {"train": 600, "test": 600}
+    assert report is not None and _measured(report.to_dict()) == _measured(_local(SMALL))
+
+
+def test_cancelling_a_job_cancels_its_ray_tasks(served: Served) -> None:
+    job = submit_job(served.conn, MODEL, WHOLE, SLOW)
+    eventually(lambda: get_job(served.conn, job.id).samples.get("train"), 120, "the first shard's progress")
+    ended = cancel_job(served.conn, job.id)
+    assert ended.state == CANCELLED and "cancelled" in ended.error and ended.report_id == ""
+    eventually(lambda: not _shard_workers(), 60, "the shard tasks' end")
+
+
+def test_a_killed_worker_is_retried_and_the_report_still_equals_a_local_audit(served: Served) -> None:
+    ref = DatasetRef("mnist", "train", 12000)
+    job = submit_job(served.conn, MODEL, ref, SLOW)
+    victim = eventually(_shard_workers, 120, "a Ray worker running a shard")[0]
+    os.kill(victim, signal.SIGKILL)
+    ended, report = watch_job(served.conn, job.id)
+    assert ended.state == DONE, ended.error
+    assert ended.samples == {"train": 12000}  # the retried shard's samples count once
+    assert report is not None and _measured(report.to_dict()) == _measured(_local(ref, SLOW))
+
+
+def test_health_is_not_serving_while_the_cluster_is_gone(served: Served) -> None:
+    import ray
+
+    stub = health_pb2_grpc.HealthStub(served.channel)
+    status = health_pb2.HealthCheckResponse
+
+    def health() -> int:
+        return stub.Check(health_pb2.HealthCheckRequest(service="")).status
+
+    assert health() == status.SERVING
+    ray.shutdown()  # the server's Ray connection is gone under it
+    eventually(lambda: health() == status.NOT_SERVING, 30, "NOT_SERVING")
+    meta = server_metadata(served.conn)
+    assert not meta.cluster.reachable and meta.cluster.cpus == 0
+    job = submit_job(served.conn, MODEL, SMALL, AuditConfig())
+    ended, report = watch_job(served.conn, job.id)
+    assert (ended.state, report) == (FAILED, None)
+    assert ended.error.startswith("the Ray cluster cannot be reached") and "\n" not in ended.error
+
+
+def test_serve_ray_refuses_bad_flags_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(AuditError, match="--shards needs --ray"):
+        ServeOptions(store=tmp_path, shards=2)
+    with pytest.raises(AuditError, match="--shards must be between 1 and"):
+        ServeOptions(store=tmp_path, ray="local", shards=0)
