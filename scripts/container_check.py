@@ -90,8 +90,8 @@ def run_check(tmp: Path) -> None:
     with container() as name, serving(name, entrypoint, user, store) as server:
         with _step("1. the build's CA bundle left nothing in the image"):
             # buildah leaves the mount point behind as an empty file; its content must not be there
-            probe = ["buildah", "run", "--isolation", "chroot", name, "--", "test", "-s", CERT_IN_BUILD]
-            if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
+            probe = ["buildah", "run", "--isolation", "chroot", name, "--", "test", "!", "-s", CERT_IN_BUILD]
+            if subprocess.run(probe, capture_output=True, check=False).returncode != 0:
                 raise CheckFailed(f"the image holds the build's CA bundle at {CERT_IN_BUILD}")
         with _step("2.-3. serve through the image's entrypoint and user; its HEALTHCHECK reports SERVING"):
             wait_healthy(name, health, server)
