@@ -9,6 +9,7 @@
 #   PIP_CERT    a CA bundle for pip during the build, for builds behind a TLS-intercepting proxy;
 #               mount it for the build only (buildah/podman: --volume BUNDLE:PATH:ro, docker:
 #               a bind mount), so that nothing of it lands in the image.
+#   EXTRAS      the package's extras to install as well, e.g. "ray" for `auditor serve --ray`.
 #
 # Base image: onnxruntime-gpu 1.31.1 is built against CUDA 13 and cuDNN 9 (it dlopens
 # libcublasLt.so.13, libcudnn.so.9). NVIDIA's "cudnn-runtime" images ship exactly those runtime
@@ -17,6 +18,7 @@
 ARG BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 ARG PIP_CERT=""
+ARG EXTRAS=""
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -38,7 +40,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY auditor ./auditor
 COPY trainers ./trainers
-RUN pip install ${PIP_CERT:+--cert "$PIP_CERT"} . && rm -rf /src
+# This installs the project itself, with its extras; its dependencies' bounds are in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install ${PIP_CERT:+--cert "$PIP_CERT"} ".${EXTRAS:+[$EXTRAS]}" && rm -rf /src
 
 RUN groupadd --system --gid 10001 auditor \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/auditor auditor \
