@@ -56,7 +56,7 @@ def audit(
     prepared = prepared_for(model, config)
     datasets = _datasets(data)
     size = min(config.batch_size, prepared.max_rows or config.batch_size)
-    batches = tagged(datasets, size) if datasets is not None else _cut(data, size)
+    batches = tagged(datasets, size) if datasets is not None else cut_batches(data, size)
     with MemoryBudget(config.memory_budget, spill_dir) as budget:
         tallies = tally(prepared, batches, config, budget, progress=progress, cancelled=cancelled)
         if not tallies:
@@ -87,7 +87,7 @@ def _datasets(data: Data) -> Sequence[Dataset] | None:
     return None
 
 
-def _cut(batches: Iterable[tuple[str, Batch]], batch_size: int) -> Iterator[tuple[str, Batch]]:
+def cut_batches(batches: Iterable[tuple[str, Batch]], batch_size: int) -> Iterator[tuple[str, Batch]]:
     """Tagged batches, each cut to at most ``batch_size`` samples."""
     for split, batch in batches:
         x = np.asarray(batch.x)

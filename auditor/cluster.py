@@ -1,15 +1,14 @@
 """The server's Ray cluster (``auditor serve --ray ADDRESS``): joined for the server's life, audits run on it.
 
 The server stays the one front door (auth, queue, jobs, progress, the report store); what moves
-is where an accepted audit of a dataset the server holds runs. ``RayAudits.audit`` cuts each
-split into shards exactly as ``auditor audit --ray`` does (``auditor.shard.audit_sharded``): the
-model's bytes reach the workers once, through Ray's object store; the shards' samples add up
-into the call's or job's progress; the server's stop flag (a cancelled call or job, a stopping
-server) cancels the tasks; a worker that dies has its task retried twice by Ray, and past that
-the audit fails with one line and stores nothing. The report equals a local audit's.
-
-Samples a client streams in its Audit call arrive once, in order, through the server, so those
-audits run in the server process as without ``--ray``.
+is where an accepted audit runs. ``RayAudits.audit`` cuts each split of a dataset the server
+holds into shards exactly as ``auditor audit --ray`` does (``auditor.shard.audit_sharded``);
+``RayAudits.audit_stream`` gathers the batches a client streams into chunks, each a shard task
+as soon as it is full (``auditor.shard.audit_streamed``). Either way the model's bytes reach the
+workers once, through Ray's object store; the shards' samples add up into the call's or job's
+progress; the server's stop flag (a cancelled call or job, a stopping server) cancels the tasks;
+a worker that dies has its task retried twice by Ray, and past that the audit fails with one
+line and stores nothing. The report equals a local audit's.
 
 ``ray`` is imported only through ``auditor.raycluster``. ``resources`` answers what the cluster
 offers, or raises when it cannot be reached: the server's health check follows it.
@@ -17,20 +16,20 @@ offers, or raises when it cannot be reached: the server's health check follows i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 from auditor.config import AuditConfig
-from auditor.data import open_splits
+from auditor.data import Batch, open_splits
 from auditor.errors import AuditError, first_line
 from auditor.modelfile import load_model
 from auditor.raycluster import connected
 from auditor.records import DatasetRef, DataSpec
 from auditor.report import Report
-from auditor.shard import RayExecutor, audit_sharded
+from auditor.shard import CHUNK_BYTES, RayExecutor, audit_sharded, audit_streamed
 
 Progress = Callable[[str, int], None]
 
@@ -50,10 +49,13 @@ class RayAudits:
     ``data_dir`` is where workers read named datasets (passed on as ``AUDITOR_DATA_DIR``).
     """
 
-    def __init__(self, address: str, shards: int | None = None, data_dir: Path | None = None) -> None:
+    def __init__(
+        self, address: str, shards: int | None = None, data_dir: Path | None = None, chunk_bytes: int = CHUNK_BYTES
+    ) -> None:
         self.address = address
         self.shards = shards
         self.data_dir = data_dir
+        self.chunk_bytes = chunk_bytes
         self._stack = ExitStack()
         self._ray: ModuleType | None = None
 
@@ -96,6 +98,24 @@ class RayAudits:
         datasets = open_splits(dataset.name, dataset.split, limit=dataset.limit, data_dir=self.data_dir)
         executor = RayExecutor(ray, cancelled)
         return audit_sharded(loaded, datasets, data, config, executor, shards=shards, progress=progress)
+
+    def audit_stream(
+        self,
+        model: Path,
+        batches: Iterable[tuple[str, Batch]],
+        config: AuditConfig,
+        progress: Progress | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Report:
+        """Audit the model file ``model`` on streamed ``batches``, chunk by chunk as Ray tasks (at most
+        one per CPU the cluster offers unfinished at once); the report a local audit gives."""
+        ray = self._joined()
+        cpus = max(1, int(self.resources().cpus))
+        executor = RayExecutor(ray, cancelled)
+        return audit_streamed(
+            load_model(model), batches, config, executor,
+            partitions=self.shards or cpus, in_flight=cpus, chunk_bytes=self.chunk_bytes, progress=progress,
+        )  # fmt: skip
 
     def _joined(self) -> ModuleType:
         if self._ray is None:

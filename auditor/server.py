@@ -365,11 +365,14 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         cancelled: Callable[[], bool],
     ) -> StoredReport:
         """One audit, in an audit thread: the model's session, the data, the report, stored. With
-        ``--ray``, an audit of a dataset the server holds runs on the cluster instead."""
-        if self.cluster is not None and data is None:
-            ref = spec.dataset or _no_dataset()
+        ``--ray`` it runs on the cluster instead."""
+        if self.cluster is not None:
             path = self._models.path(spec.content_address)
-            report = self.cluster.audit(path, ref, spec.config, progress=progress, cancelled=cancelled)
+            if data is not None:
+                report = self.cluster.audit_stream(path, data(), spec.config, progress, cancelled)
+            else:
+                ref = spec.dataset or _no_dataset()
+                report = self.cluster.audit(path, ref, spec.config, progress, cancelled)
             return self._reports.add(spec.content_address, _named(report, spec.model_name))
         prepared = self._prepare(spec)
         batches: list[Dataset] | Iterator[tuple[str, Batch]]
@@ -770,7 +773,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ray",
         metavar="ADDRESS",
-        help=f"run audits of server-held datasets on a Ray cluster: {ADDRESS_FORMS}; needs the ray extra",
+        help=f"run audits sharded on a Ray cluster: {ADDRESS_FORMS}; needs the ray extra",
     )
     parser.add_argument(
         "--shards", type=int, metavar="N", help="with --ray: shards per split (default: one per CPU of the cluster)"

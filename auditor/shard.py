@@ -26,18 +26,18 @@ the same path on every node.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
 
-from auditor.audit import tally
+from auditor.audit import cut_batches, tally
 from auditor.config import AuditConfig
 from auditor.count import MemoryBudget, RunStore, StateSummary, add_histograms, count_of_counts, hash_rows, summarize
 from auditor.data import Batch, Dataset, open_splits, skipped_warning
-from auditor.errors import AuditError, CancelledError, first_line
+from auditor.errors import AuditError, CancelledError, DataError, first_line
 from auditor.modelfile import LoadedModel, external_tensors
 from auditor.prepare import describe_model, prepare, structure_of
 from auditor.records import DataSpec
@@ -49,18 +49,21 @@ from auditor.tally import SplitFigures, SplitResult
 MAX_SHARDS = 4096
 Histogram = tuple[np.ndarray, np.ndarray]  # a count of counts: (values, how many states have each)
 _POLL_S = 0.5
+CHUNK_BYTES = 64 << 20  # samples of a stream per shard task
 
 
 @dataclass(frozen=True)
 class Shard:
-    """One contiguous range ``[start, stop)`` of one split, and everything a task needs to audit it."""
+    """One contiguous range ``[start, stop)`` of one split, and everything a task needs to audit it:
+    the data to read the range from, or the range's samples themselves (a chunk of a stream)."""
 
     split: str
     start: int
     stop: int
-    data: DataSpec  # its image options carry the model's input shape already
+    data: DataSpec | None  # its image options carry the model's input shape already; None with batches
     config: AuditConfig
     partitions: int
+    batches: tuple[Batch, ...] | None = None  # a streamed chunk's batches, in order
 
 
 @dataclass(frozen=True)
@@ -102,9 +105,14 @@ class ShardExecutor(Protocol):
         """A handle every task can read the model from (its bytes, or a path every node can read)."""
 
     def run_shards(
-        self, model: Any, work: list[Shard], progress: Callable[[str, int], None] | None
+        self,
+        model: Any,
+        work: Iterable[Shard],
+        progress: Callable[[str, int], None] | None,
+        in_flight: int | None = None,
     ) -> tuple[list[ShardOutcome], list[list[Any]]]:
-        """Every shard's outcome and, per shard, a handle to each of its partitions."""
+        """Every shard's outcome and, per shard, a handle to each of its partitions. ``work`` is
+        read as shards are started; with ``in_flight``, no more than that many run unfinished."""
 
     def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, Histogram]:
         """``reduce_partition`` over one partition's parts from every shard of a split."""
@@ -127,11 +135,84 @@ def audit_sharded(
     its one-line reason, and no partial report is ever returned.
     """
     ranges = plan({d.split: d.count for d in datasets}, shards)
-    source = str(loaded.path) if external_tensors(loaded.proto) else loaded.proto.SerializeToString()
-    model = executor.share(source)
+    model = executor.share(_source(loaded))
     partitions = max(1, min(shards, 64))
     work = [Shard(s, a, b, data, config, partitions) for s, a, b in ranges]
     outcomes, parts = executor.run_shards(model, work, progress)
+    skipped = [
+        skipped_warning(d.split, d.name, sorted({n for o in outcomes if o.shard.split == d.split for n in o.skipped}))
+        for d in datasets
+    ]
+    report = _merged(executor, loaded, config, outcomes, parts, partitions, [s for s in skipped if s])
+    return replace(report, sharding={"shards": shards, "partitions": partitions})
+
+
+def audit_streamed(
+    loaded: LoadedModel,
+    batches: Iterable[tuple[str, Batch]],
+    config: AuditConfig,
+    executor: ShardExecutor,
+    *,
+    partitions: int,
+    in_flight: int,
+    chunk_bytes: int = CHUNK_BYTES,
+    progress: Callable[[str, int], None] | None = None,
+) -> Report:
+    """Audit ``loaded`` on samples as they arrive (a client's stream); the report a local audit of
+    the same batches gives.
+
+    Each split's batches are gathered into chunks of about ``chunk_bytes``; a chunk becomes a
+    shard task as soon as it is full, and no more than ``in_flight`` run unfinished at once, so
+    this process holds one open chunk per split. Ray keeps a chunk while its task's results may
+    be needed again (until the merge), spilling to disk past its object store.
+    """
+    model = executor.share(_source(loaded))
+    partitions = max(1, min(partitions, 64))
+    work = _chunks(batches, config, partitions, chunk_bytes)
+    outcomes, parts = executor.run_shards(model, work, progress, in_flight=in_flight)
+    if not outcomes:
+        raise DataError("the dataset is empty: no samples reached the audit")
+    report = _merged(executor, loaded, config, outcomes, parts, partitions, [])
+    return replace(report, sharding={"shards": len(outcomes), "partitions": partitions})
+
+
+def _source(loaded: LoadedModel) -> bytes | str:
+    """What tasks read the model from: its bytes, or its path when it has external data."""
+    return str(loaded.path) if external_tensors(loaded.proto) else loaded.proto.SerializeToString()
+
+
+def _chunks(batches: Iterable[tuple[str, Batch]], config: AuditConfig, partitions: int, size: int) -> Iterator[Shard]:
+    """Shards of streamed batches: per split, consecutive batches of about ``size`` bytes in all."""
+    gathered: dict[str, list[Batch]] = {}
+    held: dict[str, int] = {}
+    starts: dict[str, int] = {}
+
+    def cut(split: str) -> Shard:
+        chunk = tuple(gathered.pop(split))
+        del held[split]
+        start = starts.get(split, 0)
+        starts[split] = stop = start + sum(len(b.x) for b in chunk)
+        return Shard(split, start, stop, None, config, partitions, chunk)
+
+    for split, batch in batches:
+        gathered.setdefault(split, []).append(batch)
+        held[split] = held.get(split, 0) + np.asarray(batch.x).nbytes
+        if held[split] >= size:
+            yield cut(split)
+    for split in list(gathered):
+        yield cut(split)
+
+
+def _merged(
+    executor: ShardExecutor,
+    loaded: LoadedModel,
+    config: AuditConfig,
+    outcomes: list[ShardOutcome],
+    parts: list[list[Any]],
+    partitions: int,
+    warnings: list[str],
+) -> Report:
+    """The report of every shard's outcome and partitions: figures in shard order, states reduced."""
     states = _reduce(executor, config, outcomes, parts, partitions)
     structure = structure_of(loaded)
     results = {}
@@ -140,14 +221,7 @@ def audit_sharded(
         for outcome in sorted((o for o in outcomes if o.shard.split == name), key=lambda o: o.shard.start):
             figures.merge(outcome.figures)
         results[name] = SplitResult(figures, states[name])
-    skipped = [
-        skipped_warning(d.split, d.name, sorted({n for o in outcomes if o.shard.split == d.split for n in o.skipped}))
-        for d in datasets
-    ]
-    report = summarize_report(
-        describe_model(loaded), outcomes[0].providers, structure.layers, results, config, [s for s in skipped if s]
-    )
-    return replace(report, sharding={"shards": shards, "partitions": partitions})
+    return summarize_report(describe_model(loaded), outcomes[0].providers, structure.layers, results, config, warnings)
 
 
 class RayExecutor:
@@ -162,25 +236,25 @@ class RayExecutor:
         return model if isinstance(model, str) else self.ray.put(model)
 
     def run_shards(
-        self, model: Any, work: list[Shard], progress: Callable[[str, int], None] | None
+        self,
+        model: Any,
+        work: Iterable[Shard],
+        progress: Callable[[str, int], None] | None,
+        in_flight: int | None = None,
     ) -> tuple[list[ShardOutcome], list[list[Any]]]:
         ray = self.ray
-        partitions = work[0].partitions
         counter = ray.remote(_Progress).options(num_cpus=0).remote()
-        task = ray.remote(_audit_shard_task).options(num_returns=1 + partitions, max_retries=2)
-        refs = [task.remote(model, shard, counter) for shard in work]
-        pending = [r[0] for r in refs]
+        task = None
+        refs: list[Any] = []
         reported: dict[str, int] = {}
         try:
-            while pending:
-                if self.cancelled is not None and self.cancelled():
-                    raise CancelledError("audit cancelled while its shards ran on the Ray cluster")
-                _, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
-                if progress is not None:
-                    for split, done in ray.get(counter.totals.remote()).items():
-                        if done > reported.get(split, 0):  # a retried shard counts again from none: never go back
-                            reported[split] = done
-                            progress(split, done)
+            for shard in work:
+                if task is None:
+                    task = ray.remote(_audit_shard_task).options(num_returns=1 + shard.partitions, max_retries=2)
+                refs.append(task.remote(model, shard, counter))
+                if in_flight is not None:
+                    self._wait(refs, in_flight, counter, progress, reported)
+            self._wait(refs, 0, counter, progress, reported)
             outcomes = [self._get(r[0]) for r in refs]
             if progress is not None:  # the actor may not have heard every shard's last batch yet: the exact end
                 ended: dict[str, int] = {}
@@ -194,6 +268,33 @@ class RayExecutor:
                 ray.cancel(r[0], force=True)
             raise
         return outcomes, [r[1:] for r in refs]
+
+    def _wait(
+        self,
+        refs: list[Any],
+        keep: int,
+        counter: Any,
+        progress: Callable[[str, int], None] | None,
+        reported: dict[str, int],
+    ) -> None:
+        """Until at most ``keep`` shards run unfinished: poll, pass progress on, stop when cancelled."""
+        ray = self.ray
+        pending = [r[0] for r in refs]
+        if not pending:
+            return
+        timeout = 0.0
+        while True:
+            if self.cancelled is not None and self.cancelled():
+                raise CancelledError("audit cancelled while its shards ran on the Ray cluster")
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=timeout)
+            if progress is not None:
+                for split, done in ray.get(counter.totals.remote()).items():
+                    if done > reported.get(split, 0):  # a retried shard counts again from none: never go back
+                        reported[split] = done
+                        progress(split, done)
+            if len(pending) <= keep:
+                return
+            timeout = _POLL_S
 
     def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, Histogram]:
         task = self.ray.remote(reduce_partition).options(max_retries=2)
@@ -221,7 +322,11 @@ class InlineExecutor:
         return model
 
     def run_shards(
-        self, model: Any, work: list[Shard], progress: Callable[[str, int], None] | None
+        self,
+        model: Any,
+        work: Iterable[Shard],
+        progress: Callable[[str, int], None] | None,
+        in_flight: int | None = None,
     ) -> tuple[list[ShardOutcome], list[list[Any]]]:
         done: dict[str, int] = {}
         outcomes, parts = [], []
@@ -301,8 +406,13 @@ def audit_shard(model: Any, shard: Shard, added: Callable[[str, int], None] | No
     settings = shard.config.session
     source = model if isinstance(model, str) else bytes(model)
     prepared = prepare(source, device=settings.device, states_at=settings.states_at)
-    data = shard.data
-    (dataset,) = open_splits(data.source, shard.split, limit=shard.stop, images=data.images)
+    if shard.batches is None:
+        data = shard.data or _no_data()
+        (dataset,) = open_splits(data.source, shard.split, limit=shard.stop, images=data.images)
+        batches, skipped = _window(dataset, shard.start, shard.config.batch_size), dataset.skipped
+    else:
+        size = min(shard.config.batch_size, prepared.max_rows or shard.config.batch_size)
+        batches, skipped = cut_batches(((shard.split, b) for b in shard.batches), size), ()
     last = [0]
 
     def report(split: str, done: int) -> None:
@@ -313,7 +423,7 @@ def audit_shard(model: Any, shard: Shard, added: Callable[[str, int], None] | No
     with MemoryBudget(shard.config.memory_budget) as budget:
         tallies = tally(
             prepared,
-            _window(dataset, shard.start, shard.config.batch_size),
+            batches,
             shard.config,
             budget,
             first={shard.split: shard.start},
@@ -330,8 +440,12 @@ def audit_shard(model: Any, shard: Shard, added: Callable[[str, int], None] | No
             for p in range(shard.partitions):
                 parts[p][name] = np.concatenate(pieces[p])
         totals = {name: layer.total for name, layer in split.counters.items()}
-    outcome = ShardOutcome(shard, prepared.providers, split.figures, totals, dataset.skipped)
+    outcome = ShardOutcome(replace(shard, batches=None), prepared.providers, split.figures, totals, skipped)
     return (outcome, *parts)
+
+
+def _no_data() -> DataSpec:
+    raise AuditError("a shard names neither its data nor its batches")
 
 
 def _audit_shard_task(model: Any, shard: Shard, counter: Any) -> tuple[Any, ...]:

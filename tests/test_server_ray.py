@@ -11,13 +11,14 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from servers import REPO, Served, Servers, eventually
 
 from auditor import AuditConfig, audit, prepare
 from auditor.client import cancel_job, get_job, remote_audit, server_metadata, submit_job, watch_job
-from auditor.data import open_splits
+from auditor.data import Dataset, open_splits
 from auditor.errors import AuditError
 from auditor.records import CANCELLED, DONE, FAILED, DatasetRef, DataSpec
 from auditor.server import ServeOptions
@@ -73,6 +74,24 @@ def test_a_remote_audit_through_serve_ray_equals_a_local_one_with_progress(serve
     report = remote_audit(served.conn, MODEL, data, AuditConfig(), progress=lambda s, n: seen.__setitem__(s, n))
     assert _measured(report.to_dict()) == _measured(_local(SMALL))
     assert seen == {"train": 600, "test": 600}
+
+
+def test_a_streamed_audit_through_serve_ray_equals_a_local_one(served: Served, tmp_path: Path) -> None:
+    train, test = open_splits("mnist", "both", limit=700)
+    path = tmp_path / "streamed.npz"
+    arrays = {f"{key}_{d.split}": np.concatenate(parts) for d in (train, test) for key, parts in _columns(d).items()}
+    np.savez(path, **arrays)
+    seen: dict[str, int] = {}
+    data = DataSpec(str(path), "both")
+    report = remote_audit(served.conn, MODEL, data, AuditConfig(), progress=seen.__setitem__)
+    local = audit(prepare(MODEL), open_splits(str(path), "both")).to_dict()
+    assert _measured(report.to_dict()) == _measured(local)
+    assert seen == {"train": 700, "test": 700}
+
+
+def _columns(dataset: Dataset) -> dict[str, list[np.ndarray]]:
+    batches = list(dataset.batches(256))
+    return {"x": [b.x for b in batches], "y": [b.y for b in batches]}
 
 
 def test_a_job_through_serve_ray_equals_a_local_audit(served: Served) -> None:

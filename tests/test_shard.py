@@ -22,7 +22,7 @@ from auditor.data import open_splits
 from auditor.errors import AuditError
 from auditor.modelfile import load_model
 from auditor.records import DataSpec
-from auditor.shard import InlineExecutor, audit_sharded, partition_of, plan, reduce_partition
+from auditor.shard import InlineExecutor, audit_sharded, audit_streamed, partition_of, plan, reduce_partition
 
 REPO = Path(__file__).resolve().parents[1]
 LENET5 = REPO / "examples" / "lenet5_3_9_4.onnx"
@@ -88,6 +88,30 @@ def test_the_sharded_audit_run_in_process_equals_a_local_audit(shards: int) -> N
     assert seen[-1] == ("test", 900)
 
 
+def test_a_streamed_audit_in_chunks_equals_a_local_audit_of_the_same_batches() -> None:
+    """Streamed batches (splits interleaved) gathered into chunks of three batches, each a shard."""
+    train, test = open_splits("mnist", "both", limit=600)
+    stream = [
+        (d.split, b)
+        for pair in zip(train.batches(100), test.batches(100), strict=True)
+        for d, b in zip((train, test), pair, strict=True)
+    ]
+    local = audit(str(LENET5), iter(stream), CPU)
+    seen: dict[str, int] = {}
+    streamed = audit_streamed(
+        load_model(LENET5), iter(stream), CPU, InlineExecutor(), partitions=3, in_flight=2,
+        chunk_bytes=3 * 100 * 28 * 28, progress=seen.__setitem__,
+    )  # fmt: skip
+    assert streamed.sharding == {"shards": 4, "partitions": 3}
+    assert streamed.splits == local.splits and streamed.model == local.model
+    assert seen == {"train": 600, "test": 600}
+
+
+def test_an_empty_stream_is_refused() -> None:
+    with pytest.raises(AuditError, match="empty"):
+        audit_streamed(load_model(LENET5), iter([]), CPU, InlineExecutor(), partitions=1, in_flight=1)
+
+
 def test_a_failing_shard_stops_the_sharded_audit_with_its_own_reason() -> None:
     data = DataSpec("mnist", "test", 900)
     with pytest.raises(AuditError, match="model"):
@@ -144,6 +168,7 @@ def test_bad_sharding_settings_are_one_line_exit_2(argv: list[str], fragment: st
 def test_an_unreachable_cluster_is_one_line_exit_2() -> None:
     run = _cli("audit", str(LENET5), "--data", "mnist", "--limit", "10", "--ray", "ray://127.0.0.1:1", "--no-progress")
     assert run.returncode == 2
-    assert run.stderr.strip().startswith("auditor: error: cannot reach the Ray cluster") and len(
-        run.stderr.strip().splitlines()
-    ) == 1
+    assert (
+        run.stderr.strip().startswith("auditor: error: cannot reach the Ray cluster")
+        and len(run.stderr.strip().splitlines()) == 1
+    )
