@@ -16,8 +16,10 @@ offers, or raises when it cannot be reached: the server's health check follows i
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable, Iterable
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -58,6 +60,7 @@ class RayAudits:
         self.chunk_bytes = chunk_bytes
         self._stack = ExitStack()
         self._ray: ModuleType | None = None
+        self._probe: asyncio.Future[Offer | None] | None = None
 
     def join(self) -> None:
         """Join the cluster (a one-line ``AuditError`` when it cannot be reached)."""
@@ -79,6 +82,28 @@ class RayAudits:
         if not total.get("CPU"):
             raise AuditError("the Ray cluster offers no CPUs: no node is alive")
         return Offer(cpus=float(total.get("CPU", 0.0)), gpus=float(total.get("GPU", 0.0)))
+
+    async def offer(self, timeout: float) -> Offer | None:
+        """What the cluster offers, or None when it cannot be reached or has not answered within
+        ``timeout`` seconds. Asked on a daemon thread, one question at a time (a new caller waits for
+        the open one), so a cluster that hangs neither piles up threads nor keeps the process from
+        exiting. Call it from one event loop."""
+        loop = asyncio.get_running_loop()
+        if self._probe is None or self._probe.done():
+            self._probe = probe = loop.create_future()
+            threading.Thread(target=self._ask, args=(loop, probe), name="auditor-cluster-probe", daemon=True).start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._probe), timeout)
+        except TimeoutError:
+            return None
+
+    def _ask(self, loop: asyncio.AbstractEventLoop, probe: asyncio.Future[Offer | None]) -> None:
+        try:
+            answer: Offer | None = self.resources()
+        except AuditError:
+            answer = None
+        with suppress(RuntimeError):  # the loop has closed meanwhile: nobody is waiting
+            loop.call_soon_threadsafe(lambda: probe.done() or probe.set_result(answer))
 
     def audit(
         self,

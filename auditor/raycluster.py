@@ -48,7 +48,7 @@ def connected(address: str, env: dict[str, str] | None = None) -> Iterator[Modul
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Ray warns before it raises; the refusal says it in one line
             ray.init(
-                address=None if address == "local" else address,
+                address=address,  # "local" starts a new instance even where `ray start` left an address behind
                 runtime_env={"env_vars": env} if env else None,
                 log_to_driver=False,
                 logging_level=logging.ERROR,

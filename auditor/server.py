@@ -490,9 +490,8 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         )
 
     async def _cluster_offer(self) -> pb.RayCluster:
-        try:
-            offer = await asyncio.wait_for(self._on(self._lookup_pool, self.cluster.resources), _CLUSTER_PROBE_S)  # type: ignore[union-attr]
-        except (AuditError, TimeoutError):
+        offer = await self.cluster.offer(_CLUSTER_PROBE_S)  # type: ignore[union-attr]
+        if offer is None:
             return pb.RayCluster(reachable=False)
         return pb.RayCluster(cpus=offer.cpus, gpus=offer.gpus, reachable=True)
 
@@ -646,24 +645,16 @@ class _Service:
 
     async def _watch(self, cluster: RayAudits) -> None:
         """Health follows the cluster: NOT_SERVING while it cannot be reached, SERVING once it answers again."""
-        loop = asyncio.get_running_loop()
-        probes = ThreadPoolExecutor(1, thread_name_prefix="auditor-cluster-probe")
         reachable = True
-        try:
-            while True:
-                await asyncio.sleep(_CLUSTER_WATCH_S)
-                try:
-                    await asyncio.wait_for(loop.run_in_executor(probes, cluster.resources), _CLUSTER_PROBE_S)
-                    now = True
-                except (AuditError, TimeoutError) as exc:
-                    now = False
-                    reason = exc.message if isinstance(exc, AuditError) else "no answer in time"
-                if now != reachable:
-                    reachable = now
-                    log.warning("Ray cluster %s", "reachable again" if now else f"unreachable: {reason}")
-                    await self._set_health(now)
-        finally:
-            probes.shutdown(wait=False, cancel_futures=True)
+        while True:
+            await asyncio.sleep(_CLUSTER_WATCH_S)
+            now = await cluster.offer(_CLUSTER_PROBE_S) is not None
+            if now != reachable:
+                reachable = now
+                log.warning(
+                    "Ray cluster %s", "reachable again" if now else f"unreachable (no answer in {_CLUSTER_PROBE_S:g} s)"
+                )
+                await self._set_health(now)
 
     async def stop(self, grace: float | None) -> None:
         """Health turns NOT_SERVING, new calls are refused, in-flight audits and jobs get ``grace`` seconds."""

@@ -109,8 +109,11 @@ def run_check(tmp: Path) -> None:
                 wait_healthy(name, health, again)
                 fetched = json.loads(cli("reports", report_id, "--server", again.address, "--json", "-"))
                 same_report(fetched, local)
-                with _step(f"7. SIGTERM stops it gracefully within --grace {GRACE_S:g} s"):
-                    again.terminate()
+                with _step(f"7. SIGTERM stops it, an audit in flight, gracefully within --grace {GRACE_S:g} s"):
+                    with in_flight(again, data, tmp / "in-flight.json"):
+                        again.terminate()
+                    if not re.search(r"\bAudit model=\w+ .*outcome=", again.log.read_text()):
+                        raise CheckFailed("the audit in flight at SIGTERM was never logged as ended")
 
 
 # ---- 1. the image ---------------------------------------------------------------------------
@@ -261,6 +264,28 @@ def server_uid(server: Serving) -> int:
 
 
 # ---- the audits -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def in_flight(server: Serving, data: Path, out: Path) -> Iterator[None]:
+    """A remote audit under way for the block: one sample per message, its call started (the server has
+    answered its HasModel); the client is stopped afterwards if it is still going."""
+    asked = server.log.read_text().count("HasModel")
+    command = [sys.executable, "-m", "auditor.cli", "audit", str(MODEL), "--data", str(data), "--batch-size", "1"]
+    command += ["--server", server.address, "--timeout", "60", "--no-progress", "--json", str(out)]
+    client = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while server.log.read_text().count("HasModel") == asked:
+            if time.monotonic() > deadline or client.poll() is not None:
+                raise CheckFailed("the in-flight audit's client never reached the server")
+            time.sleep(0.1)
+        time.sleep(1)  # its samples are streaming now
+        yield
+    finally:
+        if client.poll() is None:
+            client.kill()
+        client.wait()
 
 
 def streamed_data(path: Path) -> Path:

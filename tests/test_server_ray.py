@@ -7,17 +7,32 @@ down under it. A killed worker is a real SIGKILL to the Ray worker process runni
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import REPO, Served, Servers, eventually
+from servers import AUDITOR, REPO, Process, Served, Servers, eventually
 
 from auditor import AuditConfig, audit, prepare
-from auditor.client import cancel_job, get_job, remote_audit, server_metadata, submit_job, watch_job
+from auditor.client import (
+    Connection,
+    cancel_job,
+    check_health,
+    get_job,
+    remote_audit,
+    server_metadata,
+    submit_job,
+    watch_job,
+)
 from auditor.data import Dataset, open_splits
 from auditor.errors import AuditError
 from auditor.records import CANCELLED, DONE, FAILED, DatasetRef, DataSpec
@@ -138,6 +153,66 @@ def test_health_is_not_serving_while_the_cluster_is_gone(served: Served) -> None
     ended, report = watch_job(served.conn, job.id)
     assert (ended.state, report) == (FAILED, None)
     assert ended.error.startswith("the Ray cluster cannot be reached") and "\n" not in ended.error
+
+
+def test_serve_joins_a_cluster_by_address_and_is_not_serving_once_it_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ray start --head`` in a folder of its own, then ``auditor serve --ray 127.0.0.1:PORT`` as a
+    process: a job equals a local audit; once the head stops, health turns NOT_SERVING and SIGTERM
+    still stops the server. Ray >= 2.59 wants the same token on both sides (RAY_AUTH_MODE=token)."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    port, folder = _free_port(), tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port),
+         "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", folder],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    server = None
+    try:
+        server = Process([*AUDITOR, "serve", "--port", "0", "--store", str(tmp_path), "--ray", f"127.0.0.1:{port}"])
+        conn = Connection(server.target)
+        assert server_metadata(conn).cluster.cpus == 1
+        ended, report = watch_job(conn, submit_job(conn, MODEL, SMALL, AuditConfig()).id)
+        assert ended.state == DONE and report is not None
+        assert _measured(report.to_dict()) == _measured(_local(SMALL))
+        assert check_health(conn)
+        _stop(head)
+        eventually(lambda: not check_health(conn), 60, "NOT_SERVING")
+        assert server.terminate() == 0
+    finally:
+        if server is not None and server.popen.poll() is None:
+            server.kill()
+        _stop(head)
+        for pid in _processes_under(folder):  # what the head started, should any outlive it
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """Stop ``ray start --block`` the way it expects: SIGTERM, and it stops what it started."""
+    if head.poll() is None:
+        head.terminate()
+        head.wait(timeout=60)
+
+
+def _processes_under(folder: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if folder.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def test_serve_ray_refuses_bad_flags_in_one_line(tmp_path: Path) -> None:
