@@ -112,8 +112,10 @@ def run_check(tmp: Path) -> None:
                 with _step(f"7. SIGTERM stops it, an audit in flight, gracefully within --grace {GRACE_S:g} s"):
                     with in_flight(again, data, tmp / "in-flight.json"):
                         again.terminate()
-                    if not re.search(r"\bAudit model=\w+ .*outcome=", again.log.read_text()):
+                    ended = re.search(r"\bAudit model=\w+ samples=(\d+) .*outcome=(\w+)", again.log.read_text())
+                    if ended is None:
                         raise CheckFailed("the audit in flight at SIGTERM was never logged as ended")
+                    print(f"   the audit in flight ended {ended[2]} after {ended[1]} samples")
 
 
 # ---- 1. the image ---------------------------------------------------------------------------
