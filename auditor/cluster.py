@@ -11,7 +11,8 @@ a worker that dies has its task retried twice by Ray, and past that the audit fa
 line and stores nothing. The report equals a local audit's.
 
 ``ray`` is imported only through ``auditor.raycluster``. ``resources`` answers what the cluster
-offers, or raises when it cannot be reached: the server's health check follows it.
+offers, or raises when it cannot be reached; ``offer`` asks the same from the event loop with a
+time limit, and the server's health check and ServerMetadata follow it.
 """
 
 from __future__ import annotations

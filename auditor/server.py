@@ -89,6 +89,8 @@ class ServeOptions:
     ``data_dir`` is where named datasets (mnist, fashion-mnist) are read or downloaded to
     (default: ``$AUDITOR_DATA_DIR``, then the user cache). ``device`` is used for audits whose
     settings leave the device at "auto". ``metrics_port`` None serves no metrics; 0 picks a port.
+    ``ray`` runs every audit sharded on that Ray cluster (``auditor.cluster``), in ``shards`` shards
+    per split (None: one per CPU the cluster offers).
     """
 
     host: str = "127.0.0.1"
