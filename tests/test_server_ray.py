@@ -135,6 +135,24 @@ def test_a_killed_worker_is_retried_and_the_report_still_equals_a_local_audit(se
     assert report is not None and _measured(report.to_dict()) == _measured(_local(ref, SLOW))
 
 
+def test_a_job_a_restart_interrupts_runs_again_on_the_cluster(served: Served, tmp_path: Path) -> None:
+    """Stopped with no grace mid-audit, the server cancels the job's tasks and keeps it; the next
+    server on the same store runs it again from the start (both share the module's Ray instance)."""
+    servers = Servers(tmp_path)
+    ref = DatasetRef("mnist", "train", 12000)
+    first = servers.start(ray="local", shards=2)
+    job = submit_job(first.conn, MODEL, ref, SLOW)
+    eventually(lambda: get_job(first.conn, job.id).samples.get("train"), 120, "the first shard's progress")
+    first.stop(grace=0)
+    try:
+        second = servers.start(ray="local", shards=2)
+        ended, report = watch_job(second.conn, job.id)
+        assert (ended.state, ended.restarts, ended.samples) == (DONE, 1, {"train": 12000})
+        assert report is not None and _measured(report.to_dict()) == _measured(_local(ref, SLOW))
+    finally:
+        servers.stop_all()
+
+
 def test_health_is_not_serving_while_the_cluster_is_gone(served: Served) -> None:
     import ray
 
