@@ -6,6 +6,7 @@ down under it. A killed worker is a real SIGKILL to the Ray worker process runni
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from auditor.client import (
     cancel_job,
     check_health,
     get_job,
+    list_reports,
     remote_audit,
     server_metadata,
     submit_job,
@@ -133,6 +136,22 @@ def test_a_killed_worker_is_retried_and_the_report_still_equals_a_local_audit(se
     assert ended.state == DONE, ended.error
     assert ended.samples == {"train": 12000}  # the retried shard's samples count once
     assert report is not None and _measured(report.to_dict()) == _measured(_local(ref, SLOW))
+
+
+def test_a_shard_whose_workers_keep_dying_fails_the_job_in_one_line_and_stores_nothing(served: Served) -> None:
+    before = len(list_reports(served.conn))
+    job = submit_job(served.conn, MODEL, DatasetRef("mnist", "train", 12000), SLOW)
+    kills = 0
+    while not get_job(served.conn, job.id).ended:  # every attempt of every shard dies: Ray's two retries run out
+        for pid in _shard_workers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                kills += 1
+        time.sleep(0.05)
+    ended = get_job(served.conn, job.id)
+    assert ended.state == FAILED and kills >= 3, (ended.state, kills)
+    assert ended.error.startswith("the Ray cluster lost part of the audit") and "\n" not in ended.error
+    assert ended.report_id == "" and len(list_reports(served.conn)) == before
 
 
 def test_a_job_a_restart_interrupts_runs_again_on_the_cluster(served: Served, tmp_path: Path) -> None:
