@@ -143,7 +143,16 @@ def build(clone: Path) -> None:
     bundle = pip_ca_bundle()
     if bundle is not None:
         command += ["--volume", f"{bundle}:{CERT_IN_BUILD}:ro", "--build-arg", f"PIP_CERT={CERT_IN_BUILD}"]
+    previous = image_id()
     sh(*command, str(clone))
+    if previous is not None and previous != image_id():  # the last run's image, untagged now: keep the disk bounded
+        subprocess.run(["buildah", "rmi", previous], check=False, capture_output=True)
+
+
+def image_id() -> str | None:
+    """The ID of the image the check builds, or None before its first build."""
+    found = subprocess.run(["buildah", "images", "--quiet", "--no-trunc", IMAGE], capture_output=True, text=True)
+    return found.stdout.strip() or None  # an unknown image: an error, and nothing on stdout
 
 
 def pip_ca_bundle() -> Path | None:
