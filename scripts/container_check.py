@@ -48,6 +48,7 @@ IMAGE = "localhost/onnx-auditor:ci"
 TOOLS = ("buildah", "podman", "debootstrap")
 MODEL = REPO / "examples" / "lenet300_11_4.onnx"
 SAMPLES = 500
+LONG_SAMPLES = 10000  # streamed one per message, an audit that outlasts --grace
 GRACE_S = 5.0
 START_TIMEOUT_S = 90.0
 STOP_SLACK_S = 10.0  # the process exits this long after --grace at most (interpreter and buildah teardown)
@@ -85,7 +86,7 @@ def run_check(tmp: Path) -> None:
     store.mkdir()
     uid, _, gid = user.partition(":")
     os.chown(store, int(uid), int(gid or uid))
-    data = streamed_data(tmp / "mnist-test.npz")
+    data = streamed_data(tmp / "mnist-test.npz", SAMPLES)
     local = audit_json(tmp / "local.json", "--data", str(data))
     with container() as name, serving(name, entrypoint, user, store) as server:
         with _step("1. the build's CA bundle left nothing in the image"):
@@ -110,7 +111,8 @@ def run_check(tmp: Path) -> None:
                 fetched = json.loads(cli("reports", report_id, "--server", again.address, "--json", "-"))
                 same_report(fetched, local)
                 with _step(f"7. SIGTERM stops it, an audit in flight, gracefully within --grace {GRACE_S:g} s"):
-                    with in_flight(again, data, tmp / "in-flight.json"):
+                    long = streamed_data(tmp / "mnist-long.npz", LONG_SAMPLES)
+                    with in_flight(again, long, tmp / "in-flight.json"):
                         again.terminate()
                     ended = re.search(r"\bAudit model=\w+ samples=(\d+) .*outcome=(\w+)", again.log.read_text())
                     if ended is None:
@@ -299,12 +301,12 @@ def in_flight(server: Serving, data: Path, out: Path) -> Iterator[None]:
         client.wait()
 
 
-def streamed_data(path: Path) -> Path:
-    """MNIST's first test samples as a .npz, which a remote audit streams from the client."""
+def streamed_data(path: Path, samples: int) -> Path:
+    """MNIST's first ``samples`` test samples as a .npz, which a remote audit streams from the client."""
     from auditor.data import open_splits
 
-    (dataset,) = open_splits("mnist", "test", limit=SAMPLES)
-    batches = list(dataset.batches(SAMPLES))
+    (dataset,) = open_splits("mnist", "test", limit=samples)
+    batches = list(dataset.batches(samples))
     np.savez(path, x=np.concatenate([b.x for b in batches]), y=np.concatenate([b.y for b in batches]))
     return path
 
