@@ -17,13 +17,13 @@ import numpy as np
 
 from auditor.allocator import keep_freed_memory
 from auditor.config import AuditConfig, Feeding
-from auditor.count import MemoryBudget
 from auditor.data import Batch, Dataset, skipped_warnings, tagged
 from auditor.errors import CancelledError, DataError
 from auditor.feed import Feed, feed
 from auditor.prepare import ModelSource, Prepared, prepare
 from auditor.report import Report
 from auditor.run import ordered_map
+from auditor.stores import MemoryBudget
 from auditor.summary import TOP_STATES, summarize
 from auditor.tally import SplitTally
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from auditor import client, server
 from auditor.compare import compare, describe_settings, render_comparison, setting_differences
 from auditor.config import AGGREGATES, DEVICES, STATE_POINTS, AuditConfig
-from auditor.count import parse_size
 from auditor.errors import AuditError, first_line
 from auditor.gate import (
     BASELINE_METRICS,
@@ -32,7 +31,7 @@ from auditor.raycluster import ADDRESS_FORMS
 from auditor.records import DONE, KNOWN_DATASETS, SPLIT_CHOICES, DatasetRef, DataSpec, ImageOptions, Job
 from auditor.report import REPORT_MAX_BYTES, SCHEMA, Report, ReportError, format_table, render_table
 from auditor.runners import LocalRunner, RayRunner, RemoteRunner, Runner
-from auditor.usage import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser
+from auditor.usage import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, format_size, parse_size
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -198,10 +197,10 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA when it can run, else CPU")
     run.add_argument(
         "--memory-budget",
-        default="1G",
+        default=format_size(d.memory_budget),
         metavar="SIZE",
-        help="what one audit may hold for counting states, e.g. 512M or 4G (default: 1G); past it, sorted "
-        "runs spill to --spill-dir, and counts stay exact",
+        help="what one audit may hold for counting states, e.g. 512M or 4G "
+        f"(default: {format_size(d.memory_budget)}); past it, sorted runs spill to --spill-dir, and counts stay exact",
     )
     run.add_argument(
         "--spill-dir", type=Path, metavar="DIR", help="folder for spilled runs (default: the system's temp folder)"

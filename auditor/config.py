@@ -18,6 +18,12 @@ from auditor.errors import AuditError, require
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATES = ("sum", "mean")
 STATE_POINTS = ("pre-activation", "block-output")  # where a layer's state is read (SPEC §1)
+# What one audit may hold for counting states (``stores.MemoryBudget``), defined here once: this
+# module is the settings record, imports nothing heavy, and the CLI, the server and the stores
+# all read it.
+DEFAULT_MEMORY_BUDGET = 1 << 30
+MIN_MEMORY_BUDGET = 64 << 20  # below this, sorting and spilling would dominate any real audit
+MAX_MEMORY_BUDGET = 1 << 50
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ class AuditConfig:
     std: float = 1.0
     device: str = "auto"
     states_at: str = "pre-activation"
-    memory_budget: int = 1 << 30
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
 
     def __post_init__(self) -> None:
         finite = [

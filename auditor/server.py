@@ -48,8 +48,7 @@ from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
 from auditor.audit import audit
-from auditor.config import DEVICES, SessionSettings
-from auditor.count import MAX_MEMORY_BUDGET, MIN_MEMORY_BUDGET, parse_size
+from auditor.config import DEFAULT_MEMORY_BUDGET, DEVICES, MAX_MEMORY_BUDGET, MIN_MEMORY_BUDGET, SessionSettings
 from auditor.data import Batch, Dataset, open_splits
 from auditor.errors import AuditError, CancelledError, DataError, LimitError, UnauthenticatedError, require
 from auditor.jobs import AuditQueue, Jobs, JobStore, Progress, QueueFullError
@@ -60,6 +59,7 @@ from auditor.report import ModelInfo, Report
 from auditor.service_metrics import ServiceMetrics
 from auditor.streams import Messages, ProgressStream, client_batches, expect_no_batches
 from auditor.transport import NO_RETRY, SERVICE, read_token, status_of
+from auditor.usage import format_size, parse_size
 
 log = logging.getLogger("auditor.server")
 
@@ -95,7 +95,7 @@ class ServeOptions:
     idle_timeout: float = 60.0
     max_model_mb: int = 1024
     max_batch_mb: int = 64
-    audit_memory: int = 1 << 30
+    audit_memory: int = DEFAULT_MEMORY_BUDGET
     tls_cert: Path | None = None
     tls_key: Path | None = None
     token_file: Path | None = None
@@ -694,7 +694,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_size,
         default=d.audit_memory,
         metavar="SIZE",
-        help="memory budget of each audit, e.g. 512M or 4G (default: 1G); see docs/service.md",
+        help=f"memory budget of each audit, e.g. 512M or 4G (default: {format_size(d.audit_memory)}); "
+        "see docs/service.md",
     )
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain; serve TLS (needs --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")

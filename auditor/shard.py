@@ -35,19 +35,20 @@ import numpy as np
 
 from auditor.audit import tally
 from auditor.config import AuditConfig
-from auditor.count import MemoryBudget, RunStore, StateSummary, add_histograms, count_of_counts, hash_rows, summarize
+from auditor.count import CountOfCounts, StateSummary
 from auditor.data import Batch, Dataset, open_splits, skipped_warning
 from auditor.errors import AuditError, first_line
+from auditor.keys import hash_rows
 from auditor.modelfile import LoadedModel, external_tensors
 from auditor.prepare import describe_model, prepare, structure_of
 from auditor.records import DataSpec
 from auditor.report import Report
+from auditor.stores import MemoryBudget, RunStore
 from auditor.summary import TOP_STATES
 from auditor.summary import summarize as summarize_report
 from auditor.tally import SplitFigures, SplitResult
 
 MAX_SHARDS = 4096
-Histogram = tuple[np.ndarray, np.ndarray]  # a count of counts: (values, how many states have each)
 _POLL_S = 0.5
 
 
@@ -106,7 +107,7 @@ class ShardExecutor(Protocol):
     ) -> tuple[list[ShardOutcome], list[list[Any]]]:
         """Every shard's outcome and, per shard, a handle to each of its partitions."""
 
-    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, Histogram]:
+    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, CountOfCounts]:
         """``reduce_partition`` over one partition's parts from every shard of a split."""
 
 
@@ -182,7 +183,7 @@ class RayExecutor:
             raise
         return outcomes, [r[1:] for r in refs]
 
-    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, Histogram]:
+    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, CountOfCounts]:
         task = self.ray.remote(reduce_partition).options(max_retries=2)
         return self._get(task.remote(budget_bytes, *parts))
 
@@ -218,7 +219,7 @@ class InlineExecutor:
             parts.append(shard_parts)
         return outcomes, parts
 
-    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, Histogram]:
+    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, CountOfCounts]:
         return reduce_partition(budget_bytes, *parts)
 
 
@@ -246,13 +247,10 @@ def _reduce(
     for split in dict.fromkeys(o.shard.split for o in outcomes):
         mine = [i for i, o in enumerate(outcomes) if o.shard.split == split]
         totals = {layer: sum(outcomes[i].totals[layer] for i in mine) for layer in outcomes[mine[0]].totals}
-        histograms = [executor.reduce(config.memory_budget, [parts[i][p] for i in mine]) for p in range(partitions)]
+        reduced = [executor.reduce(config.memory_budget, [parts[i][p] for i in mine]) for p in range(partitions)]
         states[split] = {}
         for layer, total in totals.items():
-            values, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
-            for histogram in histograms:
-                values, counts = add_histograms((values, counts), histogram.get(layer, (values[:0], counts[:0])))
-            summary = summarize(values, counts, top_k=TOP_STATES)
+            summary = CountOfCounts.sum(r[layer] for r in reduced if layer in r).summary(top_k=TOP_STATES)
             if summary.total != total:
                 raise AuditError(f"layer {layer!r} lost states in the sharded merge ({summary.total} of {total})")
             states[split][layer] = summary
@@ -319,7 +317,7 @@ def _audit_shard_task(model: Any, shard: Shard, counter: Any) -> tuple[Any, ...]
     return audit_shard(model, shard, lambda split, samples: counter.add.remote(split, samples))
 
 
-def reduce_partition(budget_bytes: int, *parts: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def reduce_partition(budget_bytes: int, *parts: dict[str, np.ndarray]) -> dict[str, CountOfCounts]:
     """Merge one partition's states from every shard (a Ray task): per layer, its count of counts."""
     out = {}
     with MemoryBudget(budget_bytes) as budget:
@@ -328,10 +326,7 @@ def reduce_partition(budget_bytes: int, *parts: dict[str, np.ndarray]) -> dict[s
             words = runs[0].dtype["words"].shape[0] if "words" in runs[0].dtype.names else 1
             store = RunStore(words, budget)
             store.merge(_Runs(runs))
-            histogram = np.zeros(0, np.int64), np.zeros(0, np.int64)
-            for run in store.merged():
-                histogram = add_histograms(histogram, count_of_counts(run["count"]))
-            out[name] = histogram
+            out[name] = CountOfCounts.of_runs(store.merged())
     return out
 
 
@@ -354,4 +349,3 @@ def _window(dataset: Dataset, start: int, batch_size: int) -> Iterator[tuple[str
             cut = max(0, start - seen)
             yield dataset.split, Batch(batch.x[cut:], None if batch.y is None else batch.y[cut:])
         seen += n
-

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from auditor import metrics
-from auditor.count import LayerCounter, MemoryBudget, StateSummary
+from auditor.count import LayerCounter, StateSummary
 from auditor.errors import DataError
 from auditor.feed import Feed
 from auditor.graph import Exposed
+from auditor.stores import MemoryBudget
 
 
 @dataclass

@@ -20,22 +20,13 @@ import onnx
 import pytest
 from models import Net, reference_counts, reference_entropy, run, state_rows
 
-from auditor import AuditConfig, audit, count, metrics, prepare
-from auditor.count import (
-    HistogramStore,
-    LayerCounter,
-    MemoryBudget,
-    RunStore,
-    add_histograms,
-    count_of_counts,
-    join_groups,
-    make_store,
-    parse_size,
-    summarize,
-)
+from auditor import AuditConfig, audit, count, metrics, prepare, stores
+from auditor.count import CountOfCounts, LayerCounter
 from auditor.data import Batch
 from auditor.errors import AuditError, CancelledError, LimitError
 from auditor.graph import byte_groups, word_groups
+from auditor.keys import join_groups
+from auditor.stores import HistogramStore, MemoryBudget, RunStore, make_store
 
 NEURONS = [1, 3, 16, 20, 21, 24, 25, 32, 33, 64, 65, 130]
 POSITIONS = (3, 3)  # the conv layout's H × W
@@ -316,7 +307,7 @@ def feed(store, *pieces: np.ndarray) -> None:
 def items(store) -> tuple[np.ndarray, np.ndarray]:
     """A store's distinct keys (heads, or rows of words) and counts, sorted as np.unique sorts."""
     runs = list(store.merged())
-    record = runs[0].dtype if runs else count.record_dtype(1)
+    record = runs[0].dtype if runs else stores.record_dtype(1)
     merged = np.concatenate(runs) if runs else np.zeros(0, record)
     keys = merged["words"] if "words" in record.names else merged["head"]
     order = np.lexsort(keys.T[::-1]) if keys.ndim == 2 else np.argsort(keys, kind="stable")
@@ -446,7 +437,7 @@ def test_run_store_merges_multiword_rows_and_empty_stores(make, kind: str) -> No
 def test_hash_collisions_never_merge_different_rows(make, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     """SPEC §2: equality is decided on whole keys. With a hash that collides all the time
     (two values for 50 rows), folding, merging and spilling must still count every row apart."""
-    monkeypatch.setattr(count, "hash_rows", lambda rows: rows[:, -1] & np.uint64(1))
+    monkeypatch.setattr(stores, "hash_rows", lambda rows: rows[:, -1] & np.uint64(1))
     keys = wide_keys(2)
     a, b = make(kind, words=3), make(kind, words=3)
     for piece in np.array_split(keys[:2000], 5):
@@ -463,12 +454,12 @@ def test_the_merge_reads_runs_in_bounded_ranges(
 ) -> None:
     """A merge step holds at most ``merge_rows`` records (40 here; more only if they share one
     head): the merge streams held and spilled runs range by range, in key order, exactly."""
-    monkeypatch.setattr(count, "MERGE_ROWS_MIN", 40)
+    monkeypatch.setattr(stores, "MERGE_ROWS_MIN", 40)
     rng = np.random.default_rng(5)
     pool = rng.integers(0, 2**64 - 1, size=(2000, 3 if wide else 1), dtype=np.uint64, endpoint=True)
     keys = pool[rng.integers(len(pool), size=6000)]
     keys = keys if wide else keys[:, 0]
-    dtype = count.record_dtype(3 if wide else 1)
+    dtype = stores.record_dtype(3 if wide else 1)
     with MemoryBudget(1 if spill == "all" else 32 * 40 * dtype.itemsize, tmp_path) as budget:
         assert budget.merge_rows(dtype) == 40
         store = RunStore(3 if wide else 1, budget)
@@ -485,7 +476,7 @@ def test_the_merge_reads_runs_in_bounded_ranges(
 
 
 def test_too_many_spilled_runs_are_merged_into_one_file(make, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(count, "MAX_SPILLED_RUNS", 3)
+    monkeypatch.setattr(stores, "MAX_SPILLED_RUNS", 3)
     keys = some_keys(6)
     store = make("spilled")
     for piece in np.array_split(keys, 40):
@@ -500,8 +491,8 @@ def test_make_store_picks_dense_for_narrow_layers_when_the_budget_has_room(tmp_p
     """Dense histograms of all layers share a quarter of the budget; layers past that get runs."""
     with MemoryBudget(HUGE) as roomy, MemoryBudget(4 << 20, tmp_path) as small:
         assert isinstance(make_store(1, roomy), HistogramStore)
-        assert isinstance(make_store(count.HISTOGRAM_BITS, roomy), HistogramStore)
-        assert isinstance(make_store(count.HISTOGRAM_BITS + 1, roomy), RunStore)
+        assert isinstance(make_store(stores.HISTOGRAM_BITS, roomy), HistogramStore)
+        assert isinstance(make_store(stores.HISTOGRAM_BITS + 1, roomy), RunStore)
         assert isinstance(make_store(65, roomy), RunStore) and make_store(65, roomy).dtype["words"].shape == (2,)
         assert isinstance(make_store(17, small), HistogramStore)  # 1 MiB: a quarter of 4 MiB
         assert isinstance(make_store(16, small), RunStore)  # 512 KiB more would pass the quarter
@@ -615,17 +606,17 @@ def test_counter_refuses_to_merge_another_layer() -> None:
 
 
 def test_summary_of_hand_worked_cases() -> None:
-    four = summarize(*count_of_counts(np.array([3, 3, 3, 3])))
+    four = CountOfCounts.of(np.array([3, 3, 3, 3])).summary()
     assert (four.total, four.distinct, four.entropy_bits) == (12, 4, 2.0)
-    one = summarize(*count_of_counts(np.array([9])))
+    one = CountOfCounts.of(np.array([9])).summary()
     assert (one.total, one.distinct, one.entropy_bits) == (9, 1, 0.0)
     np.testing.assert_array_equal(one.top_counts, [9])
     np.testing.assert_array_equal(one.count_quantiles, [9, 9, 9, 9, 9])
-    skewed = summarize(*count_of_counts(np.array([1, 1, 2])), top_k=2)  # p = 1/4, 1/4, 1/2
+    skewed = CountOfCounts.of(np.array([1, 1, 2])).summary(top_k=2)  # p = 1/4, 1/4, 1/2
     assert skewed.entropy_bits == 1.5
     np.testing.assert_array_equal(skewed.top_counts, [2, 1])
     with pytest.raises(ValueError):
-        summarize(*count_of_counts(np.zeros(0, np.int64)))
+        CountOfCounts.of(np.zeros(0, np.int64)).summary()
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -634,7 +625,7 @@ def test_summary_matches_numpy_on_random_counts(seed: int) -> None:
     with the direct −Σ p log2 p (and metrics.entropy_bits) to rounding."""
     rng = np.random.default_rng(seed)
     counts = (rng.pareto(1.0 + seed / 3, size=int(rng.integers(1, 3000))) + 1).astype(np.int64)
-    summary = summarize(*count_of_counts(rng.permutation(counts)), top_k=50)
+    summary = CountOfCounts.of(rng.permutation(counts)).summary(top_k=50)
     assert summary.total == counts.sum() and summary.distinct == len(counts)
     np.testing.assert_array_equal(summary.top_counts, np.sort(counts)[::-1][:50])
     np.testing.assert_array_equal(summary.count_quantiles, np.quantile(counts, count.QUANTILES))
@@ -642,39 +633,16 @@ def test_summary_matches_numpy_on_random_counts(seed: int) -> None:
     assert summary.entropy_bits == pytest.approx(metrics.entropy_bits(counts), rel=1e-13, abs=1e-15)
 
 
-def test_histograms_of_disjoint_states_add() -> None:
+def test_counts_of_counts_of_disjoint_states_add() -> None:
     a, b = np.array([1, 1, 4, 9]), np.array([4, 2, 1])
-    np.testing.assert_array_equal(
-        np.stack(add_histograms(count_of_counts(a), count_of_counts(b))),
-        np.stack(count_of_counts(np.concatenate([a, b]))),
-    )
+    added = CountOfCounts.sum([CountOfCounts.of(a), CountOfCounts.of(b)])
+    whole = CountOfCounts.of(np.concatenate([a, b]))
+    np.testing.assert_array_equal(added.values, whole.values)
+    np.testing.assert_array_equal(added.states, whole.states)
+    assert added.total == whole.total == 22
 
 
 # --- Budgets: sizes, spill folders, and cleaning up ----------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "size"),
-    [
-        ("512M", 512 << 20),
-        ("4G", 4 << 30),
-        ("1.5G", 3 << 29),
-        ("64MiB", 64 << 20),
-        ("2gb", 2 << 30),
-        (" 1G ", 1 << 30),
-        (str(100 << 20), 100 << 20),
-        ("65536K", 64 << 20),
-    ],
-)
-def test_parse_size_reads_binary_units(text: str, size: int) -> None:
-    assert parse_size(text) == size
-
-
-@pytest.mark.parametrize("text", ["1M", "0", "63M", "-1G", "", "G", "abc", "1.2.3G", "1e9", "4X", "2P", "1 G B"])
-def test_parse_size_refuses_with_one_line(text: str) -> None:
-    with pytest.raises(AuditError) as caught:
-        parse_size(text)
-    assert "memory budget" in caught.value.message and "\n" not in caught.value.message
 
 
 def spill_something(budget: MemoryBudget) -> RunStore:
@@ -713,7 +681,7 @@ def test_a_dropped_budget_removes_its_files(tmp_path) -> None:
 CTRL_C_CHILD = """
 import sys, time
 import numpy as np
-from auditor.count import MemoryBudget, RunStore
+from auditor.stores import MemoryBudget, RunStore
 with MemoryBudget(1, sys.argv[1]) as budget:
     store = RunStore(1, budget)
     for i in range(100_000):
@@ -748,7 +716,7 @@ def test_an_unusable_spill_folder_is_refused_in_one_line(tmp_path, where: str) -
     with pytest.raises(AuditError) as caught:
         MemoryBudget(1 << 30, target)
     message = caught.value.message
-    assert "--spill-dir" in message and str(tmp_path) not in message and "\n" not in message
+    assert "spill_dir" in message and str(tmp_path) not in message and "\n" not in message
 
 
 def test_a_full_spill_folder_is_refused_in_one_line_and_leaves_nothing(tmp_path) -> None:
@@ -766,7 +734,7 @@ def test_a_full_spill_folder_is_refused_in_one_line_and_leaves_nothing(tmp_path)
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         assert not list(tmp_path.rglob("*.run"))  # the partial file is gone
     message = caught.value.message
-    assert "full" in message and "--spill-dir" in message and str(tmp_path) not in message
+    assert "full" in message and "spill_dir" in message and "memory_budget" in message and str(tmp_path) not in message
     assert not list(tmp_path.iterdir())
 
 

@@ -20,9 +20,9 @@ from models import FLOAT16, Net, run
 from onnx import helper
 
 from auditor import AuditConfig, audit, metrics, prepare
-from auditor.count import join_groups
 from auditor.data import Batch, load_arrays
 from auditor.graph import Exposed, LayerOutputs, describe, expose
+from auditor.keys import join_groups
 from auditor.modelfile import load_model
 from auditor.prepare import structure_of
 from auditor.run import Runner
