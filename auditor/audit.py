@@ -22,7 +22,7 @@ from auditor.errors import CancelledError, DataError
 from auditor.feed import Feed, feed
 from auditor.prepare import ModelSource, Prepared, prepare
 from auditor.report import Report
-from auditor.run import ordered_map
+from auditor.run import gpu_math_warnings, ordered_map
 from auditor.stores import MemoryBudget
 from auditor.summary import TOP_STATES, summarize
 from auditor.tally import SplitTally
@@ -66,7 +66,13 @@ def audit(
         report = summarize(
             prepared.model_info, prepared.providers, prepared.structure.layers, results, config, data_warnings
         )
-    return replace(report, spilled_bytes=budget.spilled_bytes)
+    options = prepared.provider_options
+    return replace(
+        report,
+        spilled_bytes=budget.spilled_bytes,
+        provider_options=options,
+        warnings=[*report.warnings, *gpu_math_warnings(options, prepared.settings.gpu_math)],
+    )
 
 
 def prepared_for(model: ModelSource | Prepared, config: AuditConfig) -> Prepared:
@@ -77,7 +83,7 @@ def prepared_for(model: ModelSource | Prepared, config: AuditConfig) -> Prepared
         if session.satisfied_by(model.settings):
             return model
         model = model.model
-    return prepare(model, device=session.device, states_at=session.states_at)
+    return prepare(model, device=session.device, states_at=session.states_at, gpu_math=session.gpu_math)
 
 
 def _datasets(data: Data) -> Sequence[Dataset] | None:

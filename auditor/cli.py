@@ -15,7 +15,7 @@ from pathlib import Path
 
 from auditor import client, server
 from auditor.compare import compare, describe_settings, render_comparison, setting_differences
-from auditor.config import AGGREGATES, DEVICES, STATE_POINTS, AuditConfig
+from auditor.config import AGGREGATES, DEVICES, GPU_MATHS, STATE_POINTS, AuditConfig
 from auditor.errors import AuditError, first_line
 from auditor.gate import (
     BASELINE_METRICS,
@@ -64,9 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="auditor", description="Audit ONNX models: neural efficiency, aIQ, CNA and CNA-Margin."
-    )
+    parser = Parser(prog="auditor", description="Audit ONNX models: neural efficiency, aIQ, CNA and CNA-Margin.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     layers = commands.add_parser("layers", help="list the layers the auditor measures")
@@ -196,6 +194,13 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA when it can run, else CPU")
     run.add_argument(
+        "--gpu-math",
+        choices=GPU_MATHS,
+        default=d.gpu_math,
+        help="float math on CUDA: exact (fp32, TF32 off: the CPU's counts; default) or tf32 (faster; the report "
+        "calls its counts approximate)",
+    )
+    run.add_argument(
         "--memory-budget",
         default=format_size(d.memory_budget),
         metavar="SIZE",
@@ -237,6 +242,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         device=args.device,
         states_at=args.states_at,
         memory_budget=parse_size(args.memory_budget),
+        gpu_math=args.gpu_math,
     )
 
 

@@ -42,18 +42,30 @@ class Prepared:
         return self.runner.providers
 
     @property
+    def provider_options(self) -> dict[str, dict[str, str]] | None:
+        """The CUDA provider's options when CUDA runs the session, else None (``Runner.provider_options``)."""
+        return self.runner.provider_options
+
+    @property
     def model_info(self) -> ModelInfo:
         return model_info(self.model, self.structure)
 
 
-def prepare(model: ModelSource | LoadedModel, *, device: str = "auto", states_at: str = "pre-activation") -> Prepared:
-    """Load ``model``, find its layers, expose their states at ``states_at`` and start a session."""
-    settings = SessionSettings(device, states_at)
+def prepare(
+    model: ModelSource | LoadedModel,
+    *,
+    device: str = "auto",
+    states_at: str = "pre-activation",
+    gpu_math: str = "exact",
+) -> Prepared:
+    """Load ``model``, find its layers, expose their states at ``states_at`` and start a session
+    (a CUDA one computes with ``gpu_math``: ``run.cuda_provider_options``)."""
+    settings = SessionSettings(device, states_at, gpu_math)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     structure = structure_of(loaded)
     # onnxruntime's CUDA MatMulInteger takes int8 × int8 only: CUDA sessions pack in float
     exposed = expose(loaded.proto, structure, states_at, integer_packing=requested_providers(device) == CPU_ONLY)
-    runner = Runner(exposed.model, structure.input, device, call_rows(structure))
+    runner = Runner(exposed.model, structure.input, device, call_rows(structure), gpu_math)
     return Prepared(loaded, structure, exposed, runner, settings, rows_per_batch(structure))
 
 

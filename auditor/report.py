@@ -106,10 +106,15 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     spilled_bytes: int | None = None  # bytes of state counts written to spill files
     sharding: dict[str, Any] | None = None  # how a sharded audit ran: Ray address, shards, partitions
+    # The CUDA provider's options as they ran, when CUDA ran; absent from the JSON otherwise.
+    provider_options: dict[str, dict[str, str]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as the ``auditor.report/v1`` JSON object."""
-        return {"schema": SCHEMA, **asdict(self)}
+        """The report as the ``auditor.report/v1`` JSON object (``provider_options`` only when CUDA ran)."""
+        out = {"schema": SCHEMA, **asdict(self)}
+        if self.provider_options is None:
+            del out["provider_options"]
+        return out
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -135,6 +140,7 @@ class Report:
             warnings=list(data.get("warnings", [])),
             spilled_bytes=data.get("spilled_bytes"),
             sharding=data.get("sharding"),
+            provider_options=data.get("provider_options"),
         )
 
     @classmethod

@@ -72,7 +72,7 @@ class LocalRunner:
         from auditor.data import open_splits
         from auditor.prepare import prepare
 
-        prepared = prepare(model, device=config.device, states_at=config.states_at)
+        prepared = prepare(model, device=config.device, states_at=config.states_at, gpu_math=config.gpu_math)
         data = for_model(data, lambda: prepared.structure.input.shape)
         datasets = open_splits(data.source, data.split, limit=data.limit, images=data.images)
         if progress is not None:

@@ -258,7 +258,7 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         key = (spec.content_address, settings)
         prepared = self._prepared.get(key)
         if prepared is None:
-            prepared = prepare(path, device=settings.device, states_at=settings.states_at)
+            prepared = prepare(path, device=settings.device, states_at=settings.states_at, gpu_math=settings.gpu_math)
             self._prepared.put(key, prepared)
         return prepared
 

@@ -43,6 +43,7 @@ from auditor.modelfile import LoadedModel, external_tensors
 from auditor.prepare import describe_model, prepare, structure_of
 from auditor.records import DataSpec
 from auditor.report import Report
+from auditor.run import gpu_math_warnings
 from auditor.stores import MemoryBudget, RunStore
 from auditor.summary import TOP_STATES
 from auditor.summary import summarize as summarize_report
@@ -70,6 +71,7 @@ class ShardOutcome:
 
     shard: Shard
     providers: list[str]
+    provider_options: dict[str, dict[str, str]] | None
     figures: SplitFigures
     totals: dict[str, int]  # states counted per layer
     skipped: tuple[str, ...]
@@ -148,7 +150,13 @@ def audit_sharded(
     report = summarize_report(
         describe_model(loaded), outcomes[0].providers, structure.layers, results, config, [s for s in skipped if s]
     )
-    return replace(report, sharding={"shards": shards, "partitions": partitions})
+    options = outcomes[0].provider_options
+    return replace(
+        report,
+        sharding={"shards": shards, "partitions": partitions},
+        provider_options=options,
+        warnings=[*report.warnings, *gpu_math_warnings(options, config.gpu_math)],
+    )
 
 
 class RayExecutor:
@@ -278,7 +286,7 @@ def audit_shard(model: Any, shard: Shard, added: Callable[[str, int], None] | No
     """
     settings = shard.config.session
     source = model if isinstance(model, str) else bytes(model)
-    prepared = prepare(source, device=settings.device, states_at=settings.states_at)
+    prepared = prepare(source, device=settings.device, states_at=settings.states_at, gpu_math=settings.gpu_math)
     data = shard.data
     (dataset,) = open_splits(data.source, shard.split, limit=shard.stop, images=data.images)
     last = [0]
@@ -308,7 +316,9 @@ def audit_shard(model: Any, shard: Shard, added: Callable[[str, int], None] | No
             for p in range(shard.partitions):
                 parts[p][name] = np.concatenate(pieces[p])
         totals = {name: layer.total for name, layer in split.counters.items()}
-    outcome = ShardOutcome(shard, prepared.providers, split.figures, totals, dataset.skipped)
+    outcome = ShardOutcome(
+        shard, prepared.providers, prepared.provider_options, split.figures, totals, dataset.skipped
+    )
     return (outcome, *parts)
 
 

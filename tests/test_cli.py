@@ -157,6 +157,8 @@ def test_audit_options_reach_the_config(model: Path, tmp_path: Path) -> None:
         "0.2",
         "--device",
         "cpu",
+        "--gpu-math",
+        "tf32",
     ]
     assert main(args) == 0
     data = json.loads(out.read_text())
@@ -168,6 +170,16 @@ def test_audit_options_reach_the_config(model: Path, tmp_path: Path) -> None:
     assert len(split["layers"]) == 3 and split["beta"] == 0.5
     assert list(data["splits"]) == ["test"]  # the default split
     assert data["providers"] == ["CPUExecutionProvider"]
+    assert config["gpu_math"] == "tf32"
+    assert "provider_options" not in data and not any("approximate" in w for w in data["warnings"])  # CPU ran
+
+
+def test_an_unknown_gpu_math_is_a_usage_error(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["audit", str(model), "--data", "mnist", "--gpu-math", "fp16"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--gpu-math" in err and len(err.splitlines()) == 1
 
 
 def test_audit_json_to_stdout_prints_only_json(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
