@@ -9,7 +9,17 @@ them to); it never decides whether two keys are equal.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+from typing import Any
+
 import numpy as np
+
+
+def namespace(array: Any) -> ModuleType:
+    """The array module ``array`` belongs to: numpy, or CuPy for a CuPy array (sklearn's get_namespace, in short)."""
+    root = type(array).__module__.partition(".")[0]
+    return np if root == "numpy" else importlib.import_module(root)
 
 
 def join_groups(packed: np.ndarray, groups: list[tuple[int, int]], group_axis: int) -> np.ndarray:
@@ -17,8 +27,10 @@ def join_groups(packed: np.ndarray, groups: list[tuple[int, int]], group_axis: i
 
     One group is its own key, as it came. Several are shifted to their places in their 64-bit
     words (groups never straddle words) and or-ed together: into uint32 keys for layers of at
-    most 32 neurons, uint64 beyond.
+    most 32 neurons, uint64 beyond. Works in the array module ``packed`` lives in (``namespace``),
+    so the keys of a CuPy array are joined on its device.
     """
+    xp = namespace(packed)
     axis = group_axis % packed.ndim
     if len(groups) == 1:
         return packed.reshape(-1)
@@ -38,11 +50,11 @@ def join_groups(packed: np.ndarray, groups: list[tuple[int, int]], group_axis: i
         if shift:
             part <<= dtype(shift)
         if word in words:
-            np.bitwise_or(words[word], part, out=words[word])
+            xp.bitwise_or(words[word], part, out=words[word])
         else:
             words[word] = part
     keys = [words[w].reshape(-1) for w in sorted(words)]
-    return keys[0] if len(keys) == 1 else np.stack(keys, axis=1)
+    return keys[0] if len(keys) == 1 else xp.stack(keys, axis=1)
 
 
 def key_words(neurons: int) -> int:

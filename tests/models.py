@@ -249,3 +249,56 @@ def reference_entropy(counts: np.ndarray) -> float:
     """``−Σ p log2 p`` in bits, straight from the definition."""
     p = np.asarray(counts, np.float64) / np.sum(counts)
     return float(-(p * np.log2(p)).sum())
+
+
+# --- Models whose firing bits the data controls ------------------------------------------------
+
+NEURONS = [1, 3, 16, 20, 21, 24, 25, 32, 33, 64, 65, 130]  # every group and word boundary of the packing
+POSITIONS = (3, 3)  # the conv layout's H × W
+
+
+def patterns(neurons: int, rng: np.random.Generator, count: int = 40) -> np.ndarray:
+    """Sign patterns with magnitudes in [0.5, 1.5], plus near twins that differ in one bit.
+
+    The twins differ at the bits where packing could go wrong: the top of a 24-bit group, word
+    boundaries 63/64, and the last neuron. A counter that loses any group merges twins.
+    """
+    signs = rng.choice([-1.0, 1.0], size=(count, neurons))
+    twins = []
+    for bit in sorted({0, 23, 24, 47, 48, 63, 64, 127, 128, neurons - 1}):
+        if bit < neurons:
+            twin = signs[rng.integers(count)].copy()
+            twin[bit] *= -1
+            twins.append(twin)
+    signs = np.vstack([signs, *twins])
+    return (signs * rng.uniform(0.5, 1.5, signs.shape)).astype(np.float32)
+
+
+def near_identity(net: Net, neurons: int) -> np.ndarray:
+    """Random positive diagonal plus off-diagonal noise too small to flip a sign of the data."""
+    weight = np.diag(net.rng.uniform(0.8, 1.2, neurons)) + net.rng.uniform(-5e-4, 5e-4, (neurons, neurons))
+    return weight.astype(np.float32)
+
+
+def dense_case(neurons: int, samples: int = 300, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray, int]:
+    """``Gemm(near-identity) → Relu`` on (B, N) data drawn with repeats from a pattern pool."""
+    net = Net(("batch", neurons), seed=seed)
+    pre = net.dense(net.input, neurons, neurons, weight=near_identity(net, neurons), bias=False, out="pre")
+    model = net.build(net.op("Relu", pre))
+    pool = patterns(neurons, net.rng)
+    x = pool[net.rng.integers(len(pool), size=samples)]
+    return model, x, 1
+
+
+def conv_case(neurons: int, samples: int = 60, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray, int]:
+    """``Conv 1×1(near-identity) → Relu`` on (B, N, H, W) data; each position draws a pattern."""
+    net = Net(("batch", neurons, *POSITIONS), seed=seed)
+    kernel = near_identity(net, neurons).T.reshape(neurons, neurons, 1, 1)
+    pre = net.op("Conv", net.input, net.const(kernel), out="pre")
+    model = net.build(net.op("Relu", pre))
+    pool = patterns(neurons, net.rng)
+    x = pool[net.rng.integers(len(pool), size=(samples, *POSITIONS))]  # (B, H, W, N)
+    return model, np.ascontiguousarray(np.moveaxis(x, -1, 1)), 1
+
+
+CASES = {"dense": dense_case, "conv": conv_case}
