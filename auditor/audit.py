@@ -2,7 +2,9 @@
 
 Read top to bottom, an audit is: prepare the model once (``auditor.prepare``), feed each batch
 (``auditor.feed``) and run it (``auditor.run``) on worker threads while the previous one is
-tallied (``auditor.tally``), then summarise the tallies into a report (``auditor.summary``).
+tallied (``auditor.tally``, its layers counted side by side on a pool of threads), then
+summarise the tallies into a report (``auditor.summary``). When the states can be counted on
+the GPU that runs the model, the worker threads count them there too (``auditor.devrun``).
 Nothing grows with the data except the distinct states of each layer and a few floats per
 sample for CNA.
 """
@@ -11,13 +13,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 
 from auditor.allocator import keep_freed_memory
 from auditor.config import AuditConfig, Feeding
 from auditor.data import Batch, Dataset, skipped_warnings, tagged
+from auditor.devrun import DEVICE_WORKERS, DeviceRun
 from auditor.errors import CancelledError, DataError
 from auditor.feed import Feed, feed
 from auditor.prepare import ModelSource, Prepared, prepare
@@ -28,6 +33,7 @@ from auditor.summary import TOP_STATES, summarize
 from auditor.tally import SplitTally
 
 Data = Sequence[Dataset] | Iterable[tuple[str, Batch]]
+MAX_COUNTING_THREADS = 16  # layers counted side by side on the host
 
 
 def audit(
@@ -71,7 +77,11 @@ def audit(
         report,
         spilled_bytes=budget.spilled_bytes,
         provider_options=options,
-        warnings=[*report.warnings, *gpu_math_warnings(options, prepared.settings.gpu_math)],
+        warnings=[
+            *report.warnings,
+            *gpu_math_warnings(options, prepared.settings.gpu_math),
+            *prepared.counting_warnings,
+        ],
     )
 
 
@@ -128,9 +138,16 @@ def tally(
         if out.layer.role == "hidden" or (config.include_output_layer and out.layer.role == "output")
     )
     tallies: dict[str, SplitTally] = {}
-    steps = ordered_map(
-        lambda item: _run(prepared, config.feeding, *item), _numbered(batches, first or {}), prepared.runner.workers
-    )
+    if prepared.device is not None:
+        runner, model_input = prepared.runner, prepared.structure.input
+        device = DeviceRun(runner.session, model_input, prepared.exposed, counted, prepared.device, runner.call_rows)
+        run, workers = device.run, DEVICE_WORKERS
+    else:
+        run, workers = partial(prepared.runner.run, names=prepared.exposed.output_names), prepared.runner.workers
+    numbered = _numbered(batches, first or {})
+    steps = ordered_map(lambda item: _run(prepared, run, config.feeding, *item), numbered, workers)
+    threads = min(os.cpu_count() or 1, len(counted), MAX_COUNTING_THREADS)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="auditor-count") if threads > 1 else None
     try:
         for batch, outputs in steps:
             if cancelled is not None and cancelled():
@@ -139,13 +156,20 @@ def tally(
             split = tallies.get(batch.split)
             if split is None:
                 split = tallies[batch.split] = SplitTally(
-                    prepared.exposed, counted, config.margin_seed, prepared.structure.output_is_probability, budget
+                    prepared.exposed,
+                    counted,
+                    config.margin_seed,
+                    prepared.structure.output_is_probability,
+                    budget,
+                    pool,
                 )
             split.add(batch, outputs)
             if progress is not None:
                 progress(batch.split, split.figures.samples)
     finally:
         steps.close()
+        if pool is not None:
+            pool.shutdown(wait=True)
     return tallies
 
 
@@ -158,7 +182,9 @@ def _numbered(batches: Iterable[tuple[str, Batch]], first: dict[str, int]) -> It
         yield split, start, batch
 
 
-def _run(prepared: Prepared, feeding: Feeding, split: str, start: int, batch: Batch) -> tuple[Feed, dict]:
-    """Feed and run one batch; runs on a worker thread."""
+def _run(
+    prepared: Prepared, run: Callable[[np.ndarray], dict], feeding: Feeding, split: str, start: int, batch: Batch
+) -> tuple[Feed, dict]:
+    """Feed and run one batch (and count it, on the device path); runs on a worker thread."""
     ready, model_x = feed(split, start, batch, prepared.structure.input, feeding)
-    return ready, prepared.runner.run(model_x, prepared.exposed.output_names)
+    return ready, run(model_x)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import onnx
 
 from auditor.config import SessionSettings
+from auditor.devrun import Device, counting_device
 from auditor.graph import Exposed, Structure, describe, expose, with_shape
 from auditor.modelfile import LoadedModel, load_model
 from auditor.report import LayerInfo, ModelInfo
@@ -36,6 +37,8 @@ class Prepared:
     runner: Runner
     settings: SessionSettings
     max_rows: int | None = None  # samples per batch that keep activations near BATCH_BYTES
+    device: Device | None = None  # where states are counted when not on the host (``devrun``)
+    counting_warnings: tuple[str, ...] = ()  # the report's line when CUDA runs but counting cannot follow
 
     @property
     def providers(self) -> list[str]:
@@ -66,7 +69,8 @@ def prepare(
     # onnxruntime's CUDA MatMulInteger takes int8 × int8 only: CUDA sessions pack in float
     exposed = expose(loaded.proto, structure, states_at, integer_packing=requested_providers(device) == CPU_ONLY)
     runner = Runner(exposed.model, structure.input, device, call_rows(structure), gpu_math)
-    return Prepared(loaded, structure, exposed, runner, settings, rows_per_batch(structure))
+    device, warnings = counting_device(runner.providers)
+    return Prepared(loaded, structure, exposed, runner, settings, rows_per_batch(structure), device, tuple(warnings))
 
 
 def rows_per_batch(structure: Structure) -> int | None:

@@ -316,9 +316,7 @@ def audit_shard(model: Any, shard: Shard, added: Callable[[str, int], None] | No
             for p in range(shard.partitions):
                 parts[p][name] = np.concatenate(pieces[p])
         totals = {name: layer.total for name, layer in split.counters.items()}
-    outcome = ShardOutcome(
-        shard, prepared.providers, prepared.provider_options, split.figures, totals, dataset.skipped
-    )
+    outcome = ShardOutcome(shard, prepared.providers, prepared.provider_options, split.figures, totals, dataset.skipped)
     return (outcome, *parts)
 
 
