@@ -75,6 +75,7 @@ class ShardOutcome:
     figures: SplitFigures
     totals: dict[str, int]  # states counted per layer
     skipped: tuple[str, ...]
+    counting_warnings: tuple[str, ...] = ()  # CUDA ran but the states were counted on the host
 
 
 def plan(counts: dict[str, int], shards: int) -> list[tuple[str, int, int]]:
@@ -155,7 +156,11 @@ def audit_sharded(
         report,
         sharding={"shards": shards, "partitions": partitions},
         provider_options=options,
-        warnings=[*report.warnings, *gpu_math_warnings(options, config.gpu_math)],
+        warnings=[
+            *report.warnings,
+            *gpu_math_warnings(options, config.gpu_math),
+            *dict.fromkeys(w for o in outcomes for w in o.counting_warnings),
+        ],
     )
 
 
@@ -316,7 +321,15 @@ def audit_shard(model: Any, shard: Shard, added: Callable[[str, int], None] | No
             for p in range(shard.partitions):
                 parts[p][name] = np.concatenate(pieces[p])
         totals = {name: layer.total for name, layer in split.counters.items()}
-    outcome = ShardOutcome(shard, prepared.providers, prepared.provider_options, split.figures, totals, dataset.skipped)
+    outcome = ShardOutcome(
+        shard,
+        prepared.providers,
+        prepared.provider_options,
+        split.figures,
+        totals,
+        dataset.skipped,
+        prepared.counting_warnings,
+    )
     return (outcome, *parts)
 
 
