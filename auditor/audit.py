@@ -146,7 +146,7 @@ def tally(
         run, workers = partial(prepared.runner.run, names=prepared.exposed.output_names), prepared.runner.workers
     numbered = _numbered(batches, first or {})
     steps = ordered_map(lambda item: _run(prepared, run, config.feeding, *item), numbered, workers)
-    threads = min(os.cpu_count() or 1, len(counted), MAX_COUNTING_THREADS)
+    threads = counting_threads(os.cpu_count() or 1, len(counted))
     pool = ThreadPoolExecutor(threads, thread_name_prefix="auditor-count") if threads > 1 else None
     try:
         for batch, outputs in steps:
@@ -171,6 +171,13 @@ def tally(
         if pool is not None:
             pool.shutdown(wait=True)
     return tallies
+
+
+def counting_threads(cores: int, layers: int) -> int:
+    """Threads that count a batch's layers side by side: half the cores (the other half runs the
+    next batches' inference), at most one per layer. On 2 cores that is one thread: a pool of two
+    measured slower there, the inference workers already taking both cores (docs/performance.md)."""
+    return max(1, min(cores // 2, layers, MAX_COUNTING_THREADS))
 
 
 def _numbered(batches: Iterable[tuple[str, Batch]], first: dict[str, int]) -> Iterator[tuple[str, int, Batch]]:
