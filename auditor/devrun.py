@@ -27,7 +27,8 @@ import numpy as np
 
 from auditor.devcount import CountedKeys, count_packed
 from auditor.errors import DataError, ModelError, first_line
-from auditor.graph import Exposed, ModelInput
+from auditor.expose import Exposed
+from auditor.find import ModelInput
 from auditor.run import CUDA
 
 DEVICE_WORKERS = 2  # batches in flight: one counting while the next one runs

@@ -15,7 +15,8 @@ import onnx
 
 from auditor.config import SessionSettings
 from auditor.devrun import Device, counting_device
-from auditor.graph import Exposed, Structure, describe, expose, with_shape
+from auditor.expose import Exposed, expose
+from auditor.find import Structure, describe, with_shape
 from auditor.modelfile import LoadedModel, load_model
 from auditor.report import LayerInfo, ModelInfo
 from auditor.run import CPU_ONLY, Runner, probe_shapes, requested_providers

@@ -251,6 +251,16 @@ def reference_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
+# The real third-party models in ../shared/models, by file stem (see its README).
+SHARED_MODELS = (
+    "mnist-8_cntk_opset8",
+    "cnn_pytorch25_opset17",
+    "qdq_int8_pytorch21_opset17",
+    "squeezenet1.0_fp16_opset7",
+    "light_resnet50_opset9",
+)
+
+
 # --- Models whose firing bits the data controls ------------------------------------------------
 
 NEURONS = [1, 3, 16, 20, 21, 24, 25, 32, 33, 64, 65, 130]  # every group and word boundary of the packing

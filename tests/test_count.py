@@ -34,7 +34,7 @@ from auditor import AuditConfig, audit, count, metrics, prepare, stores
 from auditor.count import CountOfCounts, LayerCounter
 from auditor.data import Batch
 from auditor.errors import AuditError, CancelledError, LimitError
-from auditor.graph import byte_groups, word_groups
+from auditor.expose import byte_groups, word_groups
 from auditor.keys import join_groups
 from auditor.stores import HistogramStore, MemoryBudget, RunStore, make_store
 

@@ -21,7 +21,8 @@ from onnx import helper
 from refusals import refused
 
 from auditor.errors import AuditError, DataError, ModelError
-from auditor.graph import ModelInput, describe, with_outputs
+from auditor.expose import with_outputs
+from auditor.find import ModelInput, describe
 from auditor.run import (
     CUDA,
     GPU_PROVIDERS,
