@@ -18,7 +18,11 @@ from models import CASES, NEURONS
 from auditor import devcount, keys, prepare, stores
 from auditor.data import open_splits
 from auditor.devcount import count_keys, count_packed
+from auditor.expose import expose
 from auditor.keys import join_groups, namespace
+from auditor.modelfile import load_model
+from auditor.prepare import structure_of
+from auditor.run import Runner
 from auditor.stores import fold_keys
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -89,6 +93,20 @@ def test_packed_outputs_of_real_sessions_give_the_host_run(neurons: int, layout:
     host_keys = join_groups(packed, out.groups, out.group_axis)
     assert counted.states == len(host_keys)
     assert_same_run(counted.run, fold_keys(host_keys))
+
+
+@pytest.mark.parametrize("neurons", [20, 24, 25, 64, 65, 130])
+def test_the_float_packing_cuda_sessions_use_gives_the_host_run(neurons: int) -> None:
+    """CUDA sessions pack firing bits in float, into groups of up to 24 bits (``word_groups``)."""
+    model, x, _ = CASES["conv"](neurons)
+    loaded = load_model(model)
+    structure = structure_of(loaded)
+    exposed = expose(loaded.proto, structure, "pre-activation", integer_packing=False)
+    (out,) = exposed.layers
+    packed = Runner(exposed.model, structure.input, "cpu").run(x, [out.keys])[out.keys]
+    counted = count_packed(on_device(packed), out.groups, out.group_axis, fakedevice, fakedevice.asnumpy)
+    assert_same_run(counted.run, fold_keys(join_groups(packed, out.groups, out.group_axis)))
+    assert counted.run["count"].sum() == len(x) * 9
 
 
 def test_the_trained_example_gives_the_host_runs_on_mnist() -> None:
