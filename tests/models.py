@@ -312,3 +312,17 @@ def conv_case(neurons: int, samples: int = 60, seed: int = 0) -> tuple[onnx.Mode
 
 
 CASES = {"dense": dense_case, "conv": conv_case}
+
+
+def pack(bits: np.ndarray, axis: int, groups: list[tuple[int, int]], layout: str) -> tuple[np.ndarray, int]:
+    """What the exposed graph emits: int32 group sums of bits × 2^k, in the given layout
+    (``last``: groups on the last axis; ``nchw``: (B, G, H, W); else (B, G, H·W))."""
+    rows = np.moveaxis(bits, axis, -1).astype(np.int64)  # (..., N)
+    packed = np.stack([(rows[..., a:b] << np.arange(b - a)).sum(axis=-1) for a, b in groups], axis=-1).astype(
+        np.int32
+    )  # (..., G)
+    if layout == "last":
+        return packed, -1
+    if layout == "nchw":
+        return np.moveaxis(packed, -1, 1), 1  # (B, G, H, W)
+    return np.moveaxis(packed, -1, 1).reshape(len(bits), len(groups), -1), 1  # (B, G, H·W)
