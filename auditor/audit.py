@@ -26,6 +26,7 @@ from auditor.report import Report
 from auditor.run import ordered_map
 from auditor.summary import TOP_STATES, summarize
 from auditor.tally import SplitTally
+from auditor.weights import weight_norms
 
 Data = Sequence[Dataset] | Iterable[tuple[str, Batch]]
 
@@ -66,7 +67,8 @@ def audit(
         report = summarize(
             prepared.model_info, prepared.providers, prepared.structure.layers, results, config, data_warnings
         )
-    return replace(report, spilled_bytes=budget.spilled_bytes)
+    weights = weight_norms(prepared.model.proto, prepared.structure.layers)
+    return replace(report, spilled_bytes=budget.spilled_bytes, weights=weights)
 
 
 def prepared_for(model: ModelSource | Prepared, config: AuditConfig) -> Prepared:

@@ -45,6 +45,7 @@ from auditor.report import Report
 from auditor.summary import TOP_STATES
 from auditor.summary import summarize as summarize_report
 from auditor.tally import SplitFigures, SplitResult
+from auditor.weights import weight_norms
 
 MAX_SHARDS = 4096
 Histogram = tuple[np.ndarray, np.ndarray]  # a count of counts: (values, how many states have each)
@@ -147,7 +148,8 @@ def audit_sharded(
     report = summarize_report(
         describe_model(loaded), outcomes[0].providers, structure.layers, results, config, [s for s in skipped if s]
     )
-    return replace(report, sharding={"shards": shards, "partitions": partitions})
+    weights = weight_norms(loaded.proto, structure.layers)
+    return replace(report, sharding={"shards": shards, "partitions": partitions}, weights=weights)
 
 
 class RayExecutor:
@@ -354,4 +356,3 @@ def _window(dataset: Dataset, start: int, batch_size: int) -> Iterator[tuple[str
             cut = max(0, start - seen)
             yield dataset.split, Batch(batch.x[cut:], None if batch.y is None else batch.y[cut:])
         seen += n
-
