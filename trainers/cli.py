@@ -176,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--ray", metavar="ADDRESS", help='run on a Ray cluster ("auto", "local", or host:port)')
     grid.add_argument("--out", type=Path, required=True, help="folder for the ONNX files and manifest.jsonl")
 
-    report = commands.add_parser("report", help="audit a folder of networks: the paper's tables, heatmaps, τ, HTML")
+    report = commands.add_parser(
+        "report", help="audit a folder of networks: the paper's tables, heatmaps, τ, the CNA study, HTML"
+    )
     report.add_argument(
         "folder", type=Path, help="a folder of networks made by 'grid' or 'train' (searched recursively)"
     )
@@ -199,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ARCH:WIDTHS",
         help="fold-decrease reference, e.g. lenet-300-100:300,100 (default: the largest network trained)",
+    )
+    report.add_argument(
+        "--bootstrap",
+        type=_positive,
+        default=1000,
+        metavar="B",
+        help="resamples of networks for the CNA study's 95%% intervals (default 1000)",
     )
     report.add_argument("--out", type=Path, required=True, help="folder for the report files")
     return parser
@@ -327,6 +336,7 @@ def _report(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         percent=args.percent,
         references=tuple(_reference(text) for text in args.reference),
+        bootstrap=args.bootstrap,
     )
     print(make_report(args.folder, args.out, settings))
     return 0

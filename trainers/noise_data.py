@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from auditor.data import load_arrays
 from auditor.errors import AuditError
 
 NAME = "gaussian-noise"
@@ -69,3 +70,11 @@ def gaussian_noise(dataset: str, split: str, limit: int | None = None) -> tuple[
         labels.append(classes)
     x = np.concatenate(images)[:wanted]
     return np.clip(x, 0, 1, out=x), np.concatenate(labels)[:wanted].astype(np.int64)
+
+
+def dataset_arrays(dataset: str, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first ``limit`` samples of ``split`` as the auditor reads them: uint8 images for the
+    files ``auditor.data`` opens, float32 in [0, 1] for the Gaussian-noise set. No PyTorch."""
+    if is_noise(dataset):
+        return gaussian_noise(dataset, split, limit)
+    return load_arrays(dataset, split, limit=limit)

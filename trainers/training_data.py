@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from auditor.data import load_arrays
 from auditor.errors import AuditError
-from trainers.noise_data import gaussian_noise, is_noise
+from trainers.noise_data import dataset_arrays, is_noise
 
 
 @dataclass(frozen=True)
@@ -25,14 +24,6 @@ class Split:
     y: torch.Tensor
 
 
-def arrays(dataset: str, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The first ``limit`` samples of ``split`` as the auditor reads them: uint8 images for the
-    files ``auditor.data`` opens, float32 in [0, 1] for the Gaussian-noise set."""
-    if is_noise(dataset):
-        return gaussian_noise(dataset, split, limit)
-    return load_arrays(dataset, split, limit=limit)
-
-
 def load_split(dataset: str, split: str, limit: int | None = None, *, any_shape: bool = False) -> Split:
     """The first ``limit`` samples (all when None) of ``split`` ("train" or "test").
 
@@ -40,7 +31,7 @@ def load_split(dataset: str, split: str, limit: int | None = None, *, any_shape:
     ``gaussian-noise[:SEED]``. The LeNets need labelled 28×28 images; with ``any_shape`` (the MLP,
     which flattens its input) any labelled image shape is taken.
     """
-    images, labels = arrays(dataset, split, limit)
+    images, labels = dataset_arrays(dataset, split, limit)
     mnist_shaped = images.shape[1:] in ((28, 28), (1, 28, 28))
     if labels is None or not (mnist_shaped or (any_shape and images.ndim >= 2)):
         raise AuditError(
