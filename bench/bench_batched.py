@@ -56,10 +56,7 @@ def child(way: str, members: int, limit: int, epochs: int, threads: int, index: 
     from trainers.job import run_job
 
     planned = jobs(members, limit, epochs)
-    if way == "batched":
-        results = run_batch(planned, threads)
-    else:
-        results = [run_job(planned[index], threads)]
+    results = run_batch(planned, threads) if way == "batched" else [run_job(planned[index], threads)]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     accuracy = [round(r.network.test_accuracy, 4) for r in results]
     print(json.dumps({"cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024, "test": accuracy}))
@@ -99,8 +96,12 @@ def main() -> None:
         f"one per network: {wall_alone:.1f} s wall, {cpu_alone:.1f} s CPU, "
         f"peak RSS {max(r['rss_mb'] for r in alone):.0f} MB per process"
     )
-    print(f"batched:         {batched['wall']:.1f} s wall, {batched['cpu']:.1f} s CPU, peak RSS {batched['rss_mb']:.0f} MB")
-    print(f"ratio (one per network / batched): wall {wall_alone / batched['wall']:.2f}x, CPU {cpu_alone / batched['cpu']:.2f}x")
+    print(
+        f"batched:         {batched['wall']:.1f} s wall, {batched['cpu']:.1f} s CPU, "
+        f"peak RSS {batched['rss_mb']:.0f} MB"
+    )
+    ratio_wall, ratio_cpu = wall_alone / batched["wall"], cpu_alone / batched["cpu"]
+    print(f"ratio (one per network / batched): wall {ratio_wall:.2f}x, CPU {ratio_cpu:.2f}x")
     print(f"test accuracy alone:   {[a for r in alone for a in r['test']]}")
     print(f"test accuracy batched: {batched['test']}")
 
