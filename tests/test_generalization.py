@@ -67,6 +67,8 @@ def test_subsets_follow_figure_3():
     assert [in_subset(p, "clean") for p in (clean_checkpoint, noisy_final, noisy_checkpoint)] == [True, False, False]
     assert [in_subset(p, "3C") for p in (clean_checkpoint, noisy_final, noisy_checkpoint)] == [True, True, False]
     assert all(in_subset(p, "all") for p in (clean_checkpoint, noisy_final, noisy_checkpoint))
+    noise_data = point("c", 1, 1, data="gaussian-noise", final=False)  # random labels by construction
+    assert not in_subset(noise_data, "clean") and not in_subset(noise_data, "3C") and in_subset(noise_data, "all")
 
 
 def test_the_study_is_per_data_set_and_pooled_with_notes_for_what_is_missing():

@@ -20,6 +20,9 @@ Subsets, per data set and for all data sets pooled:
   clean networks' checkpoints;
 - ``all``: every network and checkpoint.
 
+Networks trained on the Gaussian-noise set count as trained with label noise: its labels are
+random by construction.
+
 Products of norms are compared in log10: Pearson's r is then about their orders of magnitude,
 and Kendall's τ is unchanged by the log.
 """
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from trainers.noise_data import is_noise
 from trainers.stats import kendall_tau
 from trainers.tables import Column, Table
 
@@ -73,6 +77,11 @@ class Point:
     gap: float | None
     predictors: dict[str, float | None]
 
+    @property
+    def clean(self) -> bool:
+        """Trained on true labels: no label noise, and not the Gaussian-noise set's random labels."""
+        return self.label_noise == 0 and not is_noise(self.dataset)
+
     def value(self, key: str) -> float | None:
         if key in TARGETS:
             return getattr(self, key)
@@ -109,9 +118,9 @@ def point_of(audited: AuditedNetwork) -> Point:
 
 def in_subset(point: Point, subset: str) -> bool:
     if subset == "clean":
-        return point.label_noise == 0
+        return point.clean
     if subset == "3C":
-        return point.label_noise == 0 or point.final
+        return point.clean or point.final
     return True
 
 
@@ -350,9 +359,9 @@ def build(points: Sequence[Point], bootstrap: int = 1000, seed: int = 0) -> CnaS
     found = correlations(points, bootstrap, seed)
     caption = _caption(points, bootstrap)
     notes = []
-    if not any(p.label_noise > 0 and p.final for p in points):
+    if not any(not p.clean and p.final for p in points):
         notes.append("no network was trained with label noise, so subset 3C is the clean checkpoints alone")
-    if not any(p.label_noise == 0 for p in points):
+    if not any(p.clean for p in points):
         notes.append("no network was trained on clean labels: subsets clean and 3C lack their clean part")
     if all(p.predictors.get("log_path_norm") is None for p in points):
         notes.append("the path norm is defined here for chains of dense layers only: it is missing for these networks")
