@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainers.generalization import Point, build, correlate, in_subset, pearson, tau_b
+from trainers.generalization import PREDICTORS, Point, build, correlate, in_subset, pearson, point_of_row, tau_b
 from trainers.stats import kendall_tau
 
 
@@ -27,7 +27,7 @@ def point(network: str, x: float, y: float, *, noise: float = 0.0, epoch: int = 
         final=final,
         test_accuracy=1 - y,
         gap=y,
-        predictors={"cna_margin_max": x, "cna_train": x, "log_path_norm": None},
+        predictors={**dict.fromkeys(key for key, _, _ in PREDICTORS), "cna_margin_max": x, "cna_train": x},
     )
 
 
@@ -85,6 +85,10 @@ def test_the_study_is_per_data_set_and_pooled_with_notes_for_what_is_missing():
     )
     assert pooled["points"] == 8 and pooled["networks"] == 8 and pooled["tau"] == pytest.approx(1.0)
     json.dumps(study.tables[0].to_json(), allow_nan=False)
+    assert [point_of_row(row) for row in study.tables[1].to_json()["rows"]] == points  # cna_points reads back
+    same_names = [point(f"s{i}", i, i * i, data=d) for d in ("mnist", "fashion-mnist") for i in range(4)]
+    pooled = next(c for c in build(same_names, bootstrap=10).correlations if c.dataset == "all data sets")
+    assert pooled.networks == 8  # seed s0 on MNIST and seed s0 on Fashion-MNIST are two networks
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -67,7 +67,7 @@ BLOCK = 512  # rows of the pair matrix computed at once: memory O(BLOCK · n)
 class Point:
     """One network or checkpoint: what it is, its targets and its predictors."""
 
-    network: str  # the job's name: a network's checkpoints share it
+    network: str  # the job's name: a network's checkpoints share it (with the data set)
     dataset: str
     label_noise: float
     label_noise_kind: str
@@ -113,6 +113,22 @@ def point_of(audited: AuditedNetwork) -> Point:
             "log_spectral_product": _log10(weights.spectral_product) if weights else None,
             "log_path_norm": _log10(weights.path_norm) if weights else None,
         },
+    )
+
+
+def point_of_row(row: dict[str, Any]) -> Point:
+    """The point a row of ``cna_points.json`` holds (``points_table``'s inverse), to redo a study
+    without auditing again."""
+    return Point(
+        network=row["network"],
+        dataset=row["dataset"],
+        label_noise=row["label_noise"],
+        label_noise_kind=row["label_noise_kind"],
+        epoch=row["epoch"],
+        final=row["final"] == "final",
+        test_accuracy=row["test_accuracy"],
+        gap=row["gap"],
+        predictors={key: row[key] for key, _, _ in PREDICTORS},
     )
 
 
@@ -197,8 +213,8 @@ def correlate(
     finite = np.isfinite(x) & np.isfinite(y)
     kept = [p for p, ok in zip(kept, finite, strict=True) if ok]
     x, y = x[finite], y[finite]
-    names = sorted({p.network for p in kept})
-    members = [np.array([i for i, p in enumerate(kept) if p.network == name]) for name in names]
+    names = sorted({(p.dataset, p.network) for p in kept})  # the same job on two data sets is two networks
+    members = [np.array([i for i, p in enumerate(kept) if (p.dataset, p.network) == name]) for name in names]
     r, tau = pearson(x, y), tau_b(x, y)
     p_value = kendall_tau(list(x), list(y)).p_value if len(x) >= 2 else None
     r_draws: list[float] = []

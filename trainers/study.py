@@ -278,10 +278,16 @@ def make_report(folder: Path, out: Path, settings: StudySettings) -> str:
 
 def write_cna_study(audited: Sequence[AuditedNetwork], out: Path, title: str, settings: StudySettings) -> list[str]:
     """The CNA paper's generalization study over every network and checkpoint; returns summary lines."""
+    return write_cna_points([generalization.point_of(a) for a in audited], out, title, settings)
+
+
+def write_cna_points(
+    points: Sequence[generalization.Point], out: Path, title: str, settings: StudySettings
+) -> list[str]:
+    """``write_cna_study`` from the study's points (as ``cna_points.json`` holds them); returns summary lines."""
     from trainers.figures import cna_scatters
     from trainers.study_page import html_page
 
-    points = [generalization.point_of(a) for a in audited]
     study = generalization.build(points, bootstrap=settings.bootstrap, seed=settings.bootstrap_seed)
     for table in study.tables:
         save_atomic(out / f"{table.name}.csv", table.to_csv().encode("utf-8"))
