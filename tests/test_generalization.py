@@ -39,6 +39,7 @@ def test_pearson_and_tau_on_hand_worked_points():
     assert tau_b(np.array([1.0, 2, 3]), np.array([1.0, 3, 2])) == pytest.approx(1 / 3)
     assert pearson(np.array([1.0, 2, 3]), np.array([1.0, 3, 2])) == pytest.approx(0.5)
     assert pearson(x, np.ones(4)) is None and tau_b(x, np.ones(4)) is None
+    assert pearson(x, np.full(4, 0.1075)) is None  # a constant side, whatever its mean's rounding
 
 
 def test_tau_in_blocks_equals_the_exact_tau_b_with_ties():

@@ -145,7 +145,7 @@ def in_subset(point: Point, subset: str) -> bool:
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     """Pearson's r; None with fewer than three points or a constant side."""
-    if len(x) < 3:
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
     dx, dy = x - x.mean(), y - y.mean()
     denominator = math.sqrt(float(dx @ dx) * float(dy @ dy))
