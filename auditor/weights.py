@@ -6,8 +6,9 @@ matrix W of shape (outputs, inputs) — a Conv's kernel (C_out, C_in/g, kH, kW) 
 (C_out, C_in/g·kH·kW), as the generalization literature does — and gives:
 
 - ``frobenius``: ‖W‖_F, the square root of the sum of the squared weights;
-- ``spectral``: ‖W‖₂, the largest singular value (exact SVD; power iteration past
-  ``EXACT_SPECTRAL_ELEMENTS`` elements, to a relative change below 1e-9);
+- ``spectral``: ‖W‖₂, the largest singular value (exact SVD in float64; past
+  ``EXACT_SPECTRAL_ELEMENTS`` elements, power iteration on the stored float32 values, to a
+  relative change below 1e-6 or 300 steps, so that a large layer is never copied to float64);
 - across layers, ``frobenius_product`` Π‖W‖_F and ``spectral_product`` Π‖W‖₂;
 - ``path_norm``: the ℓ2 path norm of Neyshabur et al. (2015), √(Σ over input→output paths of
   Π w²) = √(1ᵀ (W_L∘W_L)⋯(W_1∘W_1) 1), biases excluded. It is defined here for a chain of
@@ -33,8 +34,8 @@ from auditor.graph import Layer, _constant_tensors, _walk_to_linear
 from auditor.report import LayerNorms, MissingWeights, WeightNorms
 
 EXACT_SPECTRAL_ELEMENTS = 1 << 22  # above 4 Mi weights, ‖W‖₂ by power iteration
-POWER_TOLERANCE = 1e-9
-POWER_STEPS = 2000
+POWER_TOLERANCE = 1e-6
+POWER_STEPS = 300
 DENSE_OPS = frozenset({"Gemm", "MatMul"})
 
 
@@ -57,7 +58,7 @@ def weight_norms(model: onnx.ModelProto, layers: Sequence[Layer]) -> WeightNorms
             weight=name,
             shape=[int(d) for d in stored.shape],
             matrix=[int(d) for d in matrix.shape],
-            frobenius=float(np.sqrt(np.sum(np.square(matrix)))),
+            frobenius=frobenius_norm(matrix),
             spectral=spectral_norm(matrix),
         )
         found.append((norms, matrix))
@@ -74,13 +75,23 @@ def weight_norms(model: onnx.ModelProto, layers: Sequence[Layer]) -> WeightNorms
     )
 
 
+def frobenius_norm(matrix: np.ndarray) -> float:
+    """‖W‖_F, summed in float64 a row block at a time (no float64 copy of a large layer)."""
+    rows = max(1, EXACT_SPECTRAL_ELEMENTS // max(1, matrix.shape[1]))
+    total = math.fsum(
+        float(np.einsum("ij,ij->", block, block, dtype=np.float64))
+        for block in (matrix[i : i + rows] for i in range(0, len(matrix), rows))
+    )
+    return math.sqrt(total)
+
+
 def spectral_norm(matrix: np.ndarray) -> float:
     """‖W‖₂: exact from the singular values, or by power iteration on WᵀW for very large W."""
     if matrix.size == 0:
         return 0.0
     if matrix.size <= EXACT_SPECTRAL_ELEMENTS:
-        return float(np.linalg.svd(matrix, compute_uv=False)[0])
-    vector = np.ones(matrix.shape[1]) / math.sqrt(matrix.shape[1])
+        return float(np.linalg.svd(matrix.astype(np.float64), compute_uv=False)[0])
+    vector = np.full(matrix.shape[1], 1 / math.sqrt(matrix.shape[1]), dtype=matrix.dtype)
     value = 0.0
     for _ in range(POWER_STEPS):
         image = matrix.T @ (matrix @ vector)
@@ -107,7 +118,7 @@ def path_norm(matrices: Sequence[np.ndarray], ops: Sequence[str], incomplete: bo
     for index, matrix in enumerate(matrices):
         if matrix.shape[1] != len(flow):
             return None, f"layer {index + 1} takes {matrix.shape[1]} inputs, not the {len(flow)} outputs before it"
-        flow = np.square(matrix) @ flow
+        flow = np.square(matrix.astype(np.float64)) @ flow
     total = math.sqrt(float(flow.sum()))
     return (total, None) if math.isfinite(total) else (None, "it overflows a double")
 
@@ -141,7 +152,10 @@ def _layer_matrix(
     if stored is None:
         made_by = producers[name][1].op_type if name in producers else "?"
         return f"its weight {name!r} is computed in the graph by {made_by} (as in QDQ models), not stored"
-    weight = np.asarray(stored, dtype=np.float64)
+    weight = np.asarray(stored)
+    weight = (
+        weight if weight.dtype == np.float32 and weight.size > EXACT_SPECTRAL_ELEMENTS else weight.astype(np.float64)
+    )
     attrs = {a.name: helper.get_attribute_value(a) for a in linear.attribute}
     if linear.op_type == "Conv":
         if position != 1 or weight.ndim < 3:

@@ -100,11 +100,13 @@ def test_a_weight_in_a_constant_node_is_read() -> None:
 
 def test_power_iteration_agrees_with_the_singular_values() -> None:
     rng = np.random.default_rng(0)
-    matrix = rng.standard_normal((300, 40))
-    exact = float(np.linalg.svd(matrix, compute_uv=False)[0])
-    tall = np.repeat(matrix, EXACT_SPECTRAL_ELEMENTS // matrix.size + 1, axis=0)  # same σ_max × √copies
-    copies = tall.shape[0] // 300
-    assert spectral_norm(tall) == pytest.approx(exact * math.sqrt(copies), rel=1e-6)
+    left, _ = np.linalg.qr(rng.standard_normal((300, 40)))
+    right, _ = np.linalg.qr(rng.standard_normal((40, 40)))
+    matrix = left @ np.diag(np.linspace(3, 0.1, 40)) @ right.T  # singular values 3, 2.93, …, 0.1
+    tall = np.repeat(matrix, EXACT_SPECTRAL_ELEMENTS // matrix.size + 1, axis=0)  # σ_max × √copies
+    expected = 3 * math.sqrt(tall.shape[0] // 300)
+    assert spectral_norm(tall) == pytest.approx(expected, rel=1e-4)
+    assert spectral_norm(tall.astype(np.float32)) == pytest.approx(expected, rel=1e-4)
 
 
 def test_an_audit_reports_weights_in_json_and_html(tmp_path) -> None:
