@@ -380,7 +380,7 @@ def _weights(data: Mapping[str, Any]) -> str:
             _num(layer.get("frobenius")),
             _num(layer.get("spectral")),
         ]
-        for layer in weights.get("layers") or []
+        for layer in _mappings(weights.get("layers"))
     ]
     parts.append(_table(["layer", "op", "weight", "matrix", "‖W‖_F", "‖W‖₂"], rows))
     covers = ", ".join(str(name) for name in weights.get("covers") or []) or "no layer"
@@ -391,11 +391,16 @@ def _weights(data: Mapping[str, Any]) -> str:
         ["<th>ℓ2 path norm</th>", _num(weights.get("path_norm")) + (f" ({_e(note)})" if note else "")],
     ]
     parts.append(_table(["", ""], totals, head=False, align=False))
-    missing = weights.get("without_weights") or []
+    missing = _mappings(weights.get("without_weights"))
     if missing:
         items = "".join(f"<li>{_e(m.get('layer'))}: {_e(m.get('reason'))}</li>" for m in missing)
         parts.append(f'<p class="note">Layers without weight figures ({len(missing)}):</p><ul>{items}</ul>')
     return "\n".join(parts)
+
+
+def _mappings(value: Any) -> list[Mapping[str, Any]]:
+    """The mappings of a list from the report (anything else in it, or a non-list, is skipped)."""
+    return [item for item in value if isinstance(item, Mapping)] if isinstance(value, list) else []
 
 
 def _settings(data: Mapping[str, Any]) -> str:

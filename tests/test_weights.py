@@ -124,6 +124,8 @@ def test_an_audit_reports_weights_in_json_and_html(tmp_path) -> None:
     del old["weights"]
     assert Report.load(json.dumps(old)).weights is None
     assert "no <code>weights</code> section" in render_page(old)
+    old["weights"] = {"layers": [1, None], "without_weights": "x", "covers": None}  # malformed: drawn, not raised
+    assert "<h2>Weights</h2>" in render_page(old)
     refused = json.loads(text)
     refused["weights"]["path_norm"] = "big"
     with pytest.raises(ReportError, match=r"path_norm is .big., not float"):
