@@ -113,3 +113,9 @@ def test_a_batched_grid_writes_every_network_and_its_manifest_line(tmp_path):
     records = manifest.read(tmp_path / manifest.MANIFEST)
     assert sorted(r.name for r in records) == sorted(j.name for j in jobs)
     assert all((tmp_path / r.file).is_file() for r in records)
+
+
+def test_the_same_batch_gives_the_same_files():
+    jobs = [job(0, epochs=1), job(1, epochs=1)]
+    first, again = run_batch(jobs), run_batch(jobs)
+    assert [r.onnx for r in first] == [r.onnx for r in again]
