@@ -1,6 +1,6 @@
 """Data-free baselines from a model's weights: the norm-based predictors the CNA paper compares with.
 
-Pure functions over an ``onnx.ModelProto`` and the layers ``auditor.graph`` found; nothing here
+Pure functions over an ``onnx.ModelProto`` and the layers ``auditor.find`` found; nothing here
 runs a model. For each layer the weight tensor of its linear op (Gemm, MatMul, Conv) is read as a
 matrix W of shape (outputs, inputs) — a Conv's kernel (C_out, C_in/g, kH, kW) as
 (C_out, C_in/g·kH·kW), as the generalization literature does — and gives:
@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from auditor.graph import Layer, _constant_tensors, _walk_to_linear
+from auditor.find import Layer, _constant_tensors, _walk_to_linear
 from auditor.report import LayerNorms, MissingWeights, WeightNorms
 
 EXACT_SPECTRAL_ELEMENTS = 1 << 22  # above 4 Mi weights, ‖W‖₂ by power iteration

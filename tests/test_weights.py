@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from auditor import AuditConfig, Report, audit
 from auditor.data import open_splits
-from auditor.graph import find_layers
+from auditor.find import find_layers
 from auditor.page import render_page
 from auditor.report import ReportError
 from auditor.weights import EXACT_SPECTRAL_ELEMENTS, spectral_norm, weight_norms
