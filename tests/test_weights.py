@@ -12,6 +12,7 @@ import math
 from dataclasses import replace
 
 import numpy as np
+import onnx
 import pytest
 from models import Net, dense_model, lenet_model, mnist_layers, qdq_mlp, save
 from onnx import numpy_helper
@@ -142,3 +143,18 @@ def test_real_audit_of_an_mnist_mlp_has_weights() -> None:
     assert found.path_norm == pytest.approx(math.sqrt(flow.sum()))
     assert found.spectral_product == pytest.approx(math.prod(np.linalg.norm(m, 2) for m in matrices), rel=1e-6)
     assert replace(found, layers=[]).covers == ["h1", "h2", "logits"]
+
+
+def test_a_real_qdq_export_names_every_layer_as_without_stored_weights(shared_models) -> None:
+    model = onnx.load(shared_models / "qdq_int8_pytorch21_opset17.onnx")
+    found = norms_of(model)
+    assert found.layers == [] and found.covers == [] and found.frobenius_product is None
+    assert len(found.without_weights) == len(find_layers(model))
+    assert all("DequantizeLinear" in missing.reason for missing in found.without_weights)
+
+
+def test_real_third_party_models_get_a_norm_per_layer(shared_models) -> None:
+    model = onnx.load(shared_models / "cnn_pytorch25_opset17.onnx")
+    found = norms_of(model)
+    assert found.covers == [layer.name for layer in find_layers(model)] and found.without_weights == []
+    assert all(n.frobenius >= n.spectral > 0 for n in found.layers)  # ‖W‖₂ ≤ ‖W‖_F always
