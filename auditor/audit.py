@@ -31,6 +31,7 @@ from auditor.run import gpu_math_warnings, ordered_map
 from auditor.stores import MemoryBudget
 from auditor.summary import TOP_STATES, summarize
 from auditor.tally import SplitTally
+from auditor.weights import weight_norms
 
 Data = Sequence[Dataset] | Iterable[tuple[str, Batch]]
 MAX_COUNTING_THREADS = 16  # layers counted side by side on the host
@@ -77,6 +78,7 @@ def audit(
         report,
         spilled_bytes=budget.spilled_bytes,
         provider_options=options,
+        weights=weight_norms(prepared.model.proto, prepared.structure.layers),
         warnings=[
             *report.warnings,
             *gpu_math_warnings(options, prepared.settings.gpu_math),

@@ -66,6 +66,7 @@ def render_page(report: Report | Mapping[str, Any]) -> str:
         _layers(data, figures),
         _states(data, figures),
         _cna(data, figures),
+        _weights(data),
         _settings(data),
     ]
     return "\n".join(
@@ -352,6 +353,54 @@ def _cna(data: Mapping[str, Any], figures: _Figures) -> str:
     ]
     parts.append(_table(["split", "points shown", "α min", "α max", "β min", "β max", "CNA"], rows))
     return "\n".join(parts)
+
+
+def _weights(data: Mapping[str, Any]) -> str:
+    weights = data.get("weights")
+    parts = [
+        "<h2>Weights</h2>",
+        '<p class="sub">Data-free baselines, read from the weights alone: each layer\'s weight as a matrix '
+        "(outputs × inputs; a Conv kernel bank as C_out × C_in·kH·kW), its Frobenius norm ‖W‖_F and spectral "
+        "norm ‖W‖₂, their products over the layers listed, and the ℓ2 path norm (biases excluded).</p>",
+    ]
+    if not isinstance(weights, Mapping):
+        return "\n".join(
+            [
+                *parts,
+                '<p class="note">Not in this report: it carries no <code>weights</code> section '
+                "(reports from older auditors lack it).</p>",
+            ]
+        )
+    rows = [
+        [
+            _e(layer.get("layer")),
+            _e(layer.get("op")),
+            f"<code>{_e(layer.get('weight'))}</code>",
+            _e(" × ".join(str(d) for d in layer.get("matrix") or [])),
+            _num(layer.get("frobenius")),
+            _num(layer.get("spectral")),
+        ]
+        for layer in _mappings(weights.get("layers"))
+    ]
+    parts.append(_table(["layer", "op", "weight", "matrix", "‖W‖_F", "‖W‖₂"], rows))
+    covers = ", ".join(str(name) for name in weights.get("covers") or []) or "no layer"
+    note = weights.get("path_norm_note")
+    totals = [
+        [f"<th>Π ‖W‖_F over {_e(covers)}</th>", _num(weights.get("frobenius_product"))],
+        [f"<th>Π ‖W‖₂ over {_e(covers)}</th>", _num(weights.get("spectral_product"))],
+        ["<th>ℓ2 path norm</th>", _num(weights.get("path_norm")) + (f" ({_e(note)})" if note else "")],
+    ]
+    parts.append(_table(["", ""], totals, head=False, align=False))
+    missing = _mappings(weights.get("without_weights"))
+    if missing:
+        items = "".join(f"<li>{_e(m.get('layer'))}: {_e(m.get('reason'))}</li>" for m in missing)
+        parts.append(f'<p class="note">Layers without weight figures ({len(missing)}):</p><ul>{items}</ul>')
+    return "\n".join(parts)
+
+
+def _mappings(value: Any) -> list[Mapping[str, Any]]:
+    """The mappings of a list from the report (anything else in it, or a non-list, is skipped)."""
+    return [item for item in value if isinstance(item, Mapping)] if isinstance(value, list) else []
 
 
 def _settings(data: Mapping[str, Any]) -> str:

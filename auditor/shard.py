@@ -48,6 +48,7 @@ from auditor.stores import MemoryBudget, RunStore
 from auditor.summary import TOP_STATES
 from auditor.summary import summarize as summarize_report
 from auditor.tally import SplitFigures, SplitResult
+from auditor.weights import weight_norms
 
 MAX_SHARDS = 4096
 _POLL_S = 0.5
@@ -156,6 +157,7 @@ def audit_sharded(
         report,
         sharding={"shards": shards, "partitions": partitions},
         provider_options=options,
+        weights=weight_norms(loaded.proto, structure.layers),
         warnings=[
             *report.warnings,
             *gpu_math_warnings(options, config.gpu_math),

@@ -204,6 +204,18 @@ def lenet_model(batch: int | str = "N", seed: int = 0) -> onnx.ModelProto:
     return net.build(net.dense(net.op("Relu", f1), 16, 10, weight=net.random(16, 10) * 0.3, out="logits"), name="lenet")
 
 
+def qdq_mlp(hidden: np.ndarray, output: np.ndarray) -> onnx.ModelProto:
+    """``x → Gemm → Relu → Gemm`` as a QDQ exporter writes it: the hidden Gemm's weight (``hidden``,
+    shape (in, out), int8) is a ``Constant`` node behind a ``DequantizeLinear`` (scale 0.5); the
+    output Gemm's weight ``output`` is a plain float initializer. Pre-activations ``h1``, ``logits``."""
+    hidden, output = np.asarray(hidden, np.int8), np.asarray(output, np.float32)
+    net = Net(("N", hidden.shape[0]), opset=17)
+    quantized = net.op("Constant", out="w_q", value=numpy_helper.from_array(hidden, "w_q"))
+    weight = net.op("DequantizeLinear", quantized, net.const(0.5, "scale"), out="w_dq")
+    h1 = net.op("Gemm", net.input, weight, out="h1")
+    return net.build(net.dense(net.op("Relu", h1), *output.shape, weight=output, bias=False, out="logits"))
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     """Write ``model`` to ``path`` and return the path."""
     path.write_bytes(model.SerializeToString())

@@ -85,6 +85,7 @@ def test_the_sharded_audit_run_in_process_equals_a_local_audit(shards: int) -> N
     assert a.layers == b.layers and a.accuracy == b.accuracy  # counts and entropies, bit for bit
     assert b.cna == pytest.approx(a.cna, abs=1e-9)  # float32 sums may round apart between batchings
     assert sharded.warnings == local.warnings
+    assert sharded.weights == local.weights is not None  # read from the same weights
     assert seen[-1] == ("test", 900)
 
 
