@@ -471,6 +471,8 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
         tensor = info.type.tensor_type
         if tensor.HasField("shape"):
             shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
     return shapes
 
 
@@ -528,10 +530,8 @@ def _fold_consumer(
         feature_values = np.concatenate([np.broadcast_to(values[c], (block,)) for c in removed])
         if np.any(feature_values):
             taken = moved[rows]  # (features, …)
-            if consumer.kind == "conv":  # (inputs, outputs, kh, kw): Σ over taps, per output
-                delta = np.einsum("i,io...->o", feature_values, taken)
-            else:  # (inputs, outputs)
-                delta = feature_values @ taken
+            product = np.tensordot(feature_values, taken, axes=(0, 0))  # (outputs, …)
+            delta = product.reshape(len(product), -1).sum(axis=1)  # a Conv sums over its kernel taps
     weight = np.moveaxis(moved, 0, axis)
     edits.set(consumer.node, 1, weight)
     edits.slice(consumer.node, 1, axis, block, keep, site.neurons)
