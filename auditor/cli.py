@@ -29,7 +29,7 @@ from auditor.gate import (
 )
 from auditor.page import render_page
 from auditor.raycluster import ADDRESS_FORMS
-from auditor.records import DONE, KNOWN_DATASETS, SPLIT_CHOICES, DatasetRef, DataSpec, ImageOptions, Job
+from auditor.records import DONE, KNOWN_DATASETS, SPLIT_CHOICES, SPLITS, DatasetRef, DataSpec, ImageOptions, Job
 from auditor.report import REPORT_MAX_BYTES, SCHEMA, Report, ReportError, format_table, render_table
 from auditor.runners import LocalRunner, RayRunner, RemoteRunner, Runner
 from auditor.usage import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser
@@ -65,9 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="auditor", description="Audit ONNX models: neural efficiency, aIQ, CNA and CNA-Margin."
-    )
+    parser = Parser(prog="auditor", description="Audit ONNX models: neural efficiency, aIQ, CNA and CNA-Margin.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     layers = commands.add_parser("layers", help="list the layers the auditor measures")
@@ -119,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("new", help="the new report (JSON; '-' = stdin)")
     compare.add_argument("--json", metavar="PATH", help="write the comparison as JSON ('-' = stdout)")
     compare.set_defaults(handler=run_compare)
+
+    shrink = commands.add_parser(
+        "shrink", help="remove neurons the data shows are dead, duplicated or (with a budget) least used"
+    )
+    _add_shrink_arguments(shrink)
+    shrink.set_defaults(handler=run_shrink)
 
     serve = commands.add_parser("serve", help="run the gRPC auditing service")
     server.add_serve_arguments(serve)
@@ -218,6 +222,46 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--html", type=Path, metavar="PATH", help="write the report as one self-contained HTML page")
     run.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     client.add_connection_arguments(parser)
+
+
+def _add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``shrink``: the data to measure on, the held-out split, the budget, the outputs."""
+    d = AuditConfig()
+    parser.add_argument("model", type=Path, help="path to an .onnx file")
+    parser.add_argument("--data", required=True, help="mnist, fashion-mnist, or a path to a .npz/.npy file")
+    parser.add_argument(
+        "--split", default="train", choices=SPLITS, help="split whose states decide what goes (default: train)"
+    )
+    parser.add_argument(
+        "--holdout",
+        default="test",
+        choices=SPLITS,
+        help="split where accuracy, η_N and aIQ are measured before and after, and the budget's stop is "
+        "checked (default: test)",
+    )
+    parser.add_argument("--limit", type=int, metavar="N", help="use the first N samples of each split")
+    parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="PP",
+        help="also remove the least-used neurons while held-out accuracy falls by at most PP percentage "
+        "points (0–100); without it only exact removals (dead, duplicate) are made",
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="PATH", help="where to write the shrunk .onnx")
+    parser.add_argument("--json", type=str, metavar="PATH", help="write the shrink report as JSON ('-' = stdout)")
+    parser.add_argument("--html", type=Path, metavar="PATH", help="write the shrunk model's audit page with the shrink")
+    parser.add_argument(
+        "--baseline-json",
+        type=Path,
+        metavar="PATH",
+        help="write the original's held-out audit report: the --baseline for auditor gate on the shrunk model",
+    )
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default: {d.batch_size}")
+    parser.add_argument("--scale", type=float, help="multiply samples by this (default: 1/255 for uint8 data, else 1)")
+    parser.add_argument("--mean", type=float, default=d.mean, help="subtract after scaling (default: 0)")
+    parser.add_argument("--std", type=float, default=d.std, help="divide after subtracting the mean (default: 1)")
+    parser.add_argument("--beta", type=float, default=d.beta, help="aIQ's accuracy weight β > 0 (default: 2)")
+    parser.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA when it can run, else CPU")
 
 
 def config_from_args(args: argparse.Namespace) -> AuditConfig:
@@ -410,6 +454,36 @@ def _read_baseline(args: argparse.Namespace, relative: dict[str, float | None], 
                 "cannot be checked"
             )
     return baseline
+
+
+def run_shrink(args: argparse.Namespace) -> int:
+    """``shrink``: measure, cut, verify, and write the model and the reports asked for."""
+    from auditor.data import open_dataset
+    from auditor.shrink import check_drop, save_model, shrink
+    from auditor.shrinkreport import html_section, render_text
+
+    if args.max_accuracy_drop is not None:
+        check_drop(args.max_accuracy_drop)
+    if args.limit is not None and args.limit < 1:
+        raise AuditError(f"--limit must be at least 1, got {args.limit}")
+    if args.out.resolve() == args.model.resolve():
+        raise AuditError("--out names the model itself; write the shrunk model to another file")
+    config = AuditConfig(
+        batch_size=args.batch_size, scale=args.scale, mean=args.mean, std=args.std, beta=args.beta, device=args.device
+    )
+    data = [open_dataset(args.data, args.split, limit=args.limit)]
+    holdout = [open_dataset(args.data, args.holdout, limit=args.limit)]
+    report = shrink(args.model, data, holdout, config, max_accuracy_drop=args.max_accuracy_drop)
+    save_model(report.model, args.out, like=args.model)
+    if args.json:
+        _write(report.to_json(), args.json)
+    if args.html:
+        args.html.write_text(render_page(report.after_report, sections=[html_section(report)]))
+    if args.baseline_json:
+        args.baseline_json.write_text(report.before_report.to_json() + "\n")
+    if args.json != "-":
+        print(render_text(report))
+    return EXIT_OK
 
 
 def run_render(args: argparse.Namespace) -> int:

@@ -25,9 +25,11 @@ compared with the original's on the audited data.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -38,7 +40,7 @@ from auditor.data import Dataset, tagged
 from auditor.errors import AuditError, DataError, ModelError, first_line
 from auditor.feed import Feed, feed
 from auditor.graph import ModelInput, describe, with_outputs
-from auditor.modelfile import LoadedModel, load_model
+from auditor.modelfile import LoadedModel, external_tensors, load_model
 from auditor.report import Report
 from auditor.run import Runner, ordered_map
 from auditor.shrinkreport import LayerShrink, ModelFigures, ShrinkReport, model_cost
@@ -127,8 +129,8 @@ def shrink(
     """
     config = config or AuditConfig()
     say = progress or (lambda message: None)
-    if max_accuracy_drop is not None and not 0 <= max_accuracy_drop <= MAX_DROP_PP:
-        raise AuditError(f"max accuracy drop must be in 0..{MAX_DROP_PP:g} percentage points, got {max_accuracy_drop}")
+    if max_accuracy_drop is not None:
+        check_drop(max_accuracy_drop)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     original = loaded.proto
     holdout = list(holdout or data)
@@ -167,6 +169,25 @@ def shrink(
         before_report=before_report,
         after_report=after_report,
     )
+
+
+def check_drop(value: float) -> None:
+    """Refuse an accuracy budget that is not a finite number of percentage points in 0..100."""
+    if not math.isfinite(value) or not 0 <= value <= MAX_DROP_PP:
+        raise AuditError(
+            f"--max-accuracy-drop is in percentage points of held-out accuracy and must be in 0..{MAX_DROP_PP:g}, "
+            f"got {value:g}"
+        )
+
+
+def save_model(model: onnx.ModelProto, path: Path, *, like: Path | None = None) -> None:
+    """Write ``model`` to ``path``; when the model at ``like`` keeps its weights in external data,
+    so does this one, in ``<name>.data`` beside it."""
+    external = like is not None and bool(external_tensors(onnx.load(str(like), load_external_data=False)))
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data", size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
 
 
 # --- Running the model over the data ----------------------------------------------------------
