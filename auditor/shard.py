@@ -354,4 +354,3 @@ def _window(dataset: Dataset, start: int, batch_size: int) -> Iterator[tuple[str
             cut = max(0, start - seen)
             yield dataset.split, Batch(batch.x[cut:], None if batch.y is None else batch.y[cut:])
         seen += n
-

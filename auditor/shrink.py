@@ -12,8 +12,9 @@ Three passes, each over the audited data through the engine's own feed and runne
    are positive multiples of another's (identical weight rows up to scale, and bias to match) are
    merged into it through positively homogeneous activations (ReLU, LeakyRelu; any activation
    when the multiple is 1).
-3. **Budgeted removals** (``max_accuracy_drop``): the remaining neurons are ranked by
-   ``MEAN_REPLACEMENT_ERROR``: the variance of what the neuron sends on times the squared norm of
+3. **Budgeted removals** (``max_accuracy_drop``): the remaining neurons are ranked by a
+   criterion (``CRITERIA``; docs/shrink.md compares them). The default, the mean-replacement
+   error, is the variance of what the neuron sends on times the squared norm of
    its outgoing weights, which is the mean squared change that replacing it by its mean makes to
    the next layer's pre-activations (treating neurons as uncorrelated). Mean replacement then
    removes them lowest first; the longest prefix of that ranking whose held-out accuracy stays
@@ -46,7 +47,11 @@ from auditor.run import Runner, ordered_map
 from auditor.shrinkreport import LayerShrink, ModelFigures, ShrinkReport, model_cost
 from auditor.surgery import Constants, Cut, Site, affine_rows, cut, find_sites
 
-MEAN_REPLACEMENT_ERROR = "mean-replacement error: Var(output) × ‖outgoing weights‖²"
+CRITERIA = {
+    "mean-replacement": "mean-replacement error: Var(output) × ‖outgoing weights‖²",
+    "layer-share": "mean-replacement error as a share of its layer's total",
+    "weight-norm": "‖outgoing weights‖² (data-free magnitude baseline)",
+}
 DEAD_ACTIVATIONS = frozenset({"Relu"})  # plus Clip with a lower bound of exactly 0 (ReLU6)
 HOMOGENEOUS = frozenset({"Relu", "LeakyRelu"})  # f(a·z) = a·f(z) for a > 0
 DUPLICATE_TOLERANCE = 1e-6  # relative: rows equal up to float32 rounding of a scaled copy
@@ -117,6 +122,7 @@ def shrink(
     config: AuditConfig | None = None,
     *,
     max_accuracy_drop: float | None = None,
+    criterion: str = "mean-replacement",
     latency_repeats: int = 20,
     progress: Callable[[str], None] | None = None,
 ) -> ShrinkReport:
@@ -128,6 +134,8 @@ def shrink(
     settings of those audits. The report holds the shrunk model and both audit reports.
     """
     config = config or AuditConfig()
+    if criterion not in CRITERIA:
+        raise AuditError(f"criterion must be one of {sorted(CRITERIA)}, got {criterion!r}")
     say = progress or (lambda message: None)
     if max_accuracy_drop is not None:
         check_drop(max_accuracy_drop)
@@ -143,13 +151,13 @@ def shrink(
     trace: list[tuple[int, float]] = []
     if max_accuracy_drop is not None:
         say("ranking neurons and searching the largest removal within the accuracy budget")
-        plan, trace = budget_plan(original, cuttable, stats, plan, holdout, config, max_accuracy_drop)
+        plan, trace = budget_plan(original, cuttable, stats, plan, holdout, config, max_accuracy_drop, criterion)
     shrunk = cut(original, sites, plan.cuts(stats))
     _verify(shrunk)
     say("auditing the original and the shrunk model on the held-out data")
     before_report = audit(original, holdout, config)
     after_report = audit(shrunk, holdout, config)
-    difference = max_difference(original, shrunk, data, config)
+    difference, output_scale = max_difference(original, shrunk, data, config)
     x = _sample_batch(holdout, structure.input, config)
     latencies = measure_latency([original, shrunk], structure.input, x, latency_repeats)
     split = holdout[0].split
@@ -159,11 +167,12 @@ def shrink(
         layers=layers,
         before=_figures(original, before_report, split, latencies[0]),
         after=_figures(shrunk, after_report, split, latencies[1]),
-        criterion=MEAN_REPLACEMENT_ERROR,
+        criterion=CRITERIA[criterion],
         max_accuracy_drop=max_accuracy_drop,
         audited={"split": data[0].split, "samples": sum(d.count for d in data)},
         holdout={"split": split, "samples": sum(d.count for d in holdout)},
         max_abs_difference=difference,
+        max_abs_output=output_scale,
         search=trace,
         latency_batch=len(x),
         before_report=before_report,
@@ -261,16 +270,18 @@ def accuracy(model: onnx.ModelProto, data: Sequence[Dataset], config: AuditConfi
 
 def max_difference(
     original: onnx.ModelProto, shrunk: onnx.ModelProto, data: Sequence[Dataset], config: AuditConfig
-) -> float:
-    """The largest absolute difference between the two models' outputs over ``data``."""
+) -> tuple[float, float]:
+    """The largest absolute difference between the two models' outputs over ``data``, and the
+    largest absolute output of the original there (the scale that float rounding is relative to)."""
     names = [o.name for o in original.graph.output]
-    worst = 0.0
+    worst = scale = 0.0
     pairs = zip(stream(original, names, data, config), stream(shrunk, names, data, config), strict=True)
     for (_, before), (_, after) in pairs:
         for name in names:
             a, b = before[name].astype(np.float64), after[name].astype(np.float64)
             worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)))
-    return worst
+            scale = max(scale, float(np.max(np.abs(a), initial=0.0)))
+    return worst, scale
 
 
 def _sample_batch(data: Sequence[Dataset], model_input: ModelInput, config: AuditConfig) -> np.ndarray:
@@ -337,18 +348,17 @@ def _duplicates(model: onnx.ModelProto, site: Site, skip: set[int]) -> dict[int,
     full = np.concatenate([rows, bias[:, None]], axis=1)
     norms = np.linalg.norm(full, axis=1)
     homogeneous = site.activation in HOMOGENEOUS and not site.post_slices
+    usable = np.array([n not in skip and norms[n] > 0 for n in range(site.neurons)])
+    unit = np.divide(full, norms[:, None], out=np.zeros_like(full), where=norms[:, None] > 0)
     found: dict[int, tuple[int, float]] = {}
-    for j in range(site.neurons):
-        if j in skip or norms[j] == 0:
-            continue
-        for i in range(j):
-            if i in skip or i in found or norms[i] == 0:
-                continue
-            scale = norms[j] / norms[i]
-            if np.max(np.abs(full[j] - scale * full[i])) > DUPLICATE_TOLERANCE * norms[j]:
-                continue
+    for j in np.flatnonzero(usable):
+        earlier = np.flatnonzero(usable[:j])
+        close = earlier[np.max(np.abs(unit[earlier] - unit[j]), axis=1, initial=0.0) <= DUPLICATE_TOLERANCE]
+        for i in close:
+            scale = float(norms[j] / norms[i])
             if homogeneous or (abs(scale - 1) <= DUPLICATE_TOLERANCE and not site.post_slices):
-                found[j] = (i, float(scale))
+                found[int(j)] = (int(i), scale)
+                usable[j] = False  # j goes; the earlier neuron it matches stays the one to merge into
                 break
     return found
 
@@ -370,23 +380,36 @@ def _clip_at_zero(model: onnx.ModelProto) -> set[str]:
 
 
 def ranking(
-    model: onnx.ModelProto, sites: Sequence[Site], stats: dict[str, NeuronStats], plan: Plan
+    model: onnx.ModelProto,
+    sites: Sequence[Site],
+    stats: dict[str, NeuronStats],
+    plan: Plan,
+    criterion: str = "mean-replacement",
 ) -> list[tuple[str, int]]:
-    """The neurons the budget may remove, lowest ``MEAN_REPLACEMENT_ERROR`` first; each layer's
-    highest-scoring remaining neuron is left out, so that no layer loses every neuron."""
+    """The neurons the budget may remove, lowest score by ``criterion`` (a ``CRITERIA`` key) first;
+    each layer's highest-scoring remaining neuron is left out, so that no layer loses every neuron."""
     constants = Constants(model.graph)
     scored: list[tuple[float, str, int]] = []
     for site in sites:
-        score = np.zeros(site.neurons)
+        variance, energy = np.zeros(site.neurons), np.zeros(site.neurons)
+        error = np.zeros(site.neurons)
         for consumer in site.consumers:
             weight = constants.value(model.graph.node[consumer.node].input[1]).astype(np.float64)
             moved = np.moveaxis(weight, consumer.axis, 0)
-            energy = np.square(moved).reshape(moved.shape[0], -1).sum(axis=1).reshape(site.neurons, -1)
-            score += (stats[site.name].variances[consumer.tensor] * energy).sum(axis=1)
+            per_feature = np.square(moved).reshape(moved.shape[0], -1).sum(axis=1).reshape(site.neurons, -1)
+            spread = stats[site.name].variances[consumer.tensor]
+            error += (spread * per_feature).sum(axis=1)
+            energy += per_feature.sum(axis=1)
+            variance += spread.sum(axis=1)
         gone = plan.why.get(site.name, {})
         left = [n for n in range(site.neurons) if n not in gone]
         if len(left) < 2:
             continue
+        score = {
+            "mean-replacement": error,
+            "layer-share": error / max(error[left].sum(), 1e-300),
+            "weight-norm": energy,
+        }[criterion]
         kept = max(left, key=lambda n: score[n])
         scored += [(float(score[n]), site.name, n) for n in left if n != kept]
     scored.sort(key=lambda item: item[0])
@@ -401,10 +424,11 @@ def budget_plan(
     holdout: Sequence[Dataset],
     config: AuditConfig,
     max_drop: float,
+    criterion: str = "mean-replacement",
 ) -> tuple[Plan, list[tuple[int, float]]]:
     """The exact plan plus the longest prefix of ``ranking`` whose held-out accuracy is within
     ``max_drop`` percentage points of the original's, and the (removed, accuracy) pairs tried."""
-    order = ranking(model, sites, stats, plan)
+    order = ranking(model, sites, stats, plan, criterion)
     base = accuracy(model, holdout, config)
     tried: list[tuple[int, float]] = []
 

@@ -58,9 +58,10 @@ class ShrinkReport:
     """A whole shrink: the shrunk model, the layers, before and after, and how the budget was met.
 
     ``max_abs_difference`` is the largest change of any model output over the audited data (0
-    up to float rounding for exact removals). ``search`` lists each (neurons removed by the
-    budget, held-out accuracy) tried. ``before_report`` and ``after_report`` are the held-out
-    audits; the former is the baseline ``auditor gate --baseline`` checks the shrunk model against.
+    up to float rounding for exact removals), ``max_abs_output`` the largest output there.
+    ``search`` lists each (neurons removed by the budget, held-out accuracy) tried.
+    ``before_report`` and ``after_report`` are the held-out audits; the former is the baseline
+    that ``auditor gate --baseline`` checks the shrunk model against.
     """
 
     model: onnx.ModelProto
@@ -72,6 +73,7 @@ class ShrinkReport:
     audited: dict[str, Any]
     holdout: dict[str, Any]
     max_abs_difference: float
+    max_abs_output: float
     search: list[tuple[int, float]]
     latency_batch: int
     before_report: Report
@@ -91,6 +93,7 @@ class ShrinkReport:
             "criterion": self.criterion,
             "neurons_removed": self.removed,
             "max_abs_difference": self.max_abs_difference,
+            "max_abs_output": self.max_abs_output,
             "layers": [asdict(layer) for layer in self.layers],
             "before": asdict(self.before),
             "after": asdict(self.after),
@@ -126,7 +129,8 @@ def render_text(report: ShrinkReport) -> str:
         *format_table(header, rows),
         "",
         *format_table(["", "before", "after", "change"], _figure_rows(report)),
-        f"max |output difference| on the audited data: {report.max_abs_difference:.3g}",
+        f"max |output difference| on the audited data: {report.max_abs_difference:.3g} "
+        f"(outputs up to {report.max_abs_output:.3g})",
     ]
     whole = [(i, layer) for i, layer in enumerate(report.layers, 1) if layer.left_whole]
     if whole:
