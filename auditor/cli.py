@@ -247,6 +247,20 @@ def _add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
         help="also remove the least-used neurons while held-out accuracy falls by at most PP percentage "
         "points (0–100); without it only exact removals (dead, duplicate) are made",
     )
+    parser.add_argument(
+        "--criterion",
+        choices=("mean-replacement", "layer-share", "weight-norm"),
+        default="mean-replacement",
+        help="how the budget ranks neurons, least useful first (default: mean-replacement; docs/shrink.md)",
+    )
+    parser.add_argument(
+        "--align",
+        type=int,
+        default=1,
+        metavar="N",
+        help="keep every layer's width a multiple of N (or whole): 8 suits onnxruntime's CPU Conv kernels "
+        "(default: 1; docs/shrink.md)",
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="PATH", help="where to write the shrunk .onnx")
     parser.add_argument("--json", type=str, metavar="PATH", help="write the shrink report as JSON ('-' = stdout)")
     parser.add_argument("--html", type=Path, metavar="PATH", help="write the shrunk model's audit page with the shrink")
@@ -459,21 +473,33 @@ def _read_baseline(args: argparse.Namespace, relative: dict[str, float | None], 
 def run_shrink(args: argparse.Namespace) -> int:
     """``shrink``: measure, cut, verify, and write the model and the reports asked for."""
     from auditor.data import open_dataset
-    from auditor.shrink import check_drop, save_model, shrink
+    from auditor.shrink import MAX_ALIGN, check_drop, save_model, shrink
     from auditor.shrinkreport import html_section, render_text
 
     if args.max_accuracy_drop is not None:
         check_drop(args.max_accuracy_drop)
     if args.limit is not None and args.limit < 1:
         raise AuditError(f"--limit must be at least 1, got {args.limit}")
+    if not 1 <= args.align <= MAX_ALIGN:
+        raise AuditError(f"--align must be in 1..{MAX_ALIGN}, got {args.align}")
     if args.out.resolve() == args.model.resolve():
         raise AuditError("--out names the model itself; write the shrunk model to another file")
+    if not args.out.resolve().parent.is_dir():
+        raise AuditError(f"--out {args.out}: its folder does not exist")
     config = AuditConfig(
         batch_size=args.batch_size, scale=args.scale, mean=args.mean, std=args.std, beta=args.beta, device=args.device
     )
     data = [open_dataset(args.data, args.split, limit=args.limit)]
     holdout = [open_dataset(args.data, args.holdout, limit=args.limit)]
-    report = shrink(args.model, data, holdout, config, max_accuracy_drop=args.max_accuracy_drop)
+    report = shrink(
+        args.model,
+        data,
+        holdout,
+        config,
+        max_accuracy_drop=args.max_accuracy_drop,
+        criterion=args.criterion,
+        align=args.align,
+    )
     save_model(report.model, args.out, like=args.model)
     if args.json:
         _write(report.to_json(), args.json)

@@ -56,6 +56,7 @@ DEAD_ACTIVATIONS = frozenset({"Relu"})  # plus Clip with a lower bound of exactl
 HOMOGENEOUS = frozenset({"Relu", "LeakyRelu"})  # f(a·z) = a·f(z) for a > 0
 DUPLICATE_TOLERANCE = 1e-6  # relative: rows equal up to float32 rounding of a scaled copy
 MAX_DROP_PP = 100.0
+MAX_ALIGN = 1024
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,26 @@ class Plan:
             why.setdefault(site, {})[neuron] = "budget"
         return Plan(why, self.merged)
 
+    def aligned(self, sites: Sequence[Site], multiple: int, order: Sequence[tuple[str, int]] = ()) -> Plan:
+        """The plan with neurons given back so that every layer keeps a multiple of ``multiple``
+        neurons (or all of them): the budget's last-ranked first, then dead ones, then duplicates.
+        onnxruntime's blocked Conv kernels want channel counts in multiples of 8 (docs/shrink.md)."""
+        if multiple <= 1:
+            return self
+        rank = {item: i for i, item in enumerate(order)}
+        preference = {"budget": 0, "dead": 1, "duplicate": 2}
+        why, merged = {}, {}
+        for site in sites:
+            gone = dict(self.why.get(site.name, {}))
+            back = min((-(site.neurons - len(gone))) % multiple, len(gone))
+            ranked = sorted(gone, key=lambda n: (preference[gone[n]], -rank.get((site.name, n), 0)))
+            for n in ranked[:back]:
+                del gone[n]
+            if gone:
+                why[site.name] = gone
+                merged[site.name] = {j: m for j, m in self.merged.get(site.name, {}).items() if j in gone}
+        return Plan(why, merged)
+
     def cuts(self, stats: dict[str, NeuronStats]) -> list[Cut]:
         cuts = []
         for site, why in self.why.items():
@@ -123,6 +144,7 @@ def shrink(
     *,
     max_accuracy_drop: float | None = None,
     criterion: str = "mean-replacement",
+    align: int = 1,
     latency_repeats: int = 20,
     progress: Callable[[str], None] | None = None,
 ) -> ShrinkReport:
@@ -131,9 +153,13 @@ def shrink(
 
     ``holdout`` (default: ``data``) is where accuracy, η_N and aIQ are measured before and after
     and where the budget's stop is checked. ``config`` gives the preprocessing and the metric
-    settings of those audits. The report holds the shrunk model and both audit reports.
+    settings of those audits. ``criterion`` ranks neurons for the budget (``CRITERIA``);
+    ``align`` keeps every layer's width a multiple of it (``Plan.aligned``). The report holds the
+    shrunk model and both audit reports.
     """
     config = config or AuditConfig()
+    if not 1 <= align <= MAX_ALIGN:
+        raise AuditError(f"align must be in 1..{MAX_ALIGN}, got {align}")
     if criterion not in CRITERIA:
         raise AuditError(f"criterion must be one of {sorted(CRITERIA)}, got {criterion!r}")
     say = progress or (lambda message: None)
@@ -147,11 +173,11 @@ def shrink(
     cuttable = [site for site in sites if site.cuttable]
     say(f"{len(cuttable)} of {len(sites)} layers can be cut; measuring their neurons")
     stats = measure(original, cuttable, data, config)
-    plan = exact_plan(original, cuttable, stats)
+    plan = exact_plan(original, cuttable, stats).aligned(cuttable, align)
     trace: list[tuple[int, float]] = []
     if max_accuracy_drop is not None:
         say("ranking neurons and searching the largest removal within the accuracy budget")
-        plan, trace = budget_plan(original, cuttable, stats, plan, holdout, config, max_accuracy_drop, criterion)
+        plan, trace = budget_plan(original, cuttable, stats, plan, holdout, config, max_accuracy_drop, criterion, align)
     shrunk = cut(original, sites, plan.cuts(stats))
     _verify(shrunk)
     say("auditing the original and the shrunk model on the held-out data")
@@ -168,6 +194,7 @@ def shrink(
         before=_figures(original, before_report, split, latencies[0]),
         after=_figures(shrunk, after_report, split, latencies[1]),
         criterion=CRITERIA[criterion],
+        align=align,
         max_accuracy_drop=max_accuracy_drop,
         audited={"split": data[0].split, "samples": sum(d.count for d in data)},
         holdout={"split": split, "samples": sum(d.count for d in holdout)},
@@ -321,10 +348,9 @@ def exact_plan(model: onnx.ModelProto, sites: Sequence[Site], stats: dict[str, N
     for site in sites:
         gone: dict[int, str] = {}
         if site.activation in DEAD_ACTIVATIONS or (site.activation == "Clip" and site.name in clip_zero):
-            constant_fill = any(np.any(stats[site.name].means[c.tensor]) for c in site.consumers)
-            exact = all(c.exact_fold for c in site.consumers) or not constant_fill
-            if exact:
-                gone.update((int(n), "dead") for n in np.flatnonzero(~stats[site.name].fired))
+            for n in np.flatnonzero(~stats[site.name].fired):  # a constant meets a padded Conv's zeros: not exact
+                if all(c.exact_fold or not np.any(stats[site.name].means[c.tensor][n]) for c in site.consumers):
+                    gone[int(n)] = "dead"
         duplicates = _duplicates(model, site, set(gone))
         gone.update((j, "duplicate") for j in duplicates)
         if len(gone) >= site.neurons:  # keep one: the lowest-numbered neuron that went
@@ -425,17 +451,22 @@ def budget_plan(
     config: AuditConfig,
     max_drop: float,
     criterion: str = "mean-replacement",
+    align: int = 1,
 ) -> tuple[Plan, list[tuple[int, float]]]:
     """The exact plan plus the longest prefix of ``ranking`` whose held-out accuracy is within
-    ``max_drop`` percentage points of the original's, and the (removed, accuracy) pairs tried."""
+    ``max_drop`` percentage points of the original's, each candidate aligned to ``align``
+    neurons (``Plan.aligned``), and the (budget removals, accuracy) pairs tried."""
     order = ranking(model, sites, stats, plan, criterion)
     base = accuracy(model, holdout, config)
     tried: list[tuple[int, float]] = []
 
+    def candidate(k: int) -> Plan:
+        return plan.with_budget(order[:k]).aligned(sites, align, order)
+
     def holds(k: int) -> bool:
-        candidate = plan.with_budget(order[:k])
-        value = accuracy(cut(model, sites, candidate.cuts(stats)), holdout, config)
-        tried.append((k, value))
+        chosen = candidate(k)
+        value = accuracy(cut(model, sites, chosen.cuts(stats)), holdout, config)
+        tried.append((sum(r == "budget" for why in chosen.why.values() for r in why.values()), value))
         return (base - value) * 100 <= max_drop + 1e-9
 
     low, high = 0, len(order)
@@ -447,7 +478,7 @@ def budget_plan(
             low = middle
         else:
             high = middle
-    return plan.with_budget(order[:low]), [(0, base), *tried]
+    return candidate(low), [(0, base), *tried]
 
 
 # --- The result -------------------------------------------------------------------------------

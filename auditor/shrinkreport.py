@@ -69,6 +69,7 @@ class ShrinkReport:
     before: ModelFigures
     after: ModelFigures
     criterion: str
+    align: int
     max_accuracy_drop: float | None
     audited: dict[str, Any]
     holdout: dict[str, Any]
@@ -91,6 +92,7 @@ class ShrinkReport:
             "holdout": self.holdout,
             "max_accuracy_drop_pp": self.max_accuracy_drop,
             "criterion": self.criterion,
+            "align": self.align,
             "neurons_removed": self.removed,
             "max_abs_difference": self.max_abs_difference,
             "max_abs_output": self.max_abs_output,

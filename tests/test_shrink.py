@@ -153,6 +153,8 @@ def test_the_command_writes_model_reports_and_external_data(tmp_path: Path, caps
         (["--limit", "0"], "--limit must be at least 1"),
         (["--holdout", "both"], "invalid choice"),
         (["--batch-size", "0"], "batch size must be in"),
+        (["--align", "0"], "--align must be in 1..1024"),
+        (["--align", "99999999999999999999"], "--align must be in 1..1024"),
     ],
 )
 def test_the_command_refuses_bad_values_in_one_line(
@@ -174,6 +176,8 @@ def test_the_command_never_overwrites_the_model(tmp_path: Path, capsys: pytest.C
     model = save(onnx.load(REPO / "examples" / "lenet5_3_9_4.onnx"), tmp_path / "m.onnx")
     code = main(["shrink", str(model), "--data", "mnist", "--out", str(model)])
     cli_refused(capsys, code, "--out names the model itself")
+    code = main(["shrink", str(model), "--data", "mnist", "--out", str(tmp_path / "no" / "m.onnx")])
+    cli_refused(capsys, code, "its folder does not exist")
 
 
 @pytest.mark.slow
