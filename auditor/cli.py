@@ -250,8 +250,8 @@ def _add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--criterion",
         choices=("mean-replacement", "layer-share", "weight-norm"),
-        default="mean-replacement",
-        help="how the budget ranks neurons, least useful first (default: mean-replacement; docs/shrink.md)",
+        default="layer-share",
+        help="how the budget ranks neurons, least useful first (default: layer-share; docs/shrink.md)",
     )
     parser.add_argument(
         "--align",

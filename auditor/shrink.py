@@ -13,12 +13,15 @@ Three passes, each over the audited data through the engine's own feed and runne
    merged into it through positively homogeneous activations (ReLU, LeakyRelu; any activation
    when the multiple is 1).
 3. **Budgeted removals** (``max_accuracy_drop``): the remaining neurons are ranked by a
-   criterion (``CRITERIA``; docs/shrink.md compares them). The default, the mean-replacement
-   error, is the variance of what the neuron sends on times the squared norm of
-   its outgoing weights, which is the mean squared change that replacing it by its mean makes to
-   the next layer's pre-activations (treating neurons as uncorrelated). Mean replacement then
-   removes them lowest first; the longest prefix of that ranking whose held-out accuracy stays
-   within the allowed drop is found by bisection (accuracy falls, in practice, as more go).
+   criterion (``CRITERIA``; docs/shrink.md measures all three). The mean-replacement error of a
+   neuron is the variance of what it sends on times the squared norm of its outgoing weights:
+   the mean squared change that replacing it by its mean makes to the next layer's
+   pre-activations, neurons taken as uncorrelated. The default, "layer-share", divides that by
+   its layer's total, so that layers whose consumers work at different scales compare fairly;
+   it removed the most neurons and parameters within 0.5 pp on both MNIST CNNs measured. Mean
+   replacement then removes them lowest first, and the longest prefix of the ranking whose
+   held-out accuracy stays within the allowed drop is found by bisection (accuracy falls, in
+   practice, as more neurons go).
 
 The result is verified: it passes ``onnx.checker`` and runs in onnxruntime, and its outputs are
 compared with the original's on the audited data.
@@ -143,7 +146,7 @@ def shrink(
     config: AuditConfig | None = None,
     *,
     max_accuracy_drop: float | None = None,
-    criterion: str = "mean-replacement",
+    criterion: str = "layer-share",
     align: int = 1,
     latency_repeats: int = 20,
     progress: Callable[[str], None] | None = None,
@@ -410,7 +413,7 @@ def ranking(
     sites: Sequence[Site],
     stats: dict[str, NeuronStats],
     plan: Plan,
-    criterion: str = "mean-replacement",
+    criterion: str = "layer-share",
 ) -> list[tuple[str, int]]:
     """The neurons the budget may remove, lowest score by ``criterion`` (a ``CRITERIA`` key) first;
     each layer's highest-scoring remaining neuron is left out, so that no layer loses every neuron."""
@@ -450,7 +453,7 @@ def budget_plan(
     holdout: Sequence[Dataset],
     config: AuditConfig,
     max_drop: float,
-    criterion: str = "mean-replacement",
+    criterion: str = "layer-share",
     align: int = 1,
 ) -> tuple[Plan, list[tuple[int, float]]]:
     """The exact plan plus the longest prefix of ``ranking`` whose held-out accuracy is within
