@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +186,7 @@ def shrink(
     say("auditing the original and the shrunk model on the held-out data")
     before_report = audit(original, holdout, config)
     after_report = audit(shrunk, holdout, config)
+    after_report = replace(after_report, model=replace(after_report.model, name=f"{loaded.name}, shrunk"))
     difference, output_scale = max_difference(original, shrunk, data, config)
     x = _sample_batch(holdout, structure.input, config)
     latencies = measure_latency([original, shrunk], structure.input, x, latency_repeats)

@@ -271,7 +271,7 @@ def _step(
     channel_axis = axis % rank == 1 and block == 1
     if op in ("Conv", "Gemm", "MatMul") and slot == 0:
         return "consumer", _consumer(index, node, tensor, axis, block, rank, site, attrs, constants, where), state
-    if op in ("Relu", "Clip") or (op in UNARY and op != "PRelu"):
+    if op in UNARY and op != "PRelu":
         if op == "Clip" and any(slot_name for slot_name in node.input[1:] if slot_name not in constants):
             raise _Refused(f"{where} has bounds computed from data")
         return ("activation" if op in ACTIVATIONS or op == "Clip" else "pass"), [], state
@@ -553,8 +553,6 @@ def _add_to_bias(graph: onnx.GraphProto, edits: _Edits, consumer: Consumer, delt
         return
     dtype = edits.dtype(consumer.node, 1)
     if consumer.kind != "matmul":
-        while len(node.input) < 2:
-            node.input.append("")
         edits.add_input(consumer.node, 2, delta.astype(dtype))
         return
     edits.add_bias_after(consumer.node, delta.astype(dtype))
