@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import external_data_helper
 
 from auditor.audit import audit
 from auditor.config import AuditConfig
@@ -222,12 +223,18 @@ def check_drop(value: float) -> None:
 
 def save_model(model: onnx.ModelProto, path: Path, *, like: Path | None = None) -> None:
     """Write ``model`` to ``path``; when the model at ``like`` keeps its weights in external data,
-    so does this one, in ``<name>.data`` beside it."""
-    external = like is not None and bool(external_tensors(onnx.load(str(like), load_external_data=False)))
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data", size_threshold=0)
-    else:
+    so does this one, in ``<name>.data`` beside it (replaced, never appended to: onnx appends)."""
+    tensors = external_tensors(onnx.load(str(like), load_external_data=False)) if like is not None else []
+    if not tensors:
         onnx.save_model(model, str(path))
+        return
+    location = f"{path.name}.data"
+    data = path.parent / location
+    theirs = {(like.parent / external_data_helper.ExternalDataInfo(t).location).resolve() for t in tensors}
+    if data.resolve() in theirs:
+        raise AuditError(f"{location} holds the original model's weights; write the shrunk model under another name")
+    data.unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, location=location, size_threshold=0)
 
 
 # --- Running the model over the data ----------------------------------------------------------

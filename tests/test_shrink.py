@@ -129,9 +129,11 @@ def test_the_command_writes_model_reports_and_external_data(tmp_path: Path, caps
     out = tmp_path / "small.onnx"
     args = ["shrink", str(source), "--data", "mnist", "--limit", "200", "--max-accuracy-drop", "1", "--out", str(out)]
     files = ["--json", str(tmp_path / "s.json"), "--html", str(tmp_path / "s.html")]
+    (tmp_path / "small.onnx.data").write_bytes(b"stale bytes from an earlier run")
     assert main([*args, *files, "--baseline-json", str(tmp_path / "base.json")]) == 0
     assert "neurons removed" in capsys.readouterr().out
     assert (tmp_path / "small.onnx.data").is_file()
+    assert not (tmp_path / "small.onnx.data").read_bytes().startswith(b"stale")
     loaded = load_model(out)
     Runner(loaded.proto, describe(loaded.proto).input, "cpu")
     shrunk = json.loads((tmp_path / "s.json").read_text())
