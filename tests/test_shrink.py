@@ -22,9 +22,8 @@ from auditor.run import Runner
 from auditor.shrink import exact_plan, measure, shrink
 from auditor.shrinkreport import render_text
 from auditor.surgery import find_sites
-from tests.models import Net, save
+from tests.models import Net, conv_flatten_net, save
 from tests.refusals import cli_refused
-from tests.test_surgery import conv_flatten_net
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = AuditConfig(device="cpu", batch_size=64)
@@ -64,6 +63,18 @@ def test_dead_channels_are_found_on_the_data_and_removed_without_changing_an_out
     onnx.checker.check_model(report.model, full_check=True)
     text = render_text(report)
     assert f"{2 + rows['f1'].dead} neurons removed" in text.splitlines()[0]
+
+
+@pytest.mark.parametrize(("activation", "dead"), [("Clip", {1: "dead", 3: "dead"}), ("Elu", {3: "duplicate"})])
+def test_relu6_channels_that_never_fire_are_dead_and_elu_ones_only_duplicates(
+    tmp_path: Path, activation: str, dead: dict
+) -> None:
+    """Both silent channels have the same weights (0) and bias (−1): through ReLU6 they output 0
+    and are dead; through ELU they output a constant ≠ 0, and the second merges into the first."""
+    model = conv_flatten_net(dead=(1, 3), activation=activation)
+    data, _ = splits(npz(tmp_path / "d.npz", (1, 8, 8), 3))
+    sites = find_sites(model)
+    assert exact_plan(model, sites, measure(model, sites, data, CPU)).why.get("c1") == dead
 
 
 def test_duplicates_are_merged_by_the_exact_plan(tmp_path: Path) -> None:

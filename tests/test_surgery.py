@@ -13,7 +13,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from auditor.surgery import Cut, affine_rows, cut, find_sites
-from tests.models import Net
+from tests.models import Net, conv_flatten_net
 
 TOLERANCE = 1e-5
 
@@ -32,21 +32,6 @@ def weight_of(model: onnx.ModelProto, node_output: str, slot: int = 1) -> np.nda
     node = next(n for n in model.graph.node if node_output in n.output)
     init = next(i for i in model.graph.initializer if i.name == node.input[slot])
     return numpy_helper.to_array(init)
-
-
-def conv_flatten_net(dead: tuple[int, ...]) -> onnx.ModelProto:
-    """Conv(1→4, 3×3 valid) ``c1`` → Relu → MaxPool 2×2 → Flatten (4 × 3×3 = 36) → Gemm(36→5) ``f1``
-    → Relu → Gemm(5→3) ``logits``; channels in ``dead`` have zero weights and bias −1."""
-    net = Net(("N", 1, 8, 8), opset=17, seed=3)
-    w = net.random(4, 1, 3, 3)
-    b = np.abs(net.random(4)) + 0.1
-    for c in dead:
-        w[c], b[c] = 0, -1
-    conv = net.op("Conv", net.input, net.const(w), net.const(b), out="c1")
-    pooled = net.op("MaxPool", net.op("Relu", conv), kernel_shape=[2, 2], strides=[2, 2])
-    flat = net.op("Flatten", pooled, axis=1)
-    hidden = net.dense(flat, 36, 5, out="f1")
-    return net.build(net.dense(net.op("Relu", hidden), 5, 3, out="logits"))
 
 
 def test_dead_channels_leave_their_block_of_flattened_features() -> None:
