@@ -543,10 +543,11 @@ def _add_to_bias(graph: onnx.GraphProto, edits: _Edits, consumer: Consumer, delt
     """Add ``delta`` (one value per output) to the consumer's bias, creating one where it has none."""
     node = graph.node[consumer.node]
     attrs = _attrs(node)
-    if consumer.kind == "gemm":
-        delta = delta * float(attrs.get("alpha", 1.0)) / float(attrs.get("beta", 1.0) or 1.0)
-        if float(attrs.get("beta", 1.0)) == 0.0:
+    if consumer.kind == "gemm":  # Y = alpha·A·B + beta·C: the fill enters through alpha, the bias through beta
+        beta = float(attrs.get("beta", 1.0))
+        if beta == 0.0:
             raise ShrinkError(f"Gemm {node.name!r} has beta 0, so its bias cannot take a fill")
+        delta = delta * float(attrs.get("alpha", 1.0)) / beta
     if len(node.input) > 2 and node.input[2] and consumer.kind != "matmul":
         bias = edits.get(consumer.node, 2).astype(np.float64)
         edits.set(consumer.node, 2, bias + delta.reshape(bias.shape) if bias.size == delta.size else bias + delta)
