@@ -338,6 +338,8 @@ def _consumer(
     in_axis = 1 if node.op_type == "Gemm" and attrs.get("transB", 0) else 0
     if attrs.get("transA", 0):
         raise _Refused(f"{where} uses transA")
+    if node.op_type == "Gemm" and float(attrs.get("beta", 1.0)) == 0.0:  # type: ignore[arg-type]
+        raise _Refused(f"{where} has beta 0, so its bias cannot take what removed neurons sent")
     if weight.shape[in_axis] != site.neurons * block:
         raise _Refused(f"{where} reads {weight.shape[in_axis]} features, not {site.neurons}×{block}")
     return Consumer(index, tensor, node.op_type.lower(), in_axis, block, True)
