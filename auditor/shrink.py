@@ -43,8 +43,9 @@ from auditor.audit import audit
 from auditor.config import AuditConfig
 from auditor.data import Dataset, tagged
 from auditor.errors import AuditError, DataError, ModelError, first_line
+from auditor.expose import with_outputs
 from auditor.feed import Feed, feed
-from auditor.graph import ModelInput, describe, with_outputs
+from auditor.find import ModelInput, describe
 from auditor.modelfile import LoadedModel, external_tensors, load_model
 from auditor.report import Report
 from auditor.run import Runner, ordered_map

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from auditor.graph import ACTIVATIONS, describe
+from auditor.find import ACTIVATIONS, describe
 
 POOLING = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
 UNARY = ACTIVATIONS | {"Clip", "Dropout", "Identity", "Relu"}
@@ -118,7 +118,7 @@ class ShrinkError(ValueError):
 
 
 def find_sites(model: onnx.ModelProto) -> list[Site]:
-    """Every hidden layer of ``model`` (``graph.describe``), cuttable or refused with a reason."""
+    """Every hidden layer of ``model`` (``find.describe``), cuttable or refused with a reason."""
     structure = describe(model)
     graph = model.graph
     shapes = _static_shapes(model)

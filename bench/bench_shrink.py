@@ -26,7 +26,7 @@ import onnxruntime as ort
 from auditor.config import AuditConfig
 from auditor.data import open_dataset
 from auditor.feed import to_model_input
-from auditor.graph import describe
+from auditor.find import describe
 from auditor.shrink import shrink
 
 

@@ -16,7 +16,7 @@ import pytest
 from auditor.cli import main
 from auditor.config import AuditConfig
 from auditor.data import open_dataset
-from auditor.graph import describe
+from auditor.find import describe
 from auditor.modelfile import load_model
 from auditor.run import Runner
 from auditor.shrink import exact_plan, measure, shrink
