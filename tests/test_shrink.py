@@ -105,6 +105,29 @@ def test_elu_duplicates_merge_only_when_equal(tmp_path: Path) -> None:
     assert exact_plan(model, sites, measure(model, sites, data, CPU)).why["h1"] == {4: "duplicate"}
 
 
+def test_a_residual_network_is_cut_inside_its_block_and_left_whole_where_it_adds(tmp_path: Path) -> None:
+    """stem Conv → Relu → [Conv → BN → Relu → Conv(pad 1)] + stem → Relu → GlobalAveragePool →
+    Flatten → Gemm: the block's inner layer (two channels dead through its BN shift) is cut
+    and nothing changes; the stem and the sum feed or are the residual Add, and stay whole."""
+    net = Net(("N", 2, 6, 6), opset=17, seed=12)
+    stem = net.op("Relu", net.conv(net.input, 2, 4, out="stem"))
+    inner = net.conv(stem, 4, 5, out="inner_conv")
+    shift = np.array([0.1, -50.0, 0.2, -50.0, 0.3], np.float32)
+    bn = net.op(
+        "BatchNormalization", inner, net.const(np.ones(5)), net.const(shift), net.const(np.zeros(5)),
+        net.const(np.ones(5)), out="inner",
+    )  # fmt: skip
+    summed = net.op("Add", net.conv(net.op("Relu", bn), 5, 4), stem, out="sum")
+    pooled = net.op("Flatten", net.op("GlobalAveragePool", net.op("Relu", summed)), axis=1)
+    model = net.build(net.dense(pooled, 4, 3, out="logits"), name="resnet")
+    data, _ = splits(npz(tmp_path / "d.npz", (2, 6, 6), 3))
+    report = shrink(model, data, data, CPU, latency_repeats=1)
+    rows = {row.name: row for row in report.layers}
+    assert (rows["inner"].dead, rows["inner"].neurons_after, rows["inner"].removed) == (2, 3, [1, 3])
+    assert "residual Add" in rows["stem"].left_whole and "residual block" in rows["sum"].left_whole
+    assert report.max_abs_difference <= 1e-5
+
+
 def test_mnist8_exact_shrink_keeps_every_output(shared_models: Path) -> None:
     data = [open_dataset("mnist", "train", limit=300)]
     holdout = [open_dataset("mnist", "test", limit=300)]
