@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
-from auditor.audit import audit
+from auditor.audit import _numbered, audit
 from auditor.config import AuditConfig
 from auditor.data import Dataset, tagged
 from auditor.errors import AuditError, DataError, ModelError, first_line
@@ -254,15 +254,7 @@ def stream(
         ready, x = feed(split, start, batch, model_input, feeding)  # type: ignore[arg-type]
         return ready, runner.run(x, names)
 
-    yield from ordered_map(run, _numbered(tagged(datasets, feeding.batch_size)), runner.workers)
-
-
-def _numbered(batches: Iterator[tuple[str, object]]) -> Iterator[tuple[str, int, object]]:
-    starts: dict[str, int] = {}
-    for split, batch in batches:
-        start = starts.get(split, 0)
-        starts[split] = start + len(batch.x)  # type: ignore[attr-defined]
-        yield split, start, batch
+    yield from ordered_map(run, _numbered(tagged(datasets, feeding.batch_size), {}), runner.workers)
 
 
 def measure(
