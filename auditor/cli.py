@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from auditor import client, server
@@ -499,6 +499,7 @@ def run_shrink(args: argparse.Namespace) -> int:
         max_accuracy_drop=args.max_accuracy_drop,
         criterion=args.criterion,
         align=args.align,
+        progress=_stage_printer(),
     )
     save_model(report.model, args.out, like=args.model)
     if args.json:
@@ -510,6 +511,13 @@ def run_shrink(args: argparse.Namespace) -> int:
     if args.json != "-":
         print(render_text(report))
     return EXIT_OK
+
+
+def _stage_printer() -> Callable[[str], None] | None:
+    """Stage messages on an interactive stderr (``auditor shrink``'s passes take a while), else none."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda message: print(f"auditor shrink: {message}", file=sys.stderr)
 
 
 def run_render(args: argparse.Namespace) -> int:
