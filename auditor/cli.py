@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from auditor import client, server
@@ -28,7 +28,7 @@ from auditor.gate import (
 )
 from auditor.page import render_page
 from auditor.raycluster import ADDRESS_FORMS
-from auditor.records import DONE, KNOWN_DATASETS, SPLIT_CHOICES, DatasetRef, DataSpec, ImageOptions, Job
+from auditor.records import DONE, KNOWN_DATASETS, SPLIT_CHOICES, SPLITS, DatasetRef, DataSpec, ImageOptions, Job
 from auditor.report import REPORT_MAX_BYTES, SCHEMA, Report, ReportError, format_table, render_table
 from auditor.runners import LocalRunner, RayRunner, RemoteRunner, Runner
 from auditor.usage import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, format_size, parse_size
@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("new", help="the new report (JSON; '-' = stdin)")
     compare.add_argument("--json", metavar="PATH", help="write the comparison as JSON ('-' = stdout)")
     compare.set_defaults(handler=run_compare)
+
+    shrink = commands.add_parser(
+        "shrink", help="remove neurons the data shows are dead, duplicated or (with a budget) least used"
+    )
+    _add_shrink_arguments(shrink)
+    shrink.set_defaults(handler=run_shrink)
 
     serve = commands.add_parser("serve", help="run the gRPC auditing service")
     server.add_serve_arguments(serve)
@@ -222,6 +228,60 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--html", type=Path, metavar="PATH", help="write the report as one self-contained HTML page")
     run.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     client.add_connection_arguments(parser)
+
+
+def _add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``shrink``: the data to measure on, the held-out split, the budget, the outputs."""
+    d = AuditConfig()
+    parser.add_argument("model", type=Path, help="path to an .onnx file")
+    parser.add_argument("--data", required=True, help="mnist, fashion-mnist, or a path to a .npz/.npy file")
+    parser.add_argument(
+        "--split", default="train", choices=SPLITS, help="split whose states decide what goes (default: train)"
+    )
+    parser.add_argument(
+        "--holdout",
+        default="test",
+        choices=SPLITS,
+        help="split where accuracy, η_N and aIQ are measured before and after, and the budget's stop is "
+        "checked (default: test)",
+    )
+    parser.add_argument("--limit", type=int, metavar="N", help="use the first N samples of each split")
+    parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="PP",
+        help="also remove the least-used neurons while held-out accuracy falls by at most PP percentage "
+        "points (0–100); without it only exact removals (dead, duplicate) are made",
+    )
+    parser.add_argument(
+        "--criterion",
+        choices=("mean-replacement", "layer-share", "weight-norm"),
+        default="layer-share",
+        help="how the budget ranks neurons, least useful first (default: layer-share; docs/shrink.md)",
+    )
+    parser.add_argument(
+        "--align",
+        type=int,
+        default=1,
+        metavar="N",
+        help="keep every layer's width a multiple of N (or whole): 8 suits onnxruntime's CPU Conv kernels "
+        "(default: 1; docs/shrink.md)",
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="PATH", help="where to write the shrunk .onnx")
+    parser.add_argument("--json", type=str, metavar="PATH", help="write the shrink report as JSON ('-' = stdout)")
+    parser.add_argument("--html", type=Path, metavar="PATH", help="write the shrunk model's audit page with the shrink")
+    parser.add_argument(
+        "--baseline-json",
+        type=Path,
+        metavar="PATH",
+        help="write the original's held-out audit report: the --baseline for auditor gate on the shrunk model",
+    )
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default: {d.batch_size}")
+    parser.add_argument("--scale", type=float, help="multiply samples by this (default: 1/255 for uint8 data, else 1)")
+    parser.add_argument("--mean", type=float, default=d.mean, help="subtract after scaling (default: 0)")
+    parser.add_argument("--std", type=float, default=d.std, help="divide after subtracting the mean (default: 1)")
+    parser.add_argument("--beta", type=float, default=d.beta, help="aIQ's accuracy weight β > 0 (default: 2)")
+    parser.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA when it can run, else CPU")
 
 
 def config_from_args(args: argparse.Namespace) -> AuditConfig:
@@ -415,6 +475,56 @@ def _read_baseline(args: argparse.Namespace, relative: dict[str, float | None], 
                 "cannot be checked"
             )
     return baseline
+
+
+def run_shrink(args: argparse.Namespace) -> int:
+    """``shrink``: measure, cut, verify, and write the model and the reports asked for."""
+    from auditor.data import open_dataset
+    from auditor.shrink import MAX_ALIGN, check_drop, save_model, shrink
+    from auditor.shrinkreport import html_section, render_text
+
+    if args.max_accuracy_drop is not None:
+        check_drop(args.max_accuracy_drop)
+    if args.limit is not None and args.limit < 1:
+        raise AuditError(f"--limit must be at least 1, got {args.limit}")
+    if not 1 <= args.align <= MAX_ALIGN:
+        raise AuditError(f"--align must be in 1..{MAX_ALIGN}, got {args.align}")
+    if args.out.resolve() == args.model.resolve():
+        raise AuditError("--out names the model itself; write the shrunk model to another file")
+    if not args.out.resolve().parent.is_dir():
+        raise AuditError(f"--out {args.out}: its folder does not exist")
+    config = AuditConfig(
+        batch_size=args.batch_size, scale=args.scale, mean=args.mean, std=args.std, beta=args.beta, device=args.device
+    )
+    data = [open_dataset(args.data, args.split, limit=args.limit)]
+    holdout = [open_dataset(args.data, args.holdout, limit=args.limit)]
+    report = shrink(
+        args.model,
+        data,
+        holdout,
+        config,
+        max_accuracy_drop=args.max_accuracy_drop,
+        criterion=args.criterion,
+        align=args.align,
+        progress=_stage_printer(),
+    )
+    save_model(report.model, args.out, like=args.model)
+    if args.json:
+        _write(report.to_json(), args.json)
+    if args.html:
+        args.html.write_text(render_page(report.after_report, sections=[html_section(report)]))
+    if args.baseline_json:
+        args.baseline_json.write_text(report.before_report.to_json() + "\n")
+    if args.json != "-":
+        print(render_text(report))
+    return EXIT_OK
+
+
+def _stage_printer() -> Callable[[str], None] | None:
+    """Stage messages on an interactive stderr (``auditor shrink``'s passes take a while), else none."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda message: print(f"auditor shrink: {message}", file=sys.stderr)
 
 
 def run_render(args: argparse.Namespace) -> int:

@@ -51,8 +51,11 @@ summary{display:none}}
 """
 
 
-def render_page(report: Report | Mapping[str, Any]) -> str:
-    """The whole page for ``report`` (a ``Report`` or its ``auditor.report/v1`` dict), as HTML text."""
+def render_page(report: Report | Mapping[str, Any], sections: Sequence[str] = ()) -> str:
+    """The whole page for ``report`` (a ``Report`` or its ``auditor.report/v1`` dict), as HTML text.
+
+    ``sections`` are ready HTML sections placed after the headline (``auditor shrink`` adds its own).
+    """
     data = report.to_dict() if isinstance(report, Report) else report
     figures = _Figures()
     model = data["model"]
@@ -63,6 +66,7 @@ def render_page(report: Report | Mapping[str, Any]) -> str:
         "auditor's SPEC: aIQ is on the 0–1 scale; entropies are in bits.</p>",
         _warnings(data.get("warnings") or []),
         _headline(data),
+        *sections,
         _layers(data, figures),
         _states(data, figures),
         _cna(data, figures),

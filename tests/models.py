@@ -216,6 +216,23 @@ def qdq_mlp(hidden: np.ndarray, output: np.ndarray) -> onnx.ModelProto:
     return net.build(net.dense(net.op("Relu", h1), *output.shape, weight=output, bias=False, out="logits"))
 
 
+def conv_flatten_net(dead: tuple[int, ...] = (), activation: str = "Relu") -> onnx.ModelProto:
+    """Conv(1→4, 3×3 valid) ``c1`` → ``activation`` → MaxPool 2×2 → Flatten (4 × 3×3 = 36) →
+    Gemm(36→5) ``f1`` → Relu → Gemm(5→3) ``logits``; channels in ``dead`` have zero weights and
+    bias −1 (so they never fire). ``activation`` "Clip" is ReLU6, Clip(0, 6)."""
+    net = Net(("N", 1, 8, 8), opset=17, seed=3)
+    w = net.random(4, 1, 3, 3)
+    b = np.abs(net.random(4)) + 0.1
+    for c in dead:
+        w[c], b[c] = 0, -1
+    conv = net.op("Conv", net.input, net.const(w), net.const(b), out="c1")
+    fired = net.op("Clip", conv, net.const(0.0), net.const(6.0)) if activation == "Clip" else net.op(activation, conv)
+    pooled = net.op("MaxPool", fired, kernel_shape=[2, 2], strides=[2, 2])
+    flat = net.op("Flatten", pooled, axis=1)
+    hidden = net.dense(flat, 36, 5, out="f1")
+    return net.build(net.dense(net.op("Relu", hidden), 5, 3, out="logits"))
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     """Write ``model`` to ``path`` and return the path."""
     path.write_bytes(model.SerializeToString())
