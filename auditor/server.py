@@ -53,7 +53,7 @@ from auditor.count import MAX_MEMORY_BUDGET, MIN_MEMORY_BUDGET, parse_size
 from auditor.data import Batch, Dataset, open_splits
 from auditor.errors import AuditError, CancelledError, DataError, LimitError, UnauthenticatedError, require
 from auditor.jobs import AuditQueue, Jobs, JobStore, Progress, QueueFullError
-from auditor.persist import MAX_FILES, PAGE_SIZE, ModelStore, ReportStore
+from auditor.persist import MAX_FILES, PAGE_SIZE, ModelStore, ReportStore, claim_store
 from auditor.prepare import Prepared, describe_model, prepare
 from auditor.records import DONE, KNOWN_DATASETS, AuditSpec, Job, StoredReport, check_content_address, check_id
 from auditor.report import ModelInfo, Report
@@ -563,9 +563,22 @@ class _Service:
         self.metrics = ServiceMetrics()
         self.metrics_port: int | None = None
         self._metrics_http: Any = None
+        self._ownership: Any = None
 
     async def bind(self) -> int:
-        """Build the server and bind its port (0 picks a free one); nothing is served yet."""
+        """Claim the store, build the server and bind its port (0 picks a free one); nothing is served yet.
+
+        The store is claimed first: staging cleanup (``ModelStore``) and job recovery touch it only
+        under its lock, so a second server on a store in use is refused before it changes anything.
+        """
+        self._ownership = claim_store(self.options.store)
+        try:
+            return self._build()
+        except BaseException:
+            self._ownership.release()
+            raise
+
+    def _build(self) -> int:
         options = self.options
         open_services = (HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
         interceptors = [_BearerToken(read_token(options.token_file), open_services)] if options.token_file else []
@@ -608,6 +621,7 @@ class _Service:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        self._ownership.release()
 
 
 def _bind(server: grpc.aio.Server, options: ServeOptions) -> int:
