@@ -18,6 +18,7 @@ from auditor.compare import compare, describe_settings, render_comparison, setti
 from auditor.config import AGGREGATES, DEVICES, STATE_POINTS, AuditConfig
 from auditor.count import parse_size
 from auditor.errors import AuditError, first_line
+from auditor.exits import Terminated, ending_on_signals
 from auditor.gate import (
     BASELINE_METRICS,
     GATE_METRICS,
@@ -39,7 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``auditor`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with ending_on_signals():
+            return args.handler(args)
+    except Terminated as exc:  # SIGTERM, SIGHUP, …: the with blocks have cleaned up (spill folders)
+        print(f"auditor: stopped by {exc.name}", file=sys.stderr)
+        return exc.exit_code
     except AuditError as exc:
         print(f"auditor: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -65,9 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="auditor", description="Audit ONNX models: neural efficiency, aIQ, CNA and CNA-Margin."
-    )
+    parser = Parser(prog="auditor", description="Audit ONNX models: neural efficiency, aIQ, CNA and CNA-Margin.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     layers = commands.add_parser("layers", help="list the layers the auditor measures")

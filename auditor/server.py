@@ -52,6 +52,7 @@ from auditor.config import DEVICES, SessionSettings
 from auditor.count import MAX_MEMORY_BUDGET, MIN_MEMORY_BUDGET, parse_size
 from auditor.data import Batch, Dataset, open_splits
 from auditor.errors import AuditError, CancelledError, DataError, LimitError, UnauthenticatedError, require
+from auditor.exits import TERMINATING
 from auditor.jobs import AuditQueue, Jobs, JobStore, Progress, QueueFullError
 from auditor.persist import MAX_FILES, PAGE_SIZE, ModelStore, ReportStore, claim_store
 from auditor.prepare import Prepared, describe_model, prepare
@@ -721,7 +722,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully; exit code 0."""
+    """Serve until SIGTERM, SIGINT, SIGHUP or another terminating signal, then shut down gracefully; exit code 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
     return asyncio.run(_serve(options))
@@ -733,8 +734,9 @@ async def _serve(options: ServeOptions) -> int:
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    for sig in (signal.SIGINT, *TERMINATING):  # each one that is not ignored ends the server gracefully
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            loop.add_signal_handler(sig, stop.set)
     log.info(
         "serving %s on %s:%d (store %s, tls %s)",
         SERVICE,

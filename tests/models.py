@@ -204,6 +204,18 @@ def lenet_model(batch: int | str = "N", seed: int = 0) -> onnx.ModelProto:
     return net.build(net.dense(net.op("Relu", f1), 16, 10, weight=net.random(16, 10) * 0.3, out="logits"), name="lenet")
 
 
+def wide_conv_model(seed: int = 0) -> onnx.ModelProto:
+    """Conv(16, 3×3) ``c1`` → Relu → Conv(64, 3×3) ``c2`` → Relu → GlobalAveragePool → Flatten →
+    Gemm(10) ``logits`` on (N, 1, 28, 28) float32, same-padded: on noise nearly each of a sample's
+    784 positions is a new state of ``c2``, so an audit under a 64M budget spills within a few
+    thousand samples."""
+    net = Net(("N", 1, 28, 28), opset=17, seed=seed)
+    c1 = net.op("Relu", net.conv(net.input, 1, 16, out="c1"))
+    pooled = net.op("GlobalAveragePool", net.op("Relu", net.conv(c1, 16, 64, out="c2")))
+    flat = net.op("Flatten", pooled, axis=1)
+    return net.build(net.dense(flat, 64, 10, out="logits"), name="wide_conv")
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     """Write ``model`` to ``path`` and return the path."""
     path.write_bytes(model.SerializeToString())

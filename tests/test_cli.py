@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import pty
+import signal
 import struct
 import subprocess
 import sys
@@ -21,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from models import save, wide_conv_model
 from refusals import cli_refused
+from servers import eventually, with_default_signals
 
 from auditor.cli import main
 from auditor.prepare import describe_model
@@ -477,3 +480,30 @@ def test_a_reader_that_stops_early_is_not_an_error() -> None:
     proc.stdout.close()  # the reader is gone before anything is written
     assert proc.wait(timeout=120) == 0
     assert proc.stderr.read() == ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT], ids=lambda s: s.name)
+def test_a_signal_mid_spill_leaves_nothing_in_the_spill_root_and_exits_128_plus_its_number(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    model = save(wide_conv_model(), tmp_path / "wide.onnx")
+    noise = tmp_path / "noise.npy"
+    np.save(noise, np.random.default_rng(0).integers(0, 256, (40_000, 28, 28), dtype=np.uint8))
+    root = tmp_path / "spill"
+    root.mkdir()
+    argv = [sys.executable, "-m", "auditor.cli", "audit", str(model), "--data", str(noise)]
+    argv += ["--memory-budget", "64M", "--spill-dir", str(root), "--no-progress"]
+    child = subprocess.Popen(with_default_signals(argv), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        eventually(lambda: list(root.rglob("*.run")), timeout=120, what="the audit spilling")
+        child.send_signal(sig)
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + sig
+    assert out == b""
+    assert err.decode().splitlines() == [
+        "auditor: interrupted" if sig == signal.SIGINT else f"auditor: stopped by {sig.name}"
+    ]
+    assert not list(root.iterdir())
