@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from auditor import client, server
 from auditor.compare import compare, describe_settings, render_comparison, setting_differences
@@ -33,6 +34,7 @@ from auditor.raycluster import ADDRESS_FORMS
 from auditor.records import DONE, KNOWN_DATASETS, SPLIT_CHOICES, DatasetRef, DataSpec, ImageOptions, Job
 from auditor.report import REPORT_MAX_BYTES, SCHEMA, Report, ReportError, format_table, render_table
 from auditor.runners import LocalRunner, RayRunner, RemoteRunner, Runner
+from auditor.sinks import for_terminal, lines_for_terminal
 from auditor.usage import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser
 
 
@@ -46,14 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"auditor: stopped by {exc.name}", file=sys.stderr)
         return exc.exit_code
     except AuditError as exc:
-        print(f"auditor: error: {exc}", file=sys.stderr)
+        print(f"auditor: error: {for_terminal(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # stdout piped into `head` and closed: that reader wanted no more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush stays quiet
         return EXIT_OK
     except OSError as exc:  # a file named on the command line (--json, --junit) cannot be written
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"auditor: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"auditor: error: cannot access{for_terminal(where)}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("auditor: interrupted", file=sys.stderr)
@@ -62,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("AUDITOR_DEBUG"):
             raise
         print(
-            f"auditor: internal error: {type(exc).__name__}: {first_line(exc)}; please report it "
+            f"auditor: internal error: {type(exc).__name__}: {for_terminal(first_line(exc))}; please report it "
             "(set AUDITOR_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )
@@ -254,7 +256,7 @@ def run_layers(args: argparse.Namespace) -> int:
         print(json.dumps({"input": info.input_name, "layers": rows}, indent=2))
         return EXIT_OK
     table = [[str(i), *("-" if row[k] is None else str(row[k]) for k in fields)] for i, row in enumerate(rows, 1)]
-    print("\n".join(format_table(["#", *fields], table)))
+    _show("\n".join(format_table(["#", *fields], table)))
     return EXIT_OK
 
 
@@ -314,6 +316,12 @@ class _progress_bar:
             self.bar.close()
 
 
+def _show(text: str, file: TextIO | None = None) -> None:
+    """Print our own lines of text to a terminal (or a log): names from the model inside them are
+    escaped (``auditor.sinks``), so they cannot move the cursor, retitle the window or read backwards."""
+    print(lines_for_terminal(text), file=file or sys.stdout)
+
+
 def _write(text: str, destination: str) -> None:
     if destination == "-":
         print(text)
@@ -327,7 +335,7 @@ def run_audit(args: argparse.Namespace) -> int:
     report = produce_report(args)
     _write_report(report, args)
     if args.json != "-":
-        print(render_table(report))
+        _show(render_table(report))
     return EXIT_OK
 
 
@@ -375,7 +383,7 @@ def run_gate(args: argparse.Namespace) -> int:
             step_summary.write(summary + "\n")
     out = sys.stdout if args.json != "-" else sys.stderr
     for check in checks:
-        print(check.describe(), file=out)
+        _show(check.describe(), out)
     failed = [c for c in checks if not c.passed]
     print(
         f"gate {'FAILED' if failed else 'passed'}: {len(checks) - len(failed)}/{len(checks)} thresholds met", file=out
@@ -427,7 +435,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.json:
         _write(json.dumps(comparison.to_dict(), indent=2), args.json)
     if args.json != "-":
-        print(render_comparison(comparison))
+        _show(render_comparison(comparison))
     return EXIT_OK
 
 
@@ -460,7 +468,7 @@ def run_reports(args: argparse.Namespace) -> int:
     if args.json:
         _write(report.to_json(), args.json)
     if args.json != "-":
-        print(render_table(report))
+        _show(render_table(report))
     return EXIT_OK
 
 
@@ -494,7 +502,7 @@ def run_jobs(args: argparse.Namespace) -> int:
     if args.id is None:
         if args.wait or args.cancel or args.json or args.html:
             raise AuditError("--wait, --cancel, --json and --html act on one job: give its id")
-        print("\n".join(format_table(JOB_COLUMNS, [_job_row(job) for job in client.list_jobs(connection)])))
+        _show("\n".join(format_table(JOB_COLUMNS, [_job_row(job) for job in client.list_jobs(connection)])))
         return EXIT_OK
     report = None
     if args.cancel:
@@ -510,11 +518,11 @@ def run_jobs(args: argparse.Namespace) -> int:
     if report is None:
         if args.json or args.html:
             raise AuditError(f"job {job.id} is {job.state} and has no report yet; add --wait to wait for it")
-        print("\n".join(format_table(JOB_COLUMNS, [_job_row(job)])))
+        _show("\n".join(format_table(JOB_COLUMNS, [_job_row(job)])))
         return EXIT_OK
     _write_report(report, args)
     if args.json != "-":
-        print(render_table(report))
+        _show(render_table(report))
     return EXIT_OK
 
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from auditor.report import Report, render_table
+from auditor.sinks import for_terminal, for_xml
 
 # Absolute thresholds: option key -> (metric, comparison).
 GATE_METRICS = {
@@ -147,21 +148,24 @@ def _shown(value: float | None) -> str:
 
 
 def junit_xml(checks: Sequence[Check], report: Report) -> str:
-    """JUnit XML with one testcase per threshold; a failure's message is the check's one line."""
+    """JUnit XML with one testcase per threshold; a failure's message is the check's one line.
+    Every string in it, the model's name and the layer names in particular, holds only
+    XML-legal characters (``auditor.sinks.for_xml``), so any parser reads the file."""
     failures = [c for c in checks if not c.passed]
     suites = ET.Element("testsuites", tests=str(len(checks)), failures=str(len(failures)))
     suite = ET.SubElement(
         suites,
         "testsuite",
-        name=f"auditor.gate {report.model.name}",
+        name=for_xml(f"auditor.gate {report.model.name}"),
         tests=str(len(checks)),
         failures=str(len(failures)),
     )
     for check in checks:
-        case = ET.SubElement(suite, "testcase", classname="auditor.gate", name=check.name)
+        case = ET.SubElement(suite, "testcase", classname="auditor.gate", name=for_xml(check.name))
         if not check.passed:
-            ET.SubElement(case, "failure", message=check.describe()).text = check.describe()
-    ET.SubElement(suite, "system-out").text = render_table(report)
+            line = for_xml(check.describe())
+            ET.SubElement(case, "failure", message=line).text = line
+    ET.SubElement(suite, "system-out").text = for_xml(render_table(report), multiline=True)
     return ET.tostring(suites, encoding="unicode", xml_declaration=True)
 
 
@@ -208,5 +212,5 @@ def _cell(value: float | None) -> str:
 
 
 def _md(text: str) -> str:
-    """Text safe inside a Markdown table cell or inline code."""
-    return text.replace("|", "\\|").replace("`", "'").replace("\n", " ")
+    """Text safe inside a Markdown table cell or inline code, and printable on a CI log."""
+    return for_terminal(text).replace("|", "\\|").replace("`", "'")

@@ -59,6 +59,7 @@ from auditor.prepare import Prepared, describe_model, prepare
 from auditor.records import DONE, KNOWN_DATASETS, AuditSpec, Job, StoredReport, check_content_address, check_id
 from auditor.report import ModelInfo, Report
 from auditor.service_metrics import ServiceMetrics
+from auditor.sinks import for_terminal
 from auditor.streams import Messages, ProgressStream, client_batches, expect_no_batches
 from auditor.transport import NO_RETRY, SERVICE, read_token, status_of
 
@@ -432,7 +433,7 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
     def _job_ended(self, job: Job) -> None:
         self._metrics.audits.labels(job.state).inc()
         if job.error:
-            log.info("job %s %s: %s", job.id, job.state, job.error)
+            log.info("job %s %s: %s", job.id, job.state, for_terminal(job.error))  # it may quote the model's names
 
     # ---- the server
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
+from auditor.sinks import for_terminal
+
 # The exit codes of both command lines (``auditor`` and ``auditor-train``), defined once.
 EXIT_OK = 0
 EXIT_GATE_FAILED = 1  # only ``auditor gate``: a threshold was missed
@@ -21,4 +23,5 @@ class Parser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line on stderr and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+        line = for_terminal(" ".join(message.split()))  # it quotes what was typed, escapes included
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {line} (see --help)\n")

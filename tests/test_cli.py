@@ -17,12 +17,13 @@ import subprocess
 import sys
 import termios
 import threading
+import unicodedata
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
-from models import save, wide_conv_model
+from models import HOSTILE_NAMES, mlp, save, wide_conv_model, with_names
 from refusals import cli_refused
 from servers import eventually, with_default_signals
 
@@ -507,3 +508,46 @@ def test_a_signal_mid_spill_leaves_nothing_in_the_spill_root_and_exits_128_plus_
         "auditor: interrupted" if sig == signal.SIGINT else f"auditor: stopped by {sig.name}"
     ]
     assert not list(root.iterdir())
+
+
+def _hostile_model(tmp_path: Path, name: str) -> Path:
+    """A 784-16-10 MLP whose tensors, nodes, graph, doc strings and file are all named after ``name``."""
+    file_name = name.replace("/", "_").replace("\x00", "_").encode("utf-8", "surrogatepass")[:200]
+    return save(with_names(mlp([784, 16, 10]), name), tmp_path / (file_name.decode("utf-8", "ignore") + ".onnx"))
+
+
+def _no_terminal_control(text: str) -> None:
+    """Our own line breaks only: no ESC, no other control, format or separator character."""
+    assert [c for c in text if c != "\n" and unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")] == []
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_names_from_the_model_are_escaped_in_layers_and_audit_and_valid_xml_in_junit(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _hostile_model(tmp_path, name)
+    assert main(["layers", str(model)]) == 0
+    out, err = capsys.readouterr()
+    _no_terminal_control(out + err)
+    assert len(out.splitlines()) == 3  # header and two layers: no name broke a line
+    assert main(["layers", str(model), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"][0]["name"] == f"{name}/pre1"  # JSON keeps the name exactly
+    junit = tmp_path / "gate.xml"
+    argv = ["gate", str(model), "--data", "mnist", "--limit", "40", "--min-aiq", "0.99", "--junit", str(junit)]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    _no_terminal_control(out + err)
+    suite = ET.parse(junit).getroot().find("testsuite")  # expat refuses any character XML forbids
+    assert suite is not None and "test: 40 samples" in suite.find("system-out").text
+    _no_terminal_control(suite.get("name") + suite.find("system-out").text)
+
+
+@pytest.mark.parametrize("name", ["bad\x1b[2J\x1b]0;x\x07name", "a\u202eb\nc"])
+def test_a_refusal_that_quotes_a_name_is_still_one_escaped_line(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _hostile_model(tmp_path, name)
+    data = tmp_path / "wrong.npy"
+    np.save(data, np.zeros((4, 10), np.float32))  # does not fit the model's 784-wide input
+    line = cli_refused(capsys, main(["audit", str(model), "--data", str(data)]))
+    _no_terminal_control(line)
