@@ -15,15 +15,17 @@ from pathlib import Path
 from typing import TextIO
 
 from auditor import client, server
-from auditor.compare import compare, describe_settings, render_comparison, setting_differences
+from auditor.compare import compare, render_comparison
 from auditor.config import AGGREGATES, DEVICES, STATE_POINTS, AuditConfig
 from auditor.count import parse_size
 from auditor.errors import AuditError, first_line
 from auditor.exits import Terminated, ending_on_signals
 from auditor.gate import (
     BASELINE_METRICS,
+    COMPARED_SETTINGS,
     GATE_METRICS,
     baseline_checks,
+    baseline_settings_problem,
     gate_checks,
     junit_xml,
     summary_markdown,
@@ -100,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     relative = gate.add_argument_group("thresholds against a baseline report (each optional; need --baseline)")
     relative.add_argument(
         "--baseline", metavar="BASE.json", help="report of the model this one replaces, audited the same way"
+    )
+    relative.add_argument(
+        "--allow-difference",
+        action="append",
+        default=[],
+        choices=COMPARED_SETTINGS,
+        metavar="SETTING",
+        help="let this setting differ from the baseline's, or be missing from it (repeatable; one of "
+        f"{', '.join(COMPARED_SETTINGS)}); by default every one must match",
     )
     for key, (metric, direction) in BASELINE_METRICS.items():
         relative.add_argument(
@@ -401,12 +412,9 @@ def _read_baseline(args: argparse.Namespace, relative: dict[str, float | None], 
             raise AuditError(f"{option} needs --baseline BASE.json, a report of the model this one replaces")
         return None
     baseline = read_report(args.baseline, "baseline")
-    differences = setting_differences(baseline.config, config_from_args(args).to_dict())
-    if differences:
-        raise AuditError(
-            f"the baseline {args.baseline} was audited with settings that change the numbers: "
-            f"{describe_settings(differences, ('baseline', 'this audit'))}; gate with the baseline's settings"
-        )
+    problem = baseline_settings_problem(baseline.config, config_from_args(args).to_dict(), args.allow_difference)
+    if problem:
+        raise AuditError(f"the baseline {args.baseline} {problem}")
     if split not in baseline.splits:
         raise AuditError(
             f"the baseline {args.baseline} has no {split} split (it has {', '.join(baseline.splits)}); "
