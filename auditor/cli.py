@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -44,7 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``auditor`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        with ending_on_signals():
+        with ending_on_signals(), warnings.catch_warnings():
+            if not os.environ.get("AUDITOR_DEBUG"):
+                # A library's warning (numpy, Pillow, matplotlib) is lines on stderr around the one line a
+                # refusal promises, and noise after a successful run; what matters is in the report's warnings.
+                warnings.simplefilter("ignore")
             return args.handler(args)
     except Terminated as exc:  # SIGTERM, SIGHUP, …: the with blocks have cleaned up (spill folders)
         print(f"auditor: stopped by {exc.name}", file=sys.stderr)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import html
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 FIGURE_TEXT_MAX = 40  # characters of one name drawn in a figure; longer ones are cut in the middle
 
@@ -76,3 +76,18 @@ def for_figure(text: str, limit: int = FIGURE_TEXT_MAX) -> str:
         return text
     head = (limit - 1) // 2
     return text[:head] + "…" + text[len(text) - (limit - 1 - head) :]
+
+
+def shape_text(shape: Sequence[int | str | None]) -> str:
+    """A tensor shape as a message shows it: ``1×28×28``; symbolic dimensions by their name
+    (``N×3×height×width``, escaped for a terminal: the model wrote them), unknown ones as ``?``,
+    and no dimensions at all as ``a scalar (no dimensions)``, never an empty string."""
+    if not shape:
+        return "a scalar (no dimensions)"
+    return "×".join(_dim_text(d) for d in shape)
+
+
+def _dim_text(d: int | str | None) -> str:
+    if isinstance(d, int) and not isinstance(d, bool) and d > 0:
+        return str(d)
+    return for_figure(d, 24) if isinstance(d, str) and d else "?"

@@ -258,6 +258,23 @@ def _tensor_names(graph: onnx.GraphProto) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def input_of_type(model: onnx.ModelProto, elem_type: int, *, opset: int = 21) -> onnx.ModelProto:
+    """``model`` with its input taking ``elem_type`` tensors: the input, renamed nowhere, is cast
+    to the model's float first (``Cast`` reads strings, bfloat16, 8- and 4-bit numbers alike)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    [value] = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    name, inner = value.name, f"{value.name}_as_float"
+    for node in graph.node:
+        node.input[:] = [inner if t == name else t for t in node.input]
+    graph.node.insert(0, helper.make_node("Cast", [name], [inner], to=value.type.tensor_type.elem_type))
+    value.type.tensor_type.elem_type = elem_type
+    del copy.opset_import[:]
+    copy.opset_import.append(helper.make_opsetid("", opset))
+    return copy
+
+
 def wide_conv_model(seed: int = 0) -> onnx.ModelProto:
     """Conv(16, 3×3) ``c1`` → Relu → Conv(64, 3×3) ``c2`` → Relu → GlobalAveragePool → Flatten →
     Gemm(10) ``logits`` on (N, 1, 28, 28) float32, same-padded: on noise nearly each of a sample's

@@ -22,8 +22,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
-from models import HOSTILE_NAMES, mlp, save, wide_conv_model, with_names
+from models import HOSTILE_NAMES, input_of_type, mlp, save, wide_conv_model, with_names
 from refusals import cli_refused
 from servers import eventually, with_default_signals
 
@@ -463,11 +464,28 @@ def test_subprocess_exit_codes(model: Path, tmp_path: Path) -> None:
     assert "FAIL aiq on test" in failed.stdout
 
 
-def test_subprocess_refusal_of_overflowing_preprocessing_is_the_only_line_on_stderr(model: Path) -> None:
-    """numpy's overflow warnings must not reach stderr ahead of the one-line refusal."""
-    overflow = cli("audit", str(model), "--data", "mnist", "--limit", "10", "--std", "1e-45")
+@pytest.mark.parametrize(
+    "setting", [["--std", "1e-45"], ["--std", "1e-300"], ["--scale", "1e300"], ["--mean", "1e300"]]
+)
+def test_subprocess_refusal_of_overflowing_preprocessing_is_the_only_line_on_stderr(
+    model: Path, setting: list[str]
+) -> None:
+    """numpy's overflow and divide warnings must not reach stderr ahead of the one-line refusal."""
+    overflow = cli("audit", str(model), "--data", "mnist", "--limit", "10", *setting)
     assert overflow.returncode == 2 and overflow.stdout == ""
     assert overflow.stderr.startswith("auditor: error: ") and overflow.stderr.count("\n") == 1, overflow.stderr
+
+
+@pytest.mark.parametrize(
+    ("elem_type", "name"), [(onnx.TensorProto.STRING, "string"), (onnx.TensorProto.BFLOAT16, "bfloat16")]
+)
+@pytest.mark.parametrize("command", ["layers", "audit"])
+def test_a_model_whose_input_cannot_be_fed_is_refused_in_one_line_naming_input_and_type(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], elem_type: int, name: str, command: str
+) -> None:
+    model = save(input_of_type(mlp([784, 16, 10]), elem_type), tmp_path / "typed.onnx")
+    argv = [command, str(model)] + (["--data", "mnist", "--limit", "10"] if command == "audit" else [])
+    cli_refused(capsys, main(argv), f"model input 'x' takes {name} tensors, which the auditor cannot feed")
 
 
 def test_a_reader_that_stops_early_is_not_an_error() -> None:

