@@ -15,12 +15,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+# isort: off
+from auditor import grpclogs  # noqa: F401  (first: gRPC reads its log level when it is first imported)
+
+# isort: on
 from auditor import client, server
 from auditor.compare import compare, render_comparison
 from auditor.config import AGGREGATES, DEVICES, STATE_POINTS, AuditConfig
-from auditor.count import parse_size
 from auditor.errors import AuditError, first_line
 from auditor.exits import Terminated, ending_on_signals
+from auditor.flags import MAX_SAMPLES, integer, number, size
 from auditor.gate import (
     BASELINE_METRICS,
     COMPARED_SETTINGS,
@@ -32,11 +36,13 @@ from auditor.gate import (
     summary_markdown,
     threshold_problem,
 )
+from auditor.images import MAX_SIDE
 from auditor.page import render_page
 from auditor.raycluster import ADDRESS_FORMS
 from auditor.records import DONE, KNOWN_DATASETS, SPLIT_CHOICES, DatasetRef, DataSpec, ImageOptions, Job
 from auditor.report import REPORT_MAX_BYTES, SCHEMA, Report, ReportError, format_table, render_table
 from auditor.runners import LocalRunner, RayRunner, RemoteRunner, Runner
+from auditor.shard import MAX_SHARDS
 from auditor.sinks import for_terminal, lines_for_terminal
 from auditor.usage import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser
 
@@ -174,18 +180,27 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", required=True, help="mnist, fashion-mnist, a path to a .npz/.npy file, or a folder of images"
     )
     data.add_argument("--split", default="test", choices=SPLIT_CHOICES, help="default: test")
-    data.add_argument("--limit", type=int, metavar="N", help="use the first N samples of each split")
     data.add_argument(
-        "--resize", type=int, metavar="N", help="image folders: shorter side to N (default: just cover the crop)"
+        "--limit", type=integer(1, MAX_SAMPLES), metavar="N", help="use the first N samples of each split"
     )
-    data.add_argument("--crop", type=int, metavar="N", help="image folders: centre N×N crop (default: model's H×W)")
+    data.add_argument(
+        "--resize",
+        type=integer(1, MAX_SIDE),
+        metavar="N",
+        help="image folders: shorter side to N (default: just cover the crop)",
+    )
+    data.add_argument(
+        "--crop", type=integer(1, MAX_SIDE), metavar="N", help="image folders: centre N×N crop (default: model's H×W)"
+    )
     data.add_argument("--skip-bad", action="store_true", help="image folders: skip bad images, counted in warnings")
-    data.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default: {d.batch_size}")
-    data.add_argument("--scale", type=float, help="multiply samples by this (default: 1/255 for uint8 data, else 1)")
-    data.add_argument("--mean", type=float, default=d.mean, help="subtract after scaling (default: 0)")
-    data.add_argument("--std", type=float, default=d.std, help="divide after subtracting the mean (default: 1)")
+    data.add_argument("--batch-size", type=integer(1, 2**31 - 1), default=d.batch_size, help=f"default: {d.batch_size}")
+    data.add_argument("--scale", type=number(), help="multiply samples by this (default: 1/255 for uint8 data, else 1)")
+    data.add_argument("--mean", type=number(), default=d.mean, help="subtract after scaling (default: 0)")
+    data.add_argument("--std", type=number(), default=d.std, help="divide after subtracting the mean (default: 1)")
     metrics = parser.add_argument_group("metrics")
-    metrics.add_argument("--beta", type=float, default=d.beta, help="aIQ's accuracy weight β > 0 (default: 2)")
+    metrics.add_argument(
+        "--beta", type=number(0, above=True), default=d.beta, help="aIQ's accuracy weight β > 0 (default: 2)"
+    )
     metrics.add_argument(
         "--include-output-layer", action="store_true", help="count the output layer in efficiency and aIQ"
     )
@@ -201,15 +216,23 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         "after BatchNorm/Dropout/affine ops that follow the activation (SPEC §1)",
     )
     metrics.add_argument(
-        "--margin-fraction", type=float, default=d.margin_fraction, help="training fraction for margin_max"
+        "--margin-fraction",
+        type=number(0, 1, above=True),
+        default=d.margin_fraction,
+        help="training fraction for margin_max",
     )
-    metrics.add_argument("--margin-seed", type=int, default=d.margin_seed, help="seed choosing that fraction")
     metrics.add_argument(
-        "--target-efficiency", type=float, default=d.target_efficiency, help="efficiency the width advice aims at"
+        "--margin-seed", type=integer(0, 2**63 - 1), default=d.margin_seed, help="seed choosing that fraction"
+    )
+    metrics.add_argument(
+        "--target-efficiency",
+        type=number(0, 1, above=True),
+        default=d.target_efficiency,
+        help="efficiency the width advice aims at",
     )
     metrics.add_argument(
         "--alpha-range",
-        type=float,
+        type=number(),
         nargs=2,
         default=d.alpha_range,
         metavar=("LO", "HI"),
@@ -219,6 +242,7 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA when it can run, else CPU")
     run.add_argument(
         "--memory-budget",
+        type=size,
         default="1G",
         metavar="SIZE",
         help="what one audit may hold for counting states, e.g. 512M or 4G (default: 1G); past it, sorted "
@@ -233,7 +257,10 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"audit on Ray: {ADDRESS_FORMS}; needs the ray extra",
     )
     run.add_argument(
-        "--shards", type=int, metavar="N", help="with --ray: cut each split into N contiguous shards (default: 1)"
+        "--shards",
+        type=integer(1, MAX_SHARDS),
+        metavar="N",
+        help="with --ray: cut each split into N contiguous shards (default: 1)",
     )
     run.add_argument("--json", type=str, metavar="PATH", help="write the report as JSON ('-' = stdout)")
     run.add_argument("--html", type=Path, metavar="PATH", help="write the report as one self-contained HTML page")
@@ -258,7 +285,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         std=args.std,
         device=args.device,
         states_at=args.states_at,
-        memory_budget=parse_size(args.memory_budget),
+        memory_budget=args.memory_budget,
     )
 
 

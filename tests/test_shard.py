@@ -130,7 +130,6 @@ def test_ray_local_four_shards_on_all_of_mnist_equal_a_local_audit(tmp_path: Pat
     ("argv", "fragment"),
     [
         (["--shards", "2"], "--shards needs --ray"),
-        (["--ray", "local", "--shards", "0"], "--shards must be between 1 and"),
         (["--ray", "local", "--server", "127.0.0.1:1"], "apply to local audits"),
     ],
 )
@@ -144,6 +143,7 @@ def test_bad_sharding_settings_are_one_line_exit_2(argv: list[str], fragment: st
 def test_an_unreachable_cluster_is_one_line_exit_2() -> None:
     run = _cli("audit", str(LENET5), "--data", "mnist", "--limit", "10", "--ray", "ray://127.0.0.1:1", "--no-progress")
     assert run.returncode == 2
-    assert run.stderr.strip().startswith("auditor: error: cannot reach the Ray cluster") and len(
-        run.stderr.strip().splitlines()
-    ) == 1
+    assert (
+        run.stderr.strip().startswith("auditor: error: cannot reach the Ray cluster")
+        and len(run.stderr.strip().splitlines()) == 1
+    )
