@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import pytest
 from models import HOSTILE_NAMES, input_of_type, mlp, save, wide_conv_model, with_names
-from refusals import cli_refused
+from refusals import cli_refused, usage_refused
 from servers import eventually, with_default_signals
 
 from auditor.cli import main
@@ -302,22 +302,30 @@ def test_unknown_dataset(model: Path, capsys: pytest.CaptureFixture[str]) -> Non
 @pytest.mark.parametrize(
     ("option", "fragment"),
     [
-        (["--limit", "0"], "--limit"),
-        (["--limit", "-3"], "--limit"),
-        (["--beta", "-1"], "beta"),
-        (["--beta", "0"], "beta"),
-        (["--batch-size", "0"], "batch size"),
-        (["--std", "0"], "std"),
-        (["--margin-fraction", "0"], "margin fraction"),
-        (["--alpha-range", "1", "0"], "alpha range"),
-        (["--beta", "inf"], "beta must be a finite number"),
-        (["--mean", "nan"], "mean must be a finite number"),
-        (["--std", "inf"], "std"),
-        (["--scale", "nan"], "scale"),
-        (["--alpha-range", "0", "inf"], "alpha range"),
+        (["--limit", "0"], "argument --limit: must be in 1.."),
+        (["--limit", "-3"], "argument --limit"),
+        (["--beta", "-1"], "argument --beta: must be in (0, inf]"),
+        (["--beta", "0"], "argument --beta"),
+        (["--batch-size", "0"], "argument --batch-size"),
+        (["--margin-fraction", "0"], "argument --margin-fraction"),
+        (["--beta", "inf"], "argument --beta: must be a finite number"),
+        (["--mean", "nan"], "argument --mean: must be a finite number"),
+        (["--std", "inf"], "argument --std"),
+        (["--scale", "nan"], "argument --scale"),
+        (["--alpha-range", "0", "inf"], "argument --alpha-range"),
     ],
 )
-def test_bad_option_values(model: Path, capsys, option: list[str], fragment: str) -> None:
+def test_bad_option_values_are_usage_errors(model: Path, capsys, option: list[str], fragment: str) -> None:
+    usage_refused(capsys, lambda: main(["audit", str(model), "--data", "mnist", *option]), fragment)
+
+
+@pytest.mark.parametrize(
+    ("option", "fragment"),
+    [(["--std", "0"], "std must not be 0"), (["--alpha-range", "1", "0"], "alpha range must be increasing")],
+)
+def test_option_values_that_only_fail_together_or_at_one_point_are_refused(
+    model: Path, capsys, option: list[str], fragment: str
+) -> None:
     cli_refused(capsys, main(["audit", str(model), "--data", "mnist", *option]), fragment)
 
 
