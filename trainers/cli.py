@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from auditor.config import STATE_POINTS
 from auditor.errors import AuditError
+from auditor.flags import integer, number
 from auditor.usage import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Parser
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 PROG = "auditor-train"
 TRAIN_EXTRA = ("torch", "matplotlib")  # the modules of the 'train' extra
+MAX_COUNT = 2**31 - 1  # counts (threads, jobs, epochs, samples): beyond this torch and numpy overflow
 
 
 def _int_list(text: str) -> list[int]:
@@ -75,8 +77,8 @@ def _positive(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if not 1 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected a positive integer up to {MAX_COUNT}, got {text!r}")
     return value
 
 
@@ -109,14 +111,16 @@ def _add_network_args(parser: argparse.ArgumentParser, *, lists: bool) -> None:
             metavar="F",
             help="resample this fraction of the training labels uniformly at random",
         )
-    parser.add_argument("--dropout-p", type=float, default=0.5, help="dropout rate of --variant dropout")
+    parser.add_argument(
+        "--dropout-p", type=number(0, 1, below=True), default=0.5, help="dropout rate of --variant dropout"
+    )
     parser.add_argument(
         "--data", default="mnist", help="mnist, fashion-mnist, or a .npz of 28x28 images (default mnist)"
     )
     parser.add_argument("--limit", type=_positive, help="use only the first N samples of each split")
     parser.add_argument("--threads", type=_positive, default=1, help="torch threads per training process (default 1)")
     recipe = parser.add_argument_group("recipe overrides (defaults are the paper's)")
-    recipe.add_argument("--lr", type=float, default=0.001)
+    recipe.add_argument("--lr", type=number(0, above=True), default=0.001)
     recipe.add_argument("--batch-size", type=_positive, default=32)
     recipe.add_argument("--patience", type=_positive, default=5)
     recipe.add_argument("--max-epochs", type=_positive, help="cap on epochs (default: none)")
@@ -132,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one network and export it to ONNX")
     _add_network_args(train, lists=False)
     train.add_argument("--widths", type=_int_list, required=True, help="hidden widths, e.g. 11,4")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=integer(0, 2**32 - 1), default=0)
     train.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
 
     grid = commands.add_parser("grid", help="train every combination of variant, label noise and widths, resumably")
@@ -153,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="audit the networks trained on this data set (default: the one they were trained on)"
     )
     report.add_argument("--limit", type=_positive, help="audit only the first N samples of each split")
-    report.add_argument("--beta", type=float, default=2.0, help="aIQ's beta (default 2)")
+    report.add_argument("--beta", type=number(0, above=True), default=2.0, help="aIQ's beta (default 2)")
     report.add_argument(
         "--states-at",
         choices=STATE_POINTS,
