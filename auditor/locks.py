@@ -36,10 +36,11 @@ class Ownership:
             self.fd = -1
 
 
-def take(path: Path) -> Ownership | None:
-    """Lock ``path`` (created if missing) and write our process id into it; None when another
-    process holds it. ``OSError`` when the file cannot be opened at all."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def take(path: Path, *, create: bool = True) -> Ownership | None:
+    """Lock ``path`` (created if missing, unless ``create`` is false) and write our process id
+    into it; None when another process holds it. ``OSError`` when the file cannot be opened."""
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+    fd = os.open(path, flags, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -79,7 +80,7 @@ def remove_abandoned(root: Path, prefix: str) -> list[Path]:
         if not lock.is_file() or lock.is_symlink():
             continue
         try:
-            held = take(lock)
+            held = take(lock, create=False)  # never recreate a lock another cleaner is removing
         except OSError:
             continue
         if held is None:
