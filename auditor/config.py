@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
 from typing import Any
 
 from auditor.errors import AuditError, require
 
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATES = ("sum", "mean")
-STATE_POINTS = ("pre-activation", "block-output")  # where a layer's state is read (SPEC §1)
+
+
+class StatePoint(StrEnum):
+    """Where a layer's state is read (SPEC §1): at the pre-activation, or at the block's output."""
+
+    PRE_ACTIVATION = "pre-activation"
+    BLOCK_OUTPUT = "block-output"
+
+
+STATE_POINTS = tuple(point.value for point in StatePoint)
 
 
 @dataclass(frozen=True)

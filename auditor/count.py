@@ -1,7 +1,7 @@
 """Exact, mergeable counting of layer states in bounded memory (SPEC §2).
 
 A state is the bit-vector of a layer's firing neurons at one (sample, position). The graph hands
-us those bits packed into int32 groups, one per byte or of at most 24 bits (``graph.packing``);
+us those bits packed into int32 groups, one per byte or of at most 24 bits (``expose.packing``);
 ``join_groups`` turns them into exact keys: one integer when the layer has ≤ 64 neurons, else rows
 of 64-bit words.
 

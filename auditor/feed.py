@@ -18,7 +18,7 @@ from auditor import metrics
 from auditor.config import Feeding
 from auditor.data import Batch
 from auditor.errors import DataError
-from auditor.graph import ModelInput
+from auditor.find import ModelInput
 from auditor.sinks import shape_text
 
 

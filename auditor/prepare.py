@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 import onnx
 
 from auditor.config import SessionSettings
-from auditor.graph import Exposed, Structure, describe, expose, with_shape
+from auditor.expose import Exposed, expose
+from auditor.find import Structure, describe, with_shape
 from auditor.modelfile import LoadedModel, load_model
 from auditor.report import LayerInfo, ModelInfo
 from auditor.run import CPU_ONLY, Runner, probe_shapes, requested_providers

@@ -22,7 +22,8 @@ import onnx
 from onnx import helper
 
 from auditor.errors import AuditError, DataError, ModelError, first_line
-from auditor.graph import ModelInput, with_outputs
+from auditor.expose import with_outputs
+from auditor.find import ModelInput
 
 if TYPE_CHECKING:
     import onnxruntime as ort

@@ -53,7 +53,7 @@ def _input_shape(model: Path) -> Callable[[], tuple[int | str | None, ...]]:
     """The input shape of the model file ``model``, read when asked for."""
 
     def read() -> tuple[int | str | None, ...]:
-        from auditor.graph import describe
+        from auditor.find import describe
         from auditor.modelfile import load_model
 
         return describe(load_model(model).proto).input.shape
@@ -77,9 +77,7 @@ class LocalRunner:
         datasets = open_splits(data.source, data.split, limit=data.limit, images=data.images)
         if progress is not None:
             progress.started(sum(d.count for d in datasets))
-        return audit(
-            prepared, datasets, config, progress=progress and progress.advanced, spill_dir=self.spill_dir
-        )
+        return audit(prepared, datasets, config, progress=progress and progress.advanced, spill_dir=self.spill_dir)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """What one split accumulates over its batches: state counts, φ sums, α, accuracy and margins.
 
-A ``SplitTally`` reads the runner's outputs by the names ``graph.expose`` gave them. It keeps two
+A ``SplitTally`` reads the runner's outputs by the names ``expose.expose`` gave them. It keeps two
 things apart: the state counters of the counted layers, held within the audit's
 ``MemoryBudget`` (past it they spill sorted runs to disk), and ``SplitFigures``, everything
 else: counts of samples and a few floats per sample for CNA and CNA-Margin. Both merge by
@@ -18,8 +18,8 @@ import numpy as np
 from auditor import metrics
 from auditor.count import LayerCounter, MemoryBudget, StateSummary
 from auditor.errors import DataError
+from auditor.expose import Exposed
 from auditor.feed import Feed
-from auditor.graph import Exposed
 
 
 @dataclass

@@ -237,8 +237,8 @@ def profile(work: Workload, images: int) -> None:
 
     from auditor import AuditConfig
     from auditor.count import MemoryBudget
+    from auditor.expose import expose
     from auditor.feed import feed, input_entropy, to_model_input
-    from auditor.graph import expose
     from auditor.prepare import prepare
     from auditor.run import create_session
     from auditor.summary import TOP_STATES, summarize

@@ -332,3 +332,13 @@ def reference_entropy(counts: np.ndarray) -> float:
     """``−Σ p log2 p`` in bits, straight from the definition."""
     p = np.asarray(counts, np.float64) / np.sum(counts)
     return float(-(p * np.log2(p)).sum())
+
+
+# The real third-party models in ../shared/models, by file stem (see its README).
+SHARED_MODELS = (
+    "mnist-8_cntk_opset8",
+    "cnn_pytorch25_opset17",
+    "qdq_int8_pytorch21_opset17",
+    "squeezenet1.0_fp16_opset7",
+    "light_resnet50_opset9",
+)

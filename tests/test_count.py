@@ -38,7 +38,7 @@ from auditor.count import (
 from auditor.data import Batch
 from auditor.errors import AuditError, CancelledError, LimitError
 from auditor.exits import TERMINATING
-from auditor.graph import byte_groups, word_groups
+from auditor.expose import byte_groups, word_groups
 from auditor.locks import take
 
 NEURONS = [1, 3, 16, 20, 21, 24, 25, 32, 33, 64, 65, 130]

@@ -14,7 +14,7 @@ from auditor import AuditConfig
 from auditor.data import Batch
 from auditor.errors import DataError
 from auditor.feed import check_batch, feed, input_entropy, to_model_input
-from auditor.graph import ModelInput
+from auditor.find import ModelInput
 
 FLOAT_784 = ModelInput("x", np.dtype(np.float32), ("N", 784))
 IMAGE = ModelInput("input", np.dtype(np.float32), ("batch", 1, 28, 28))

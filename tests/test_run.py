@@ -21,7 +21,8 @@ from onnx import helper
 from refusals import refused
 
 from auditor.errors import AuditError, DataError, ModelError
-from auditor.graph import ModelInput, describe, with_outputs
+from auditor.expose import with_outputs
+from auditor.find import ModelInput, describe
 from auditor.run import Runner, create_session, cuda_usable, ordered_map, probe_shapes, workers_for
 
 REPO = Path(__file__).resolve().parents[1]
