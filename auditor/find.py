@@ -114,6 +114,24 @@ class Layer:
         return self.block_output if states_at == StatePoint.BLOCK_OUTPUT and self.block_output else self.name
 
 
+# Element types the audit can feed from numeric data: floats, integers and bools that numpy holds
+# natively. Strings, complex numbers, bfloat16, 8- and 4-bit floats and 4-bit ints it cannot.
+FEEDABLE_TYPES = (
+    TensorProto.FLOAT,
+    TensorProto.DOUBLE,
+    TensorProto.FLOAT16,
+    TensorProto.UINT8,
+    TensorProto.INT8,
+    TensorProto.UINT16,
+    TensorProto.INT16,
+    TensorProto.UINT32,
+    TensorProto.INT32,
+    TensorProto.UINT64,
+    TensorProto.INT64,
+    TensorProto.BOOL,
+)
+
+
 @dataclass(frozen=True)
 class ModelInput:
     """The one data input of the model."""
@@ -232,11 +250,28 @@ def _data_input(graph: onnx.GraphProto, constants: set[str]) -> ModelInput:
         names = [i.name for i in inputs]
         raise ModelError(f"model has {len(inputs)} data inputs {names}; the auditor supports models with exactly one")
     value = inputs[0]
+    kind = value.type.WhichOneof("value")
+    if kind != "tensor_type" or not value.type.tensor_type.elem_type:
+        shown = (kind or "no type").removesuffix("_type")
+        raise ModelError(
+            f"model input {value.name!r} is a {shown}, not a tensor; the auditor feeds one numeric tensor input"
+        )
     tensor_type = value.type.tensor_type
-    if not tensor_type.elem_type:
-        raise ModelError(f"model input {value.name!r} is not a tensor; the auditor needs a tensor input")
+    if tensor_type.elem_type not in FEEDABLE_TYPES:
+        raise ModelError(
+            f"model input {value.name!r} takes {_type_name(tensor_type.elem_type)} tensors, which the auditor "
+            f"cannot feed; it feeds inputs of {', '.join(_type_name(t) for t in FEEDABLE_TYPES)}"
+        )
     dims = tuple(_dims(tensor_type))
     return ModelInput(value.name, helper.tensor_dtype_to_np_dtype(tensor_type.elem_type), dims)
+
+
+def _type_name(elem_type: int) -> str:
+    """``float``, ``string``, … for an element type; its number when the enum does not know it."""
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:
+        return f"element type {elem_type}"
 
 
 def _pre_activations(

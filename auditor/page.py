@@ -9,21 +9,23 @@ The figures are matplotlib drawings saved as SVG and inlined; matplotlib is impo
 page is rendered, and draws on its own Figure objects (no pyplot state). A figure whose data
 the report lacks (a report written before the key existed, or one split only) is replaced by a
 short note saying why. No text from the model (layer names) is drawn into a figure: figures
-number the layers, and the tables name them.
+number the layers, and the tables name them. The split names a figure shows come from the
+report, so every text of a figure is drawn literally (no mathtext), escaped and elided.
 """
 
 from __future__ import annotations
 
-import html
 import io
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from auditor.report import Report
+from auditor.sinks import for_figure, for_html
 
 SPLIT_COLORS = {"train": "#0072b2", "test": "#d55e00"}  # Okabe–Ito blue and vermillion: colour-blind safe
 OTHER_COLORS = ("#009e73", "#cc79a7", "#e69f00", "#56b4e9")
@@ -443,7 +445,12 @@ def _inline_svg(figure: Any, prefix: str, label: str) -> str:
     """The figure as an ``<svg>`` element fit for inlining: no XML prolog or doctype, and every id
     renamed ``prefix-N`` so that figures never share one (matplotlib reuses glyph ids across files)."""
     buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", metadata=_NO_METADATA)
+    _literal_texts(figure)
+    with warnings.catch_warnings():
+        # Layout that cannot fit every legend entry, glyphs a font lacks: the figure is drawn
+        # anyway, and a page rendered in CI must not fill its log with library warnings.
+        warnings.simplefilter("ignore")
+        figure.savefig(buffer, format="svg", metadata=_NO_METADATA)
     text = buffer.getvalue()
     text = text[text.index("<svg") :]
     names = {old: f"{prefix}-{i}" for i, old in enumerate(dict.fromkeys(re.findall(r'\bid="([^"]+)"', text)))}
@@ -451,6 +458,17 @@ def _inline_svg(figure: Any, prefix: str, label: str) -> str:
     text = re.sub(r'href="#([^"]+)"', lambda m: f'href="#{names.get(m[1], m[1])}"', text)
     text = re.sub(r"url\(#([^)]+)\)", lambda m: f"url(#{names.get(m[1], m[1])})", text)
     return text.replace("<svg ", f'<svg role="img" aria-label="{_e(label)}" ', 1).strip()
+
+
+def _literal_texts(figure: Any) -> None:
+    """Every text in the figure shown as written: split names and other strings from the report
+    are escaped and elided (``auditor.sinks.for_figure``) and never parsed as mathtext, in which
+    ``$\\frac{}$`` is an error and ``$...$`` a formula."""
+    from matplotlib.text import Text
+
+    for text in figure.findobj(Text):
+        text.set_parse_math(False)
+        text.set_text(for_figure(text.get_text()))
 
 
 def _split_color(split: str, index: int) -> str:
@@ -679,7 +697,7 @@ def _setting(value: Any) -> str:
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value))
+    return for_html(value)
 
 
 def _table(

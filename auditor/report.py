@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from auditor.errors import AuditError, first_line
+from auditor.sinks import for_terminal
 
 SCHEMA = "auditor.report/v1"
 REPORT_MAX_BYTES = 64 << 20  # a report with every optional key is well under 1 MiB
@@ -306,7 +307,10 @@ def render_table(report: Report) -> str:
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
-    """Aligned text columns: numbers right-aligned, text left-aligned."""
+    """Aligned text columns: numbers right-aligned, text left-aligned; every cell escaped for a
+    terminal (``auditor.sinks``), so that names from the model keep the columns aligned."""
+    header = [for_terminal(cell) for cell in header]
+    rows = [[for_terminal(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     numeric = [all(_is_number(row[i]) for row in rows) for i in range(len(header))]
     aligned = [

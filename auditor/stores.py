@@ -3,7 +3,9 @@
 Each counted layer owns a store. A narrow layer gets a dense histogram. Any other queues raw keys
 and folds them, by one sort, into *runs*: record arrays of distinct keys with their counts, in key
 order. One ``MemoryBudget`` per audit watches what all its stores hold; past its limit the largest
-stores write their runs to files in a private spill folder, removed when the budget closes.
+stores write their runs to files in a private spill folder, removed when the budget closes. The
+folder is owned through a lock inside it (``auditor.locks``): the first spill of an audit removes
+the folders that killed audits left under the same spill root, once their owners are gone.
 
 Reading a store back is a streaming merge of its runs, one bounded range of keys at a time, in
 key order (``StateStore.merged``); held and spilled runs go through the same merge, so what is
@@ -27,12 +29,14 @@ from typing import Protocol
 
 import numpy as np
 
+from auditor import locks
 from auditor.errors import AuditError, LimitError
 from auditor.keys import hash_rows, key_words
 
 HISTOGRAM_BITS = 20  # up to 2**20 states: a dense histogram beats sorting
 MERGE_ROWS_MIN = 1 << 16  # a fold or merge step may always take this many rows, however small the budget
 MAX_SPILLED_RUNS = 64  # spilled runs of one store before they are merged into one file
+SPILL_PREFIX = "auditor-spill-"  # an audit's spill folder under the spill root, owned by a lock inside
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -263,11 +267,17 @@ class MemoryBudget:
             raise ValueError("this memory budget is closed")
         if self._folder is None:
             try:
-                self._folder = Path(tempfile.mkdtemp(prefix="auditor-spill-", dir=self.spill_dir))
+                self._folder = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=self.spill_dir))
+                ownership = locks.take(self._folder / locks.LOCK_FILE)
             except OSError as exc:
+                if self._folder is not None:
+                    shutil.rmtree(self._folder, ignore_errors=True)
+                    self._folder = None
                 raise _spill_error(exc) from None
             # Removes the folder if the budget is dropped unclosed, at the latest when Python exits.
-            self._remove_folder = weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)
+            self._remove_folder = weakref.finalize(self, _remove_spill_folder, self._folder, ownership)
+            # What killed audits (SIGKILL, power loss) left under the same root, now that their owners are gone.
+            locks.remove_abandoned(self._folder.parent, SPILL_PREFIX)
         return self._folder / f"{next(self._names)}.run"
 
     def close(self) -> None:
@@ -281,6 +291,12 @@ class MemoryBudget:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _remove_spill_folder(folder: Path, ownership: locks.Ownership | None) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    if ownership is not None:
+        ownership.release()
 
 
 def _spill_error(exc: OSError) -> AuditError:

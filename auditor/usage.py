@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from auditor.config import MAX_MEMORY_BUDGET, MIN_MEMORY_BUDGET
 from auditor.errors import AuditError
+from auditor.sinks import for_terminal
 
 # The exit codes of both command lines (``auditor`` and ``auditor-train``), defined once.
 EXIT_OK = 0
@@ -53,4 +54,5 @@ class Parser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line on stderr and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+        line = for_terminal(" ".join(message.split()))  # it quotes what was typed, escapes included
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {line} (see --help)\n")

@@ -231,6 +231,87 @@ def conv_flatten_net(dead: tuple[int, ...] = (), activation: str = "Relu") -> on
     flat = net.op("Flatten", pooled, axis=1)
     hidden = net.dense(flat, 36, 5, out="f1")
     return net.build(net.dense(net.op("Relu", hidden), 5, 3, out="logits"))
+# Names an attacker writes into a model file: terminal escapes (colour, clear screen, window
+# title, OSC 52 clipboard), NUL and other C0/C1 controls, bidi overrides and isolates, zero-width
+# characters, a lone surrogate's look-alike, mathtext, XML's terminators, markup, and length.
+HOSTILE_NAMES = [
+    "red\x1b[31mALERT\x1b[0m",
+    "clear\x1b[2J\x1b[H",
+    "title\x1b]0;pwned\x07",
+    "clip\x1b]52;c;cm0gLXJmIH4=\x07",
+    "nul\x00byte",
+    "bell\x07back\x08space\x7fdel",
+    "c1\x9b31mcsi\x85nel",
+    "line\nbreak\rreturn\ttab",
+    "bidi\u202eexe.txt",
+    "iso\u2066late\u2069",
+    "zero\u200bwidth\ufeff",
+    "sep\u2028line\u2029para",
+    "$\\frac{}$",
+    "$x^{2$",
+    "a$b$c\\",
+    "]]><x/>&amp;<![CDATA[",
+    "<script>alert(1)</script>",
+    "\"quoted' &",
+    "long" * 200,
+]
+
+
+def with_names(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose every tensor (inputs and outputs included), node and the graph
+    itself is named after ``name``, with ``name`` as its doc strings too: each tensor ``t`` becomes
+    ``name + "/" + t``, so names stay distinct."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    renamed = {t: f"{name}/{t}" for t in _tensor_names(graph)}
+    for i, node in enumerate(graph.node):
+        node.input[:] = [renamed.get(t, t) for t in node.input]
+        node.output[:] = [renamed[t] for t in node.output]
+        node.name = f"{name}/{node.op_type}{i}"
+        node.doc_string = name
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        value.name = renamed[value.name]
+        value.doc_string = name
+    for init in graph.initializer:
+        init.name = renamed[init.name]
+    graph.name, graph.doc_string, copy.doc_string = name, name, name
+    return copy
+
+
+def _tensor_names(graph: onnx.GraphProto) -> list[str]:
+    names = [v.name for v in graph.input] + [t.name for t in graph.initializer]
+    names += [t for node in graph.node for t in node.output]
+    return list(dict.fromkeys(names))
+
+
+def input_of_type(model: onnx.ModelProto, elem_type: int, *, opset: int = 21) -> onnx.ModelProto:
+    """``model`` with its input taking ``elem_type`` tensors: the input, renamed nowhere, is cast
+    to the model's float first (``Cast`` reads strings, bfloat16, 8- and 4-bit numbers alike)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    [value] = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    name, inner = value.name, f"{value.name}_as_float"
+    for node in graph.node:
+        node.input[:] = [inner if t == name else t for t in node.input]
+    graph.node.insert(0, helper.make_node("Cast", [name], [inner], to=value.type.tensor_type.elem_type))
+    value.type.tensor_type.elem_type = elem_type
+    del copy.opset_import[:]
+    copy.opset_import.append(helper.make_opsetid("", opset))
+    return copy
+
+
+def wide_conv_model(seed: int = 0) -> onnx.ModelProto:
+    """Conv(16, 3×3) ``c1`` → Relu → Conv(64, 3×3) ``c2`` → Relu → GlobalAveragePool → Flatten →
+    Gemm(10) ``logits`` on (N, 1, 28, 28) float32, same-padded: on noise nearly each of a sample's
+    784 positions is a new state of ``c2``, so an audit under a 64M budget spills within a few
+    thousand samples."""
+    net = Net(("N", 1, 28, 28), opset=17, seed=seed)
+    c1 = net.op("Relu", net.conv(net.input, 1, 16, out="c1"))
+    pooled = net.op("GlobalAveragePool", net.op("Relu", net.conv(c1, 16, 64, out="c2")))
+    flat = net.op("Flatten", pooled, axis=1)
+    return net.build(net.dense(flat, 64, 10, out="logits"), name="wide_conv")
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:

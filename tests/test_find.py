@@ -19,6 +19,7 @@ from models import (
     FLOAT16,
     SHARED_MODELS,
     Net,
+    input_of_type,
     mlp,
     reference_counts,
     reference_entropy,
@@ -500,6 +501,49 @@ def test_two_data_inputs_are_refused() -> None:
     both = net.op("Add", net.input, "z")
     model = net.build(net.dense(net.op("Relu", net.dense(both, 4, 5)), 5, 3))
     refused(ModelError, lambda: describe(model), "2 data inputs", "'x'", "'z'")
+
+
+# Element types a model may declare for its input that no numeric data can be fed as.
+UNFEEDABLE = [
+    (onnx.TensorProto.STRING, "string"),
+    (onnx.TensorProto.BFLOAT16, "bfloat16"),
+    (onnx.TensorProto.FLOAT8E4M3FN, "float8e4m3fn"),
+    (onnx.TensorProto.FLOAT8E5M2, "float8e5m2"),
+    (onnx.TensorProto.INT4, "int4"),
+    (onnx.TensorProto.UINT4, "uint4"),
+]
+
+
+@pytest.mark.parametrize(("elem_type", "name"), UNFEEDABLE, ids=[name for _, name in UNFEEDABLE])
+def test_an_input_the_auditor_cannot_feed_is_refused_naming_the_input_and_its_type(elem_type: int, name: str) -> None:
+    model = input_of_type(mlp([4, 3, 2]), elem_type)
+    onnx.checker.check_model(model, full_check=True)  # a valid model, only not one the auditor can feed
+    refused(ModelError, lambda: describe(model), f"model input 'x' takes {name} tensors", "cannot feed", "float")
+
+
+@pytest.mark.parametrize("elem_type", [onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128, 999, -1])
+def test_inputs_of_complex_or_unknown_element_types_are_refused_too(elem_type: int) -> None:
+    model = mlp([4, 3, 2])
+    model.graph.input[0].type.tensor_type.elem_type = elem_type
+    refused(ModelError, lambda: describe(model), "model input 'x' takes", "tensors, which the auditor cannot feed")
+
+
+@pytest.mark.parametrize("kind", ["sequence", "map", "optional", "none"])
+def test_an_input_that_is_not_a_tensor_is_refused_naming_what_it_is(kind: str) -> None:
+    model = mlp([4, 3, 2])
+    value = model.graph.input[0]
+    if kind == "sequence":
+        value.type.CopyFrom(helper.make_sequence_type_proto(helper.make_tensor_type_proto(FLOAT, ["batch", 4])))
+    elif kind == "map":
+        value.type.CopyFrom(
+            helper.make_map_type_proto(onnx.TensorProto.INT64, helper.make_tensor_type_proto(FLOAT, []))
+        )
+    elif kind == "optional":
+        value.type.CopyFrom(helper.make_optional_type_proto(helper.make_tensor_type_proto(FLOAT, ["batch", 4])))
+    else:
+        value.ClearField("type")
+    shown = "no type" if kind == "none" else kind
+    refused(ModelError, lambda: describe(model), f"model input 'x' is a {shown}, not a tensor")
 
 
 # --- Real models from other tools ------------------------------------------------------------

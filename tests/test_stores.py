@@ -9,13 +9,16 @@ import resource
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from auditor import stores
 from auditor.errors import AuditError, CancelledError, LimitError
-from auditor.stores import HistogramStore, MemoryBudget, RunStore, make_store
+from auditor.exits import TERMINATING
+from auditor.locks import take
+from auditor.stores import SPILL_PREFIX, HistogramStore, MemoryBudget, RunStore, make_store
 
 # --- Stores ------------------------------------------------------------------------------------
 #
@@ -310,34 +313,89 @@ def test_a_dropped_budget_removes_its_files(tmp_path) -> None:
     assert not list(tmp_path.iterdir())
 
 
-CTRL_C_CHILD = """
-import sys, time
+SPILLING_CHILD = """
+import signal, sys, time
 import numpy as np
+# What the test relies on, set here: a process started in the background inherits SIGINT ignored,
+# and an ignored signal stays ignored (ending_on_signals respects that, as nohup needs).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from auditor.exits import TERMINATING, Terminated, ending_on_signals
+for sig in TERMINATING:
+    signal.signal(sig, signal.SIG_DFL)
 from auditor.stores import MemoryBudget, RunStore
-with MemoryBudget(1, sys.argv[1]) as budget:
-    store = RunStore(1, budget)
-    for i in range(100_000):
-        store.add(np.arange(i, i + 500, dtype=np.uint64))
-        if i == 3:
-            print("spilling", flush=True)
-        time.sleep(0.005)
+try:
+    with ending_on_signals(), MemoryBudget(1, sys.argv[1]) as budget:
+        store = RunStore(1, budget)
+        for i in range(100_000):
+            store.add(np.arange(i, i + 500, dtype=np.uint64))
+            if i == 3:
+                print("spilling", flush=True)
+            time.sleep(0.005)
+except Terminated as exc:
+    sys.exit(exc.exit_code)
+except KeyboardInterrupt:
+    sys.exit(128 + signal.SIGINT)
 """
 
 
-def test_ctrl_c_removes_spill_files(tmp_path) -> None:
-    """A real SIGINT to a process that is spilling: it stops, and its spill folder is gone."""
+def _spilling_child(root: Path) -> subprocess.Popen[str]:
+    """A process counting states under a 1-byte budget, so every add spills; returns once it has spilled."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CTRL_C_CHILD, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", SPILLING_CHILD, str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    assert child.stdout is not None and child.stdout.readline().strip() == "spilling"
+    assert list(root.rglob("*.run"))
+    return child
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, *TERMINATING], ids=lambda s: signal.Signals(s).name)
+def test_every_terminating_signal_removes_the_spill_folder_and_exits_128_plus_its_number(tmp_path, sig) -> None:
+    """A real signal to a process that is spilling: it stops with 128 + signum, and its spill folder is gone."""
+    child = _spilling_child(tmp_path)
     try:
-        assert child.stdout.readline().strip() == "spilling"
-        assert list(tmp_path.rglob("*.run"))
-        child.send_signal(signal.SIGINT)
+        child.send_signal(sig)
         _, err = child.communicate(timeout=60)
     finally:
         child.kill()
-    assert "KeyboardInterrupt" in err
+    assert child.returncode == 128 + sig, err
+    assert "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_spill_folder_left_by_a_killed_audit_is_removed_by_the_next_audit_only_once_its_owner_is_gone(
+    tmp_path,
+) -> None:
+    child = _spilling_child(tmp_path)
+    child.kill()  # SIGKILL: nothing of the child's runs any more, its folder stays
+    child.communicate(timeout=60)
+    [left] = list(tmp_path.iterdir())
+    assert left.name.startswith(SPILL_PREFIX) and (left / "owner.lock").read_text().strip() == str(child.pid)
+    alive = tmp_path / f"{SPILL_PREFIX}alive"  # owned by a living audit (this process)
+    alive.mkdir()
+    owner = take(alive / "owner.lock")
+    unowned = tmp_path / f"{SPILL_PREFIX}being-made"  # no lock yet: not provably abandoned
+    unowned.mkdir()
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"  # a symlink is never followed out of the root
+    elsewhere.mkdir()
+    (elsewhere / "owner.lock").write_text("1\n")
+    (tmp_path / f"{SPILL_PREFIX}link").symlink_to(elsewhere)
+    lock_link = tmp_path / f"{SPILL_PREFIX}lock-link"  # a lock file that is a symlink is not ours
+    lock_link.mkdir()
+    (lock_link / "owner.lock").symlink_to(elsewhere / "owner.lock")
+    (tmp_path / f"{SPILL_PREFIX}a-file").write_text("not a folder")
+    (tmp_path / "not-ours").mkdir()
+    with MemoryBudget(1, tmp_path) as budget:
+        spill_something(budget)
+        remaining = {p.name for p in tmp_path.iterdir()}
+    assert left.name not in remaining
+    assert {alive.name, unowned.name, f"{SPILL_PREFIX}link", lock_link.name, f"{SPILL_PREFIX}a-file", "not-ours"} <= (
+        remaining
+    )
+    assert (elsewhere / "owner.lock").read_text() == "1\n"
+    owner.release()
+    with MemoryBudget(1, tmp_path) as budget:  # its owner gone, the next audit removes it too
+        spill_something(budget)
+    assert not alive.exists() and unowned.exists()
 
 
 @pytest.mark.parametrize("where", ["missing", "a file"])

@@ -648,6 +648,34 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, m
     assert not list(tmp_path.iterdir())
 
 
+TRAIN = ["train", "--arch", "lenet-5", "--widths", "2,2,2", "--out", "m.onnx"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        *[([*TRAIN, "--dropout-p", v], "--dropout-p") for v in ("1", "-0.1", "nan", "inf", "x", "")],
+        *[([*TRAIN, "--lr", v], "--lr") for v in ("0", "-1", "nan", "1e999", "fast")],
+        *[([*TRAIN, "--seed", v], "--seed") for v in ("-1", str(2**32), "1.5", "1e3", "")],
+        *[
+            ([*TRAIN, flag, v], flag)
+            for flag in ("--threads", "--batch-size", "--patience", "--max-epochs", "--limit")
+            for v in ("0", "-1", str(2**31), "9" * 40, "1.5")
+        ],
+        *[(["report", ".", "--out", "r", "--beta", v], "--beta") for v in ("0", "-2", "nan", "inf")],
+        *[(["report", ".", "--out", "r", "--top-k", v], "--top-k") for v in ("0", str(2**31))],
+    ],
+)
+def test_cli_numeric_flags_are_range_checked_in_one_line(argv, flag, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv[:-2], f"{argv[-2]}={argv[-1]}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_cli_report_names_the_network_it_cannot_audit(grid, tmp_path, capsys):
     impostor = mlp([4, 3, 2])  # carries a real network's metadata, but takes 4 inputs, not 28x28
     onnx.helper.set_model_props(impostor, metadata((grid / "lenet-300-100_w2-2_none_n0_s0.onnx").read_bytes()))

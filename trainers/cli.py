@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from auditor.config import STATE_POINTS
 from auditor.errors import AuditError
+from auditor.flags import integer, number
 from auditor.usage import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Parser
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 PROG = "auditor-train"
 TRAIN_EXTRA = ("torch", "matplotlib")  # the modules of the 'train' extra
+MAX_COUNT = 2**31 - 1  # counts (threads, jobs, epochs, samples): beyond this torch and numpy overflow
 
 
 def _int_list(text: str) -> list[int]:
@@ -77,8 +79,8 @@ def _positive(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if not 1 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected a positive integer up to {MAX_COUNT}, got {text!r}")
     return value
 
 
@@ -118,7 +120,9 @@ def _add_network_args(parser: argparse.ArgumentParser, *, lists: bool) -> None:
         help="random: resample the chosen labels uniformly (aIQ paper); shuffled: permute them among "
         "themselves (CNA paper). Default: shuffled with --recipe cna, else random",
     )
-    parser.add_argument("--dropout-p", type=float, default=0.5, help="dropout rate of --variant dropout")
+    parser.add_argument(
+        "--dropout-p", type=number(0, 1, below=True), default=0.5, help="dropout rate of --variant dropout"
+    )
     parser.add_argument(
         "--data",
         default="mnist",
@@ -137,7 +141,7 @@ def _add_network_args(parser: argparse.ArgumentParser, *, lists: bool) -> None:
         help="lenet: the aIQ paper's (SGD Nesterov lr 0.001, L2, early stopping); cna: the CNA paper's MLP "
         "recipe (SGD lr 0.05 momentum 0.8, batch 128, 100 epochs, label-noise runs 200). Default lenet",
     )
-    recipe.add_argument("--lr", type=float)
+    recipe.add_argument("--lr", type=number(0, above=True))
     recipe.add_argument("--batch-size", type=_positive)
     recipe.add_argument("--patience", type=_positive, help="early-stopping patience (cna: none)")
     recipe.add_argument("--max-epochs", type=_positive, help="cap on epochs (lenet: none; cna: 100)")
@@ -156,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one network and export it to ONNX")
     _add_network_args(train, lists=False)
     train.add_argument("--widths", type=_int_list, help="hidden widths, e.g. 11,4 (mlp-5x500: 500 each)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=integer(0, 2**32 - 1), default=0)
     train.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
 
     grid = commands.add_parser("grid", help="train every combination of variant, label noise and widths, resumably")
@@ -186,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="audit the networks trained on this data set (default: the one they were trained on)"
     )
     report.add_argument("--limit", type=_positive, help="audit only the first N samples of each split")
-    report.add_argument("--beta", type=float, default=2.0, help="aIQ's beta (default 2)")
+    report.add_argument("--beta", type=number(0, above=True), default=2.0, help="aIQ's beta (default 2)")
     report.add_argument(
         "--states-at",
         choices=STATE_POINTS,
