@@ -5,11 +5,11 @@
 #
 # Build arguments (docs/deploy.md):
 #   BASE_IMAGE  the image to build on; any Debian or Ubuntu with Python >= 3.11 works (CI builds on
-#               a debootstrapped Debian bookworm, scripts/container-check).
+#               a debootstrapped Debian bookworm, scripts/container_check.py).
 #   PIP_CERT    a CA bundle for pip during the build, for builds behind a TLS-intercepting proxy;
 #               mount it for the build only (buildah/podman: --volume BUNDLE:PATH:ro, docker:
 #               a bind mount), so that nothing of it lands in the image.
-#   EXTRAS      the package's extras to install as well, e.g. "ray" for `auditor serve --ray`.
+#   EXTRAS      the package's extras to install (default "gpu"); "gpu,ray" for `auditor serve --ray`.
 #
 # Base image: onnxruntime-gpu 1.31.1 is built against CUDA 13 and cuDNN 9 (it dlopens
 # libcublasLt.so.13, libcudnn.so.9). NVIDIA's "cudnn-runtime" images ship exactly those runtime
@@ -18,7 +18,7 @@
 ARG BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 ARG PIP_CERT=""
-ARG EXTRAS=""
+ARG EXTRAS="gpu"
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -40,7 +40,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY auditor ./auditor
 COPY trainers ./trainers
-# This installs the project itself, with its extras; its dependencies' bounds are in pyproject.toml.
+# EXTRAS defaults to gpu: CuPy, so states are counted on the GPU that runs the model. The
+# extras' version bounds live in pyproject.toml, which hadolint does not read.
 # hadolint ignore=DL3013
 RUN pip install ${PIP_CERT:+--cert "$PIP_CERT"} ".${EXTRAS:+[$EXTRAS]}" && rm -rf /src
 

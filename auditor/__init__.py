@@ -9,7 +9,7 @@ auditor`` stays cheap for the health probe and the trainer's command line.
 from auditor.audit import audit
 from auditor.config import AuditConfig
 from auditor.errors import AuditError
-from auditor.graph import find_layers
+from auditor.find import find_layers
 from auditor.prepare import Prepared, prepare
 from auditor.report import Report
 

@@ -2,7 +2,9 @@
 
 Read top to bottom, an audit is: prepare the model once (``auditor.prepare``), feed each batch
 (``auditor.feed``) and run it (``auditor.run``) on worker threads while the previous one is
-tallied (``auditor.tally``), then summarise the tallies into a report (``auditor.summary``).
+tallied (``auditor.tally``, its layers counted side by side on a pool of threads), then
+summarise the tallies into a report (``auditor.summary``). When the states can be counted on
+the GPU that runs the model, the worker threads count them there too (``auditor.devrun``).
 Nothing grows with the data except the distinct states of each layer and a few floats per
 sample for CNA.
 """
@@ -11,23 +13,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 
 from auditor.allocator import keep_freed_memory
 from auditor.config import AuditConfig, Feeding
-from auditor.count import MemoryBudget
 from auditor.data import Batch, Dataset, skipped_warnings, tagged
+from auditor.devrun import DEVICE_WORKERS, DeviceRun
 from auditor.errors import CancelledError, DataError
 from auditor.feed import Feed, feed
 from auditor.prepare import ModelSource, Prepared, prepare
 from auditor.report import Report
-from auditor.run import ordered_map
+from auditor.run import gpu_math_warnings, ordered_map
+from auditor.stores import MemoryBudget
 from auditor.summary import TOP_STATES, summarize
 from auditor.tally import SplitTally
+from auditor.weights import weight_norms
 
 Data = Sequence[Dataset] | Iterable[tuple[str, Batch]]
+MAX_COUNTING_THREADS = 16  # layers counted side by side on the host
 
 
 def audit(
@@ -66,7 +73,18 @@ def audit(
         report = summarize(
             prepared.model_info, prepared.providers, prepared.structure.layers, results, config, data_warnings
         )
-    return replace(report, spilled_bytes=budget.spilled_bytes)
+    options = prepared.provider_options
+    return replace(
+        report,
+        spilled_bytes=budget.spilled_bytes,
+        provider_options=options,
+        weights=weight_norms(prepared.model.proto, prepared.structure.layers),
+        warnings=[
+            *report.warnings,
+            *gpu_math_warnings(options, prepared.settings.gpu_math),
+            *prepared.counting_warnings,
+        ],
+    )
 
 
 def prepared_for(model: ModelSource | Prepared, config: AuditConfig) -> Prepared:
@@ -77,7 +95,7 @@ def prepared_for(model: ModelSource | Prepared, config: AuditConfig) -> Prepared
         if session.satisfied_by(model.settings):
             return model
         model = model.model
-    return prepare(model, device=session.device, states_at=session.states_at)
+    return prepare(model, device=session.device, states_at=session.states_at, gpu_math=session.gpu_math)
 
 
 def _datasets(data: Data) -> Sequence[Dataset] | None:
@@ -122,9 +140,16 @@ def tally(
         if out.layer.role == "hidden" or (config.include_output_layer and out.layer.role == "output")
     )
     tallies: dict[str, SplitTally] = {}
-    steps = ordered_map(
-        lambda item: _run(prepared, config.feeding, *item), _numbered(batches, first or {}), prepared.runner.workers
-    )
+    if prepared.device is not None:
+        runner, model_input = prepared.runner, prepared.structure.input
+        device = DeviceRun(runner.session, model_input, prepared.exposed, counted, prepared.device, runner.call_rows)
+        run, workers = device.run, DEVICE_WORKERS
+    else:
+        run, workers = partial(prepared.runner.run, names=prepared.exposed.output_names), prepared.runner.workers
+    numbered = _numbered(batches, first or {})
+    steps = ordered_map(lambda item: _run(prepared, run, config.feeding, *item), numbered, workers)
+    threads = counting_threads(os.cpu_count() or 1, len(counted))
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="auditor-count") if threads > 1 else None
     try:
         for batch, outputs in steps:
             if cancelled is not None and cancelled():
@@ -133,14 +158,28 @@ def tally(
             split = tallies.get(batch.split)
             if split is None:
                 split = tallies[batch.split] = SplitTally(
-                    prepared.exposed, counted, config.margin_seed, prepared.structure.output_is_probability, budget
+                    prepared.exposed,
+                    counted,
+                    config.margin_seed,
+                    prepared.structure.output_is_probability,
+                    budget,
+                    pool,
                 )
             split.add(batch, outputs)
             if progress is not None:
                 progress(batch.split, split.figures.samples)
     finally:
         steps.close()
+        if pool is not None:
+            pool.shutdown(wait=True)
     return tallies
+
+
+def counting_threads(cores: int, layers: int) -> int:
+    """Threads that count a batch's layers side by side: half the cores (the other half runs the
+    next batches' inference), at most one per layer. On 2 cores that is one thread: a pool of two
+    measured slower there, the inference workers already taking both cores (docs/performance.md)."""
+    return max(1, min(cores // 2, layers, MAX_COUNTING_THREADS))
 
 
 def _numbered(batches: Iterable[tuple[str, Batch]], first: dict[str, int]) -> Iterator[tuple[str, int, Batch]]:
@@ -152,7 +191,9 @@ def _numbered(batches: Iterable[tuple[str, Batch]], first: dict[str, int]) -> It
         yield split, start, batch
 
 
-def _run(prepared: Prepared, feeding: Feeding, split: str, start: int, batch: Batch) -> tuple[Feed, dict]:
-    """Feed and run one batch; runs on a worker thread."""
+def _run(
+    prepared: Prepared, run: Callable[[np.ndarray], dict], feeding: Feeding, split: str, start: int, batch: Batch
+) -> tuple[Feed, dict]:
+    """Feed and run one batch (and count it, on the device path); runs on a worker thread."""
     ready, model_x = feed(split, start, batch, prepared.structure.input, feeding)
-    return ready, prepared.runner.run(model_x, prepared.exposed.output_names)
+    return ready, run(model_x)

@@ -10,45 +10,65 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
+# isort: off
+from auditor import grpclogs  # noqa: F401  (first: gRPC reads its log level when it is first imported)
+
+# isort: on
 from auditor import client, server
-from auditor.compare import compare, describe_settings, render_comparison, setting_differences
-from auditor.config import AGGREGATES, DEVICES, STATE_POINTS, AuditConfig
-from auditor.count import parse_size
+from auditor.compare import compare, render_comparison
+from auditor.config import AGGREGATES, DEVICES, GPU_MATHS, STATE_POINTS, AuditConfig
 from auditor.errors import AuditError, first_line
+from auditor.exits import Terminated, ending_on_signals
+from auditor.flags import MAX_SAMPLES, integer, number, size
 from auditor.gate import (
     BASELINE_METRICS,
+    COMPARED_SETTINGS,
     GATE_METRICS,
     baseline_checks,
+    baseline_settings_problem,
     gate_checks,
     junit_xml,
     summary_markdown,
     threshold_problem,
 )
+from auditor.images import MAX_SIDE
 from auditor.page import render_page
 from auditor.raycluster import ADDRESS_FORMS
-from auditor.records import DONE, KNOWN_DATASETS, SPLIT_CHOICES, DatasetRef, DataSpec, ImageOptions, Job
+from auditor.records import DONE, KNOWN_DATASETS, SPLIT_CHOICES, SPLITS, DatasetRef, DataSpec, ImageOptions, Job
 from auditor.report import REPORT_MAX_BYTES, SCHEMA, Report, ReportError, format_table, render_table
 from auditor.runners import LocalRunner, RayRunner, RemoteRunner, Runner
-from auditor.usage import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser
+from auditor.shard import MAX_SHARDS
+from auditor.sinks import for_terminal, lines_for_terminal
+from auditor.usage import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, format_size
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``auditor`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with ending_on_signals(), warnings.catch_warnings():
+            if not os.environ.get("AUDITOR_DEBUG"):
+                # A library's warning (numpy, Pillow, matplotlib) is lines on stderr around the one line a
+                # refusal promises, and noise after a successful run; what matters is in the report's warnings.
+                warnings.simplefilter("ignore")
+            return args.handler(args)
+    except Terminated as exc:  # SIGTERM, SIGHUP, …: the with blocks have cleaned up (spill folders)
+        print(f"auditor: stopped by {exc.name}", file=sys.stderr)
+        return exc.exit_code
     except AuditError as exc:
-        print(f"auditor: error: {exc}", file=sys.stderr)
+        print(f"auditor: error: {for_terminal(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # stdout piped into `head` and closed: that reader wanted no more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush stays quiet
         return EXIT_OK
     except OSError as exc:  # a file named on the command line (--json, --junit) cannot be written
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"auditor: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"auditor: error: cannot access{for_terminal(where)}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("auditor: interrupted", file=sys.stderr)
@@ -57,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("AUDITOR_DEBUG"):
             raise
         print(
-            f"auditor: internal error: {type(exc).__name__}: {first_line(exc)}; please report it "
+            f"auditor: internal error: {type(exc).__name__}: {for_terminal(first_line(exc))}; please report it "
             "(set AUDITOR_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )
@@ -65,9 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="auditor", description="Audit ONNX models: neural efficiency, aIQ, CNA and CNA-Margin."
-    )
+    parser = Parser(prog="auditor", description="Audit ONNX models: neural efficiency, aIQ, CNA and CNA-Margin.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     layers = commands.add_parser("layers", help="list the layers the auditor measures")
@@ -96,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     relative.add_argument(
         "--baseline", metavar="BASE.json", help="report of the model this one replaces, audited the same way"
     )
+    relative.add_argument(
+        "--allow-difference",
+        action="append",
+        default=[],
+        choices=COMPARED_SETTINGS,
+        metavar="SETTING",
+        help="let this setting differ from the baseline's, or be missing from it (repeatable; one of "
+        f"{', '.join(COMPARED_SETTINGS)}); by default every one must match",
+    )
     for key, (metric, direction) in BASELINE_METRICS.items():
         relative.add_argument(
             f"--{key.replace('_', '-')}", type=float, metavar="X", help=f"allow {metric} to {direction} by at most X"
@@ -119,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("new", help="the new report (JSON; '-' = stdin)")
     compare.add_argument("--json", metavar="PATH", help="write the comparison as JSON ('-' = stdout)")
     compare.set_defaults(handler=run_compare)
+
+    shrink = commands.add_parser(
+        "shrink", help="remove neurons the data shows are dead, duplicated or (with a budget) least used"
+    )
+    _add_shrink_arguments(shrink)
+    shrink.set_defaults(handler=run_shrink)
 
     serve = commands.add_parser("serve", help="run the gRPC auditing service")
     server.add_serve_arguments(serve)
@@ -153,18 +186,27 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", required=True, help="mnist, fashion-mnist, a path to a .npz/.npy file, or a folder of images"
     )
     data.add_argument("--split", default="test", choices=SPLIT_CHOICES, help="default: test")
-    data.add_argument("--limit", type=int, metavar="N", help="use the first N samples of each split")
     data.add_argument(
-        "--resize", type=int, metavar="N", help="image folders: shorter side to N (default: just cover the crop)"
+        "--limit", type=integer(1, MAX_SAMPLES), metavar="N", help="use the first N samples of each split"
     )
-    data.add_argument("--crop", type=int, metavar="N", help="image folders: centre N×N crop (default: model's H×W)")
+    data.add_argument(
+        "--resize",
+        type=integer(1, MAX_SIDE),
+        metavar="N",
+        help="image folders: shorter side to N (default: just cover the crop)",
+    )
+    data.add_argument(
+        "--crop", type=integer(1, MAX_SIDE), metavar="N", help="image folders: centre N×N crop (default: model's H×W)"
+    )
     data.add_argument("--skip-bad", action="store_true", help="image folders: skip bad images, counted in warnings")
-    data.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default: {d.batch_size}")
-    data.add_argument("--scale", type=float, help="multiply samples by this (default: 1/255 for uint8 data, else 1)")
-    data.add_argument("--mean", type=float, default=d.mean, help="subtract after scaling (default: 0)")
-    data.add_argument("--std", type=float, default=d.std, help="divide after subtracting the mean (default: 1)")
+    data.add_argument("--batch-size", type=integer(1, 2**31 - 1), default=d.batch_size, help=f"default: {d.batch_size}")
+    data.add_argument("--scale", type=number(), help="multiply samples by this (default: 1/255 for uint8 data, else 1)")
+    data.add_argument("--mean", type=number(), default=d.mean, help="subtract after scaling (default: 0)")
+    data.add_argument("--std", type=number(), default=d.std, help="divide after subtracting the mean (default: 1)")
     metrics = parser.add_argument_group("metrics")
-    metrics.add_argument("--beta", type=float, default=d.beta, help="aIQ's accuracy weight β > 0 (default: 2)")
+    metrics.add_argument(
+        "--beta", type=number(0, above=True), default=d.beta, help="aIQ's accuracy weight β > 0 (default: 2)"
+    )
     metrics.add_argument(
         "--include-output-layer", action="store_true", help="count the output layer in efficiency and aIQ"
     )
@@ -180,15 +222,23 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         "after BatchNorm/Dropout/affine ops that follow the activation (SPEC §1)",
     )
     metrics.add_argument(
-        "--margin-fraction", type=float, default=d.margin_fraction, help="training fraction for margin_max"
+        "--margin-fraction",
+        type=number(0, 1, above=True),
+        default=d.margin_fraction,
+        help="training fraction for margin_max",
     )
-    metrics.add_argument("--margin-seed", type=int, default=d.margin_seed, help="seed choosing that fraction")
     metrics.add_argument(
-        "--target-efficiency", type=float, default=d.target_efficiency, help="efficiency the width advice aims at"
+        "--margin-seed", type=integer(0, 2**63 - 1), default=d.margin_seed, help="seed choosing that fraction"
+    )
+    metrics.add_argument(
+        "--target-efficiency",
+        type=number(0, 1, above=True),
+        default=d.target_efficiency,
+        help="efficiency the width advice aims at",
     )
     metrics.add_argument(
         "--alpha-range",
-        type=float,
+        type=number(),
         nargs=2,
         default=d.alpha_range,
         metavar=("LO", "HI"),
@@ -197,11 +247,19 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA when it can run, else CPU")
     run.add_argument(
+        "--gpu-math",
+        choices=GPU_MATHS,
+        default=d.gpu_math,
+        help="float math on CUDA: exact (fp32, TF32 off: the CPU's counts; default) or tf32 (faster; the report "
+        "calls its counts approximate)",
+    )
+    run.add_argument(
         "--memory-budget",
-        default="1G",
+        type=size,
+        default=format_size(d.memory_budget),
         metavar="SIZE",
-        help="what one audit may hold for counting states, e.g. 512M or 4G (default: 1G); past it, sorted "
-        "runs spill to --spill-dir, and counts stay exact",
+        help="what one audit may hold for counting states, e.g. 512M or 4G "
+        f"(default: {format_size(d.memory_budget)}); past it, sorted runs spill to --spill-dir, and counts stay exact",
     )
     run.add_argument(
         "--spill-dir", type=Path, metavar="DIR", help="folder for spilled runs (default: the system's temp folder)"
@@ -212,12 +270,69 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"audit on Ray: {ADDRESS_FORMS}; needs the ray extra",
     )
     run.add_argument(
-        "--shards", type=int, metavar="N", help="with --ray: cut each split into N contiguous shards (default: 1)"
+        "--shards",
+        type=integer(1, MAX_SHARDS),
+        metavar="N",
+        help="with --ray: cut each split into N contiguous shards (default: 1)",
     )
     run.add_argument("--json", type=str, metavar="PATH", help="write the report as JSON ('-' = stdout)")
     run.add_argument("--html", type=Path, metavar="PATH", help="write the report as one self-contained HTML page")
     run.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     client.add_connection_arguments(parser)
+
+
+def _add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``shrink``: the data to measure on, the held-out split, the budget, the outputs."""
+    d = AuditConfig()
+    parser.add_argument("model", type=Path, help="path to an .onnx file")
+    parser.add_argument("--data", required=True, help="mnist, fashion-mnist, or a path to a .npz/.npy file")
+    parser.add_argument(
+        "--split", default="train", choices=SPLITS, help="split whose states decide what goes (default: train)"
+    )
+    parser.add_argument(
+        "--holdout",
+        default="test",
+        choices=SPLITS,
+        help="split where accuracy, η_N and aIQ are measured before and after, and the budget's stop is "
+        "checked (default: test)",
+    )
+    parser.add_argument("--limit", type=int, metavar="N", help="use the first N samples of each split")
+    parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="PP",
+        help="also remove the least-used neurons while held-out accuracy falls by at most PP percentage "
+        "points (0–100); without it only exact removals (dead, duplicate) are made",
+    )
+    parser.add_argument(
+        "--criterion",
+        choices=("mean-replacement", "layer-share", "weight-norm"),
+        default="layer-share",
+        help="how the budget ranks neurons, least useful first (default: layer-share; docs/shrink.md)",
+    )
+    parser.add_argument(
+        "--align",
+        type=int,
+        default=1,
+        metavar="N",
+        help="keep every layer's width a multiple of N (or whole): 8 suits onnxruntime's CPU Conv kernels "
+        "(default: 1; docs/shrink.md)",
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="PATH", help="where to write the shrunk .onnx")
+    parser.add_argument("--json", type=str, metavar="PATH", help="write the shrink report as JSON ('-' = stdout)")
+    parser.add_argument("--html", type=Path, metavar="PATH", help="write the shrunk model's audit page with the shrink")
+    parser.add_argument(
+        "--baseline-json",
+        type=Path,
+        metavar="PATH",
+        help="write the original's held-out audit report: the --baseline for auditor gate on the shrunk model",
+    )
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default: {d.batch_size}")
+    parser.add_argument("--scale", type=float, help="multiply samples by this (default: 1/255 for uint8 data, else 1)")
+    parser.add_argument("--mean", type=float, default=d.mean, help="subtract after scaling (default: 0)")
+    parser.add_argument("--std", type=float, default=d.std, help="divide after subtracting the mean (default: 1)")
+    parser.add_argument("--beta", type=float, default=d.beta, help="aIQ's accuracy weight β > 0 (default: 2)")
+    parser.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA when it can run, else CPU")
 
 
 def config_from_args(args: argparse.Namespace) -> AuditConfig:
@@ -237,7 +352,8 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         std=args.std,
         device=args.device,
         states_at=args.states_at,
-        memory_budget=parse_size(args.memory_budget),
+        memory_budget=args.memory_budget,
+        gpu_math=args.gpu_math,
     )
 
 
@@ -251,7 +367,7 @@ def run_layers(args: argparse.Namespace) -> int:
         print(json.dumps({"input": info.input_name, "layers": rows}, indent=2))
         return EXIT_OK
     table = [[str(i), *("-" if row[k] is None else str(row[k]) for k in fields)] for i, row in enumerate(rows, 1)]
-    print("\n".join(format_table(["#", *fields], table)))
+    _show("\n".join(format_table(["#", *fields], table)))
     return EXIT_OK
 
 
@@ -311,6 +427,12 @@ class _progress_bar:
             self.bar.close()
 
 
+def _show(text: str, file: TextIO | None = None) -> None:
+    """Print our own lines of text to a terminal (or a log): names from the model inside them are
+    escaped (``auditor.sinks``), so they cannot move the cursor, retitle the window or read backwards."""
+    print(lines_for_terminal(text), file=file or sys.stdout)
+
+
 def _write(text: str, destination: str) -> None:
     if destination == "-":
         print(text)
@@ -324,7 +446,7 @@ def run_audit(args: argparse.Namespace) -> int:
     report = produce_report(args)
     _write_report(report, args)
     if args.json != "-":
-        print(render_table(report))
+        _show(render_table(report))
     return EXIT_OK
 
 
@@ -372,7 +494,7 @@ def run_gate(args: argparse.Namespace) -> int:
             step_summary.write(summary + "\n")
     out = sys.stdout if args.json != "-" else sys.stderr
     for check in checks:
-        print(check.describe(), file=out)
+        _show(check.describe(), out)
     failed = [c for c in checks if not c.passed]
     print(
         f"gate {'FAILED' if failed else 'passed'}: {len(checks) - len(failed)}/{len(checks)} thresholds met", file=out
@@ -390,12 +512,9 @@ def _read_baseline(args: argparse.Namespace, relative: dict[str, float | None], 
             raise AuditError(f"{option} needs --baseline BASE.json, a report of the model this one replaces")
         return None
     baseline = read_report(args.baseline, "baseline")
-    differences = setting_differences(baseline.config, config_from_args(args).to_dict())
-    if differences:
-        raise AuditError(
-            f"the baseline {args.baseline} was audited with settings that change the numbers: "
-            f"{describe_settings(differences, ('baseline', 'this audit'))}; gate with the baseline's settings"
-        )
+    problem = baseline_settings_problem(baseline.config, config_from_args(args).to_dict(), args.allow_difference)
+    if problem:
+        raise AuditError(f"the baseline {args.baseline} {problem}")
     if split not in baseline.splits:
         raise AuditError(
             f"the baseline {args.baseline} has no {split} split (it has {', '.join(baseline.splits)}); "
@@ -412,6 +531,56 @@ def _read_baseline(args: argparse.Namespace, relative: dict[str, float | None], 
     return baseline
 
 
+def run_shrink(args: argparse.Namespace) -> int:
+    """``shrink``: measure, cut, verify, and write the model and the reports asked for."""
+    from auditor.data import open_dataset
+    from auditor.shrink import MAX_ALIGN, check_drop, save_model, shrink
+    from auditor.shrinkreport import html_section, render_text
+
+    if args.max_accuracy_drop is not None:
+        check_drop(args.max_accuracy_drop)
+    if args.limit is not None and args.limit < 1:
+        raise AuditError(f"--limit must be at least 1, got {args.limit}")
+    if not 1 <= args.align <= MAX_ALIGN:
+        raise AuditError(f"--align must be in 1..{MAX_ALIGN}, got {args.align}")
+    if args.out.resolve() == args.model.resolve():
+        raise AuditError("--out names the model itself; write the shrunk model to another file")
+    if not args.out.resolve().parent.is_dir():
+        raise AuditError(f"--out {args.out}: its folder does not exist")
+    config = AuditConfig(
+        batch_size=args.batch_size, scale=args.scale, mean=args.mean, std=args.std, beta=args.beta, device=args.device
+    )
+    data = [open_dataset(args.data, args.split, limit=args.limit)]
+    holdout = [open_dataset(args.data, args.holdout, limit=args.limit)]
+    report = shrink(
+        args.model,
+        data,
+        holdout,
+        config,
+        max_accuracy_drop=args.max_accuracy_drop,
+        criterion=args.criterion,
+        align=args.align,
+        progress=_stage_printer(),
+    )
+    save_model(report.model, args.out, like=args.model)
+    if args.json:
+        _write(report.to_json(), args.json)
+    if args.html:
+        args.html.write_text(render_page(report.after_report, sections=[html_section(report)]))
+    if args.baseline_json:
+        args.baseline_json.write_text(report.before_report.to_json() + "\n")
+    if args.json != "-":
+        print(render_text(report))
+    return EXIT_OK
+
+
+def _stage_printer() -> Callable[[str], None] | None:
+    """Stage messages on an interactive stderr (``auditor shrink``'s passes take a while), else none."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda message: print(f"auditor shrink: {message}", file=sys.stderr)
+
+
 def run_render(args: argparse.Namespace) -> int:
     _write(render_page(read_report(args.report, "report")).rstrip("\n"), args.html)
     return EXIT_OK
@@ -424,7 +593,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.json:
         _write(json.dumps(comparison.to_dict(), indent=2), args.json)
     if args.json != "-":
-        print(render_comparison(comparison))
+        _show(render_comparison(comparison))
     return EXIT_OK
 
 
@@ -457,7 +626,7 @@ def run_reports(args: argparse.Namespace) -> int:
     if args.json:
         _write(report.to_json(), args.json)
     if args.json != "-":
-        print(render_table(report))
+        _show(render_table(report))
     return EXIT_OK
 
 
@@ -491,7 +660,7 @@ def run_jobs(args: argparse.Namespace) -> int:
     if args.id is None:
         if args.wait or args.cancel or args.json or args.html:
             raise AuditError("--wait, --cancel, --json and --html act on one job: give its id")
-        print("\n".join(format_table(JOB_COLUMNS, [_job_row(job) for job in client.list_jobs(connection)])))
+        _show("\n".join(format_table(JOB_COLUMNS, [_job_row(job) for job in client.list_jobs(connection)])))
         return EXIT_OK
     report = None
     if args.cancel:
@@ -507,11 +676,11 @@ def run_jobs(args: argparse.Namespace) -> int:
     if report is None:
         if args.json or args.html:
             raise AuditError(f"job {job.id} is {job.state} and has no report yet; add --wait to wait for it")
-        print("\n".join(format_table(JOB_COLUMNS, [_job_row(job)])))
+        _show("\n".join(format_table(JOB_COLUMNS, [_job_row(job)])))
         return EXIT_OK
     _write_report(report, args)
     if args.json != "-":
-        print(render_table(report))
+        _show(render_table(report))
     return EXIT_OK
 
 

@@ -34,6 +34,7 @@ from auditor._proto.auditor.v1 import auditor_pb2_grpc
 from auditor.config import AuditConfig
 from auditor.data import open_splits, skipped_warnings, tagged
 from auditor.errors import AuditError, ModelError
+from auditor.flags import number
 from auditor.records import AuditSpec, DatasetRef, DataSpec, Job
 from auditor.report import Report
 from auditor.transport import CHANNEL_OPTIONS, bearer_metadata, error_from_status, read_token, retryable
@@ -44,6 +45,7 @@ UPLOAD_CHUNK = 1 << 20  # well under gRPC's 4 MB default message size
 RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 15.0
 RETRY_WINDOW_S = 60.0  # without --timeout: how long a run of failures is retried
+MAX_TIMEOUT = 30 * 24 * 3600.0  # --timeout: a month; gRPC deadlines overflow far beyond
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-ca", type=Path, metavar="PEM", help="root certificate: talk TLS to the server")
     group.add_argument(
         "--timeout",
-        type=float,
+        type=number(0, MAX_TIMEOUT, above=True),
         metavar="SECONDS",
         help="give up after this long, retries included (default: wait; retry failures for 60 s)",
     )

@@ -11,25 +11,48 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
 from typing import Any
 
 from auditor.errors import AuditError, require
 
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATES = ("sum", "mean")
-STATE_POINTS = ("pre-activation", "block-output")  # where a layer's state is read (SPEC §1)
+
+
+class StatePoint(StrEnum):
+    """Where a layer's state is read (SPEC §1): at the pre-activation, or at the block's output."""
+
+    PRE_ACTIVATION = "pre-activation"
+    BLOCK_OUTPUT = "block-output"
+
+
+STATE_POINTS = tuple(point.value for point in StatePoint)
+GPU_MATHS = ("exact", "tf32")  # CUDA float math: full fp32 (exact counts), or TF32 (faster, approximate)
+# What one audit may hold for counting states (``stores.MemoryBudget``), defined here once: this
+# module is the settings record, imports nothing heavy, and the CLI, the server and the stores
+# all read it.
+DEFAULT_MEMORY_BUDGET = 1 << 30
+MIN_MEMORY_BUDGET = 64 << 20  # below this, sorting and spilling would dominate any real audit
+MAX_MEMORY_BUDGET = 1 << 50
 
 
 @dataclass(frozen=True)
 class SessionSettings:
-    """What a prepared model depends on: the device it runs on and where its states are read."""
+    """What a prepared model depends on: the device it runs on, where its states are read, and
+    the float math its CUDA session may use."""
 
     device: str = "auto"
     states_at: str = "pre-activation"
+    gpu_math: str = "exact"
 
     def satisfied_by(self, prepared: SessionSettings) -> bool:
         """Whether a model prepared with ``prepared`` serves these settings ("auto" takes any device)."""
-        return self.states_at == prepared.states_at and self.device in ("auto", prepared.device)
+        return (
+            self.states_at == prepared.states_at
+            and self.gpu_math == prepared.gpu_math
+            and self.device in ("auto", prepared.device)
+        )
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,9 @@ class AuditConfig:
     non-uint8 data for CNA's input entropy (SPEC §4); uint8 data always uses 0–255.
     ``memory_budget`` caps, in bytes, what the audit holds for counting states before it spills
     sorted runs to disk (the command line refuses less than 64M; tests go lower to force spills).
+    ``gpu_math`` is the float math of CUDA sessions: ``exact`` (full fp32, TF32 off; a CUDA audit
+    counts the CPU's states) or ``tf32`` (faster matmuls and convolutions that can flip firing bits
+    near zero, so the report calls its counts approximate). CPU sessions ignore it.
     """
 
     beta: float = 2.0
@@ -81,7 +107,8 @@ class AuditConfig:
     std: float = 1.0
     device: str = "auto"
     states_at: str = "pre-activation"
-    memory_budget: int = 1 << 30
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    gpu_math: str = "exact"
 
     def __post_init__(self) -> None:
         finite = [
@@ -107,6 +134,7 @@ class AuditConfig:
                 (self.std != 0, "std must not be 0"),
                 (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
                 (self.states_at in STATE_POINTS, f"states_at must be one of {STATE_POINTS}, got {self.states_at!r}"),
+                (self.gpu_math in GPU_MATHS, f"gpu_math must be one of {GPU_MATHS}, got {self.gpu_math!r}"),
                 (
                     1 <= self.memory_budget <= 2**63 - 1,
                     f"memory budget must be a positive number of bytes, got {self.memory_budget}",
@@ -116,7 +144,7 @@ class AuditConfig:
 
     @property
     def session(self) -> SessionSettings:
-        return SessionSettings(self.device, self.states_at)
+        return SessionSettings(self.device, self.states_at, self.gpu_math)
 
     @property
     def feeding(self) -> Feeding:

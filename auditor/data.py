@@ -482,9 +482,7 @@ def _member_rows(
             for start in range(0, count, batch_size):
                 out = np.empty((min(batch_size, count - start), *shape[1:]), dtype)
                 if stream.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
-                    raise DataError(
-                        f"{path}: member {member!r} declares {shape[0]} rows but ends early; save it again"
-                    )
+                    raise DataError(f"{path}: member {member!r} declares {shape[0]} rows but ends early; save it again")
                 yield out
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(f"cannot read {path}: {first_line(exc)}; save the arrays again with numpy.savez") from None

@@ -18,7 +18,8 @@ from auditor import metrics
 from auditor.config import Feeding
 from auditor.data import Batch
 from auditor.errors import DataError
-from auditor.graph import ModelInput
+from auditor.find import ModelInput
+from auditor.sinks import shape_text
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def to_model_input(x: np.ndarray, model_input: ModelInput, feeding: Feeding) -> 
     """
     if not np.issubdtype(model_input.dtype, np.floating):
         return _fit_shape(_as_integers(x, model_input, feeding), model_input)
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below, by name, not warned
+    with np.errstate(all="ignore"):  # overflow and division by a tiny --std are refused below, by name, not warned
         if feeding.scale is not None:
             values = x.astype(np.float32) * np.float32(feeding.scale)
         elif x.dtype == np.uint8:
@@ -136,8 +137,8 @@ def _fit_shape(x: np.ndarray, model_input: ModelInput) -> np.ndarray:
     )
     if not known and fits:
         return x
-    want = "×".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in dims)
     raise DataError(
-        f"data samples have shape {'×'.join(map(str, x.shape[1:]))} ({per_sample} values) but model input "
-        f"{model_input.name!r} expects {want}; give data of that shape"
+        f"data samples have shape {shape_text(x.shape[1:])} ({per_sample} values) but model input "
+        f"{model_input.name!r} expects {shape_text(dims)} per sample (its shape: {shape_text(model_input.shape)}); "
+        "give data of that shape"
     )

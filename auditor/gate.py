@@ -9,12 +9,17 @@ run page. A metric that is null in the audited report fails its check.
 
 from __future__ import annotations
 
+import json
 import math
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from auditor.compare import SETTINGS_WITHOUT_EFFECT
+from auditor.config import AuditConfig
 from auditor.report import Report, render_table
+from auditor.sinks import for_terminal, for_xml
 
 # Absolute thresholds: option key -> (metric, comparison).
 GATE_METRICS = {
@@ -37,6 +42,12 @@ MARGIN_SPLIT = "train+test"  # CNA-Margin belongs to the pair of splits, not to 
 # A change is a difference of two floats: 0.80 − 0.78 is 0.020000000000000018, which must still
 # meet an allowed drop of 0.02. Far below any figure's printed precision.
 ROUNDING = 1e-12
+
+
+# The settings a baseline must record, and match, for its figures to be comparable with an audit's.
+COMPARED_SETTINGS = tuple(key for key in AuditConfig().to_dict() if key not in SETTINGS_WITHOUT_EFFECT)
+_RECORDED_MAX = 40  # characters of one recorded value or name quoted in a refusal
+_NAMES_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -146,22 +157,92 @@ def _shown(value: float | None) -> str:
     return "null (see warnings)" if value is None else f"{value:.4f}"
 
 
+def baseline_settings_problem(
+    recorded: Mapping[str, Any], audit: Mapping[str, Any], allowed: Collection[str] = ()
+) -> str | None:
+    """Why a baseline whose report ``config`` is ``recorded`` cannot be gated against an audit
+    with settings ``audit`` (``AuditConfig.to_dict()``), or None when it can.
+
+    Figures are comparable only between audits made the same way, so every setting that changes
+    the numbers (``COMPARED_SETTINGS``: β, the state point, CNA's aggregate, the margins,
+    preprocessing, …) must be recorded in the baseline and equal this audit's, in type as in value
+    (``"2"`` is not 2, ``true`` is not 1, NaN equals nothing). A missing or partial ``config``
+    is refused: an edited report or one written before a setting existed cannot show it was
+    audited the same way. ``allowed`` names the settings the user lets differ or be missing.
+    """
+    compared = [key for key in COMPARED_SETTINGS if key not in allowed]
+    missing = [key for key in compared if key not in recorded]
+    unknown = [key for key in recorded if key not in audit]
+    differing = [key for key in compared if key in recorded and not _same_setting(recorded[key], audit[key])]
+    problems = []
+    if missing:
+        problems.append(f"does not record {_names(missing)}, so it cannot show it was audited the same way")
+    if differing:
+        pairs = "; ".join(
+            f"{key} {_recorded(recorded[key])} (baseline) vs {_recorded(audit[key])} (this audit)" for key in differing
+        )
+        problems.append(f"was audited with settings that change the numbers: {pairs}")
+    if unknown:
+        problems.append(f"records settings this auditor does not know: {_names(unknown)}")
+    if not problems:
+        return None
+    return (
+        "; and it ".join(problems)
+        + "; audit both the same way, or let named settings differ with --allow-difference SETTING"
+    )
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal in value and kind: numbers compare as numbers (an int 2 is a float 2.0), but a bool
+    is only a bool and a string only a string; lists element by element."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b, strict=True))
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def _recorded(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        text = " ".join(_recorded(v) for v in value)
+    else:  # a string shows its quotes, so that "2" and 2 read apart
+        text = _number(value) if isinstance(value, float) else json.dumps(value, default=str)
+    return text if len(text) <= _RECORDED_MAX else text[: _RECORDED_MAX - 1] + "…"
+
+
+def _number(value: float) -> str:
+    """Short (``2``, ``0.1``) unless that would hide a difference: then every digit."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def _names(names: Sequence[str]) -> str:
+    shown = ", ".join(
+        name if len(name) <= _RECORDED_MAX else name[: _RECORDED_MAX - 1] + "…" for name in names[:_NAMES_SHOWN]
+    )
+    return shown + (f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else "")
+
+
 def junit_xml(checks: Sequence[Check], report: Report) -> str:
-    """JUnit XML with one testcase per threshold; a failure's message is the check's one line."""
+    """JUnit XML with one testcase per threshold; a failure's message is the check's one line.
+    Every string in it, the model's name and the layer names in particular, holds only
+    XML-legal characters (``auditor.sinks.for_xml``), so any parser reads the file."""
     failures = [c for c in checks if not c.passed]
     suites = ET.Element("testsuites", tests=str(len(checks)), failures=str(len(failures)))
     suite = ET.SubElement(
         suites,
         "testsuite",
-        name=f"auditor.gate {report.model.name}",
+        name=for_xml(f"auditor.gate {report.model.name}"),
         tests=str(len(checks)),
         failures=str(len(failures)),
     )
     for check in checks:
-        case = ET.SubElement(suite, "testcase", classname="auditor.gate", name=check.name)
+        case = ET.SubElement(suite, "testcase", classname="auditor.gate", name=for_xml(check.name))
         if not check.passed:
-            ET.SubElement(case, "failure", message=check.describe()).text = check.describe()
-    ET.SubElement(suite, "system-out").text = render_table(report)
+            line = for_xml(check.describe())
+            ET.SubElement(case, "failure", message=line).text = line
+    ET.SubElement(suite, "system-out").text = for_xml(render_table(report), multiline=True)
     return ET.tostring(suites, encoding="unicode", xml_declaration=True)
 
 
@@ -208,5 +289,5 @@ def _cell(value: float | None) -> str:
 
 
 def _md(text: str) -> str:
-    """Text safe inside a Markdown table cell or inline code."""
-    return text.replace("|", "\\|").replace("`", "'").replace("\n", " ")
+    """Text safe inside a Markdown table cell or inline code, and printable on a CI log."""
+    return for_terminal(text).replace("|", "\\|").replace("`", "'")

@@ -51,9 +51,11 @@ from PIL import Image, UnidentifiedImageError
 from auditor.data import Batch, Dataset
 from auditor.errors import DataError, first_line
 from auditor.records import SPLITS, ImageOptions
+from auditor.sinks import shape_text
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
 MAX_PIXELS = 1 << 26  # 67M pixels (a 50-megapixel photo fits), under Pillow's own bomb warning
+MAX_SIDE = math.isqrt(MAX_PIXELS)  # the largest --resize or --crop whose square fits MAX_PIXELS
 MAX_FILE_BYTES = 1 << 28  # 256 MiB
 WORKERS = min(4, os.cpu_count() or 1)  # decoding threads; at most this many full-size images at once
 
@@ -163,7 +165,7 @@ def _read_input_shape(shape: tuple[int | str | None, ...]) -> tuple[int, str, tu
     if len(dims) == 1 and dims[0] is not None and math.isqrt(dims[0]) ** 2 == dims[0]:
         side = math.isqrt(dims[0])  # a flat input of side² values: one-channel side×side images
         return 1, "hw", (side, side)
-    shown = "×".join("?" if d is None else str(d) for d in shape) or "a scalar"
+    shown = shape_text(shape)
     raise DataError(
         f"image folders feed models whose input is {', '.join(_LAYOUTS.values())} with C = 1 or 3, or a "
         f"flat square; this model's input is {shown}; give the data as a .npz/.npy file instead"
@@ -313,7 +315,9 @@ def _decode(root: Path, name: str, target: _Target) -> np.ndarray:
                 _check_pixels(opened.size, "")
                 if opened.mode not in _MODES_8BIT:
                     raise _BadImage(f"has pixel mode {opened.mode}; save it with 8 bits per channel")
-                image = opened.convert(target.mode)  # decodes the file
+                # A palette with transparency goes through RGBA, as Pillow advises (else it warns on stderr).
+                palette_alpha = opened.mode == "P" and "transparency" in opened.info
+                image = (opened.convert("RGBA") if palette_alpha else opened).convert(target.mode)  # decodes
         except _BadImage:
             raise
         except UnidentifiedImageError:

@@ -9,21 +9,23 @@ The figures are matplotlib drawings saved as SVG and inlined; matplotlib is impo
 page is rendered, and draws on its own Figure objects (no pyplot state). A figure whose data
 the report lacks (a report written before the key existed, or one split only) is replaced by a
 short note saying why. No text from the model (layer names) is drawn into a figure: figures
-number the layers, and the tables name them.
+number the layers, and the tables name them. The split names a figure shows come from the
+report, so every text of a figure is drawn literally (no mathtext), escaped and elided.
 """
 
 from __future__ import annotations
 
-import html
 import io
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from auditor.report import Report
+from auditor.sinks import for_figure, for_html
 
 SPLIT_COLORS = {"train": "#0072b2", "test": "#d55e00"}  # Okabe–Ito blue and vermillion: colour-blind safe
 OTHER_COLORS = ("#009e73", "#cc79a7", "#e69f00", "#56b4e9")
@@ -51,8 +53,11 @@ summary{display:none}}
 """
 
 
-def render_page(report: Report | Mapping[str, Any]) -> str:
-    """The whole page for ``report`` (a ``Report`` or its ``auditor.report/v1`` dict), as HTML text."""
+def render_page(report: Report | Mapping[str, Any], sections: Sequence[str] = ()) -> str:
+    """The whole page for ``report`` (a ``Report`` or its ``auditor.report/v1`` dict), as HTML text.
+
+    ``sections`` are ready HTML sections placed after the headline (``auditor shrink`` adds its own).
+    """
     data = report.to_dict() if isinstance(report, Report) else report
     figures = _Figures()
     model = data["model"]
@@ -63,9 +68,11 @@ def render_page(report: Report | Mapping[str, Any]) -> str:
         "auditor's SPEC: aIQ is on the 0–1 scale; entropies are in bits.</p>",
         _warnings(data.get("warnings") or []),
         _headline(data),
+        *sections,
         _layers(data, figures),
         _states(data, figures),
         _cna(data, figures),
+        _weights(data),
         _settings(data),
     ]
     return "\n".join(
@@ -354,6 +361,54 @@ def _cna(data: Mapping[str, Any], figures: _Figures) -> str:
     return "\n".join(parts)
 
 
+def _weights(data: Mapping[str, Any]) -> str:
+    weights = data.get("weights")
+    parts = [
+        "<h2>Weights</h2>",
+        '<p class="sub">Data-free baselines, read from the weights alone: each layer\'s weight as a matrix '
+        "(outputs × inputs; a Conv kernel bank as C_out × C_in·kH·kW), its Frobenius norm ‖W‖_F and spectral "
+        "norm ‖W‖₂, their products over the layers listed, and the ℓ2 path norm (biases excluded).</p>",
+    ]
+    if not isinstance(weights, Mapping):
+        return "\n".join(
+            [
+                *parts,
+                '<p class="note">Not in this report: it carries no <code>weights</code> section '
+                "(reports from older auditors lack it).</p>",
+            ]
+        )
+    rows = [
+        [
+            _e(layer.get("layer")),
+            _e(layer.get("op")),
+            f"<code>{_e(layer.get('weight'))}</code>",
+            _e(" × ".join(str(d) for d in layer.get("matrix") or [])),
+            _num(layer.get("frobenius")),
+            _num(layer.get("spectral")),
+        ]
+        for layer in _mappings(weights.get("layers"))
+    ]
+    parts.append(_table(["layer", "op", "weight", "matrix", "‖W‖_F", "‖W‖₂"], rows))
+    covers = ", ".join(str(name) for name in weights.get("covers") or []) or "no layer"
+    note = weights.get("path_norm_note")
+    totals = [
+        [f"<th>Π ‖W‖_F over {_e(covers)}</th>", _num(weights.get("frobenius_product"))],
+        [f"<th>Π ‖W‖₂ over {_e(covers)}</th>", _num(weights.get("spectral_product"))],
+        ["<th>ℓ2 path norm</th>", _num(weights.get("path_norm")) + (f" ({_e(note)})" if note else "")],
+    ]
+    parts.append(_table(["", ""], totals, head=False, align=False))
+    missing = _mappings(weights.get("without_weights"))
+    if missing:
+        items = "".join(f"<li>{_e(m.get('layer'))}: {_e(m.get('reason'))}</li>" for m in missing)
+        parts.append(f'<p class="note">Layers without weight figures ({len(missing)}):</p><ul>{items}</ul>')
+    return "\n".join(parts)
+
+
+def _mappings(value: Any) -> list[Mapping[str, Any]]:
+    """The mappings of a list from the report (anything else in it, or a non-list, is skipped)."""
+    return [item for item in value if isinstance(item, Mapping)] if isinstance(value, list) else []
+
+
 def _settings(data: Mapping[str, Any]) -> str:
     config = data.get("config") or {}
     rows = [[_e(key), _e(_setting(value))] for key, value in config.items()]
@@ -390,7 +445,12 @@ def _inline_svg(figure: Any, prefix: str, label: str) -> str:
     """The figure as an ``<svg>`` element fit for inlining: no XML prolog or doctype, and every id
     renamed ``prefix-N`` so that figures never share one (matplotlib reuses glyph ids across files)."""
     buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", metadata=_NO_METADATA)
+    _literal_texts(figure)
+    with warnings.catch_warnings():
+        # Layout that cannot fit every legend entry, glyphs a font lacks: the figure is drawn
+        # anyway, and a page rendered in CI must not fill its log with library warnings.
+        warnings.simplefilter("ignore")
+        figure.savefig(buffer, format="svg", metadata=_NO_METADATA)
     text = buffer.getvalue()
     text = text[text.index("<svg") :]
     names = {old: f"{prefix}-{i}" for i, old in enumerate(dict.fromkeys(re.findall(r'\bid="([^"]+)"', text)))}
@@ -398,6 +458,17 @@ def _inline_svg(figure: Any, prefix: str, label: str) -> str:
     text = re.sub(r'href="#([^"]+)"', lambda m: f'href="#{names.get(m[1], m[1])}"', text)
     text = re.sub(r"url\(#([^)]+)\)", lambda m: f"url(#{names.get(m[1], m[1])})", text)
     return text.replace("<svg ", f'<svg role="img" aria-label="{_e(label)}" ', 1).strip()
+
+
+def _literal_texts(figure: Any) -> None:
+    """Every text in the figure shown as written: split names and other strings from the report
+    are escaped and elided (``auditor.sinks.for_figure``) and never parsed as mathtext, in which
+    ``$\\frac{}$`` is an error and ``$...$`` a formula."""
+    from matplotlib.text import Text
+
+    for text in figure.findobj(Text):
+        text.set_parse_math(False)
+        text.set_text(for_figure(text.get_text()))
 
 
 def _split_color(split: str, index: int) -> str:
@@ -626,7 +697,7 @@ def _setting(value: Any) -> str:
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value))
+    return for_html(value)
 
 
 def _table(

@@ -1,7 +1,8 @@
 """What the service keeps: finished reports in SQLite, uploaded models content-addressed on disk.
 
-Layout under the store folder (one server per store)::
+Layout under the store folder (one server per store, held by ``claim_store``)::
 
+    owner.lock                            flock held by the one server using the store (its pid inside)
     reports.sqlite3                       one row per finished report, one per job (WAL mode)
     models/<content address>/model.onnx   an uploaded model ...
     models/<content address>/<location>   ... and its external data files, as the model names them
@@ -30,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from auditor import locks
 from auditor.errors import AuditError, LimitError, ModelError, NotFoundError
 from auditor.modelfile import MODEL_FILE, check_data_file_name, content_address
 from auditor.records import StoredReport, check_content_address, check_id, is_content_address
@@ -49,6 +51,24 @@ CREATE TABLE IF NOT EXISTS reports (
 );
 CREATE INDEX IF NOT EXISTS reports_by_model ON reports (model_sha256, seq);
 """
+
+
+def claim_store(store: Path) -> locks.Ownership:
+    """Make ``store`` this process's alone for as long as the ownership is held, or refuse in one
+    line naming the store: a second server on it would run the first's jobs again and clean away
+    its uploads in progress. Take it before anything else touches the store (staging cleanup, job
+    recovery). The kernel drops the lock when the owner dies, ``kill -9`` included."""
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        ownership = locks.take(store / locks.LOCK_FILE)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise AuditError(f"cannot use the store {store}: {reason}; give --store a writable folder") from None
+    if ownership is None:
+        pid = locks.owner_pid(store / locks.LOCK_FILE)
+        by = f"another auditor server (pid {pid})" if pid else "another auditor server"
+        raise AuditError(f"the store {store} is in use by {by}; stop that server or give another --store")
+    return ownership
 
 
 def page_bounds(page_size: int, page_token: str) -> tuple[int, int | None]:

@@ -14,7 +14,9 @@ from dataclasses import dataclass, replace
 import onnx
 
 from auditor.config import SessionSettings
-from auditor.graph import Exposed, Structure, describe, expose, with_shape
+from auditor.devrun import Device, counting_device
+from auditor.expose import Exposed, expose
+from auditor.find import Structure, describe, with_shape
 from auditor.modelfile import LoadedModel, load_model
 from auditor.report import LayerInfo, ModelInfo
 from auditor.run import CPU_ONLY, Runner, probe_shapes, requested_providers
@@ -36,25 +38,40 @@ class Prepared:
     runner: Runner
     settings: SessionSettings
     max_rows: int | None = None  # samples per batch that keep activations near BATCH_BYTES
+    device: Device | None = None  # where states are counted when not on the host (``devrun``)
+    counting_warnings: tuple[str, ...] = ()  # the report's line when CUDA runs but counting cannot follow
 
     @property
     def providers(self) -> list[str]:
         return self.runner.providers
 
     @property
+    def provider_options(self) -> dict[str, dict[str, str]] | None:
+        """The CUDA provider's options when CUDA runs the session, else None (``Runner.provider_options``)."""
+        return self.runner.provider_options
+
+    @property
     def model_info(self) -> ModelInfo:
         return model_info(self.model, self.structure)
 
 
-def prepare(model: ModelSource | LoadedModel, *, device: str = "auto", states_at: str = "pre-activation") -> Prepared:
-    """Load ``model``, find its layers, expose their states at ``states_at`` and start a session."""
-    settings = SessionSettings(device, states_at)
+def prepare(
+    model: ModelSource | LoadedModel,
+    *,
+    device: str = "auto",
+    states_at: str = "pre-activation",
+    gpu_math: str = "exact",
+) -> Prepared:
+    """Load ``model``, find its layers, expose their states at ``states_at`` and start a session
+    (a CUDA one computes with ``gpu_math``: ``run.cuda_provider_options``)."""
+    settings = SessionSettings(device, states_at, gpu_math)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     structure = structure_of(loaded)
     # onnxruntime's CUDA MatMulInteger takes int8 × int8 only: CUDA sessions pack in float
     exposed = expose(loaded.proto, structure, states_at, integer_packing=requested_providers(device) == CPU_ONLY)
-    runner = Runner(exposed.model, structure.input, device, call_rows(structure))
-    return Prepared(loaded, structure, exposed, runner, settings, rows_per_batch(structure))
+    runner = Runner(exposed.model, structure.input, device, call_rows(structure), gpu_math)
+    device, warnings = counting_device(runner.providers)
+    return Prepared(loaded, structure, exposed, runner, settings, rows_per_batch(structure), device, tuple(warnings))
 
 
 def rows_per_batch(structure: Structure) -> int | None:

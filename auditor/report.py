@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from auditor.errors import AuditError, first_line
+from auditor.sinks import for_terminal
 
 SCHEMA = "auditor.report/v1"
 REPORT_MAX_BYTES = 64 << 20  # a report with every optional key is well under 1 MiB
@@ -95,6 +96,41 @@ class CnaMargin:
 
 
 @dataclass(frozen=True)
+class LayerNorms:
+    """The norms of one layer's weight: which tensor, as stored, and read as (outputs, inputs)."""
+
+    layer: str  # the layer's pre-activation tensor, as in ``model.layers``
+    op: str
+    weight: str  # the weight tensor's name in the graph
+    shape: list[int]  # as stored
+    matrix: list[int]  # (outputs, inputs) it was read as
+    frobenius: float
+    spectral: float
+
+
+@dataclass(frozen=True)
+class MissingWeights:
+    """A layer with no weight figures, and why."""
+
+    layer: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class WeightNorms:
+    """Data-free baselines from the weights (``auditor.weights``): per-layer norms, their products
+    across the layers named in ``covers``, and the ℓ2 path norm."""
+
+    layers: list[LayerNorms]
+    without_weights: list[MissingWeights]
+    covers: list[str]  # the layers (pre-activation tensors) the products multiply over
+    frobenius_product: float | None
+    spectral_product: float | None
+    path_norm: float | None
+    path_norm_note: str | None = None
+
+
+@dataclass(frozen=True)
 class Report:
     """A whole audit: the model, the providers that actually ran, and figures per split."""
 
@@ -106,10 +142,16 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     spilled_bytes: int | None = None  # bytes of state counts written to spill files
     sharding: dict[str, Any] | None = None  # how a sharded audit ran: Ray address, shards, partitions
+    # The CUDA provider's options as they ran, when CUDA ran; absent from the JSON otherwise.
+    provider_options: dict[str, dict[str, str]] | None = None
+    weights: WeightNorms | None = None  # norm baselines read from the weights alone
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as the ``auditor.report/v1`` JSON object."""
-        return {"schema": SCHEMA, **asdict(self)}
+        """The report as the ``auditor.report/v1`` JSON object (``provider_options`` only when CUDA ran)."""
+        out = {"schema": SCHEMA, **asdict(self)}
+        if self.provider_options is None:
+            del out["provider_options"]
+        return out
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -135,6 +177,8 @@ class Report:
             warnings=list(data.get("warnings", [])),
             spilled_bytes=data.get("spilled_bytes"),
             sharding=data.get("sharding"),
+            provider_options=data.get("provider_options"),
+            weights=_weights(data.get("weights")),
         )
 
     @classmethod
@@ -172,6 +216,19 @@ class Report:
             raise KeyError(f"no report metric is called {name!r}")
         figures = self.splits.get(split)
         return None if figures is None else getattr(figures, name)
+
+
+def _weights(data: dict[str, Any] | None) -> WeightNorms | None:
+    """The ``weights`` section of a report dict (absent in reports written before it existed)."""
+    if data is None:
+        return None
+    return WeightNorms(
+        **{
+            **data,
+            "layers": [LayerNorms(**layer) for layer in data["layers"]],
+            "without_weights": [MissingWeights(**missing) for missing in data["without_weights"]],
+        }
+    )
 
 
 class ReportError(AuditError):
@@ -250,7 +307,10 @@ def render_table(report: Report) -> str:
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
-    """Aligned text columns: numbers right-aligned, text left-aligned."""
+    """Aligned text columns: numbers right-aligned, text left-aligned; every cell escaped for a
+    terminal (``auditor.sinks``), so that names from the model keep the columns aligned."""
+    header = [for_terminal(cell) for cell in header]
+    rows = [[for_terminal(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     numeric = [all(_is_number(row[i]) for row in rows) for i in range(len(header))]
     aligned = [

@@ -2,9 +2,12 @@
 
 CUDA is used when onnxruntime can really start it; otherwise the session runs on the CPU.
 Only ``session.get_providers()`` tells which providers run (FIELD-NOTES), so that is what the
-report records. A ``Runner`` owns one session and answers ``run(feed) -> {name: array}``,
-feeding models of a fixed batch size in chunks of that size and, on the CPU, others in
-cache-sized calls; ``probe_shapes`` measures tensor shapes that shape inference could not give.
+report records, with the CUDA provider's options when CUDA runs. A CUDA session computes in
+full fp32 unless ``gpu_math="tf32"`` asks otherwise (``cuda_provider_options``; see
+docs/counting.md for why, and for the cuDNN settings that keep states repeatable). A ``Runner``
+owns one session and answers ``run(feed) -> {name: array}``, feeding models of a fixed batch
+size in chunks of that size and, on the CPU, others in cache-sized calls; ``probe_shapes``
+measures tensor shapes that shape inference could not give.
 """
 
 from __future__ import annotations
@@ -22,14 +25,16 @@ import onnx
 from onnx import helper
 
 from auditor.errors import AuditError, DataError, ModelError, first_line
-from auditor.graph import ModelInput, with_outputs
+from auditor.expose import with_outputs
+from auditor.find import ModelInput
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
 T = TypeVar("T")
 R = TypeVar("R")
-GPU_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+CUDA = "CUDAExecutionProvider"
+GPU_PROVIDERS = [CUDA, "CPUExecutionProvider"]
 CPU_ONLY = ["CPUExecutionProvider"]
 
 
@@ -69,12 +74,43 @@ def requested_providers(device: str) -> list[str]:
     return CPU_ONLY
 
 
-def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | None = None) -> ort.InferenceSession:
+def cuda_provider_options(gpu_math: str) -> dict[str, str]:
+    """The CUDA provider's options for ``gpu_math`` ("exact" or "tf32"); see docs/counting.md.
+
+    - ``use_tf32``: the provider's default (1) lets cuBLAS and cuDNN round fp32 inputs to TF32's
+      10-bit mantissa, which flips firing bits near zero (FIELD-NOTES). Off unless asked for.
+    - ``cudnn_conv_algo_search=DEFAULT``: the provider's default (EXHAUSTIVE) times every cuDNN
+      convolution algorithm when a shape is first seen and keeps the fastest, so two sessions can
+      pick different algorithms, which round differently. DEFAULT always takes the same one.
+    """
+    return {"use_tf32": "1" if gpu_math == "tf32" else "0", "cudnn_conv_algo_search": "DEFAULT"}
+
+
+def with_provider_options(providers: list[str], gpu_math: str) -> list[str | tuple[str, dict[str, str]]]:
+    """``providers`` as onnxruntime takes them, the CUDA provider with ``cuda_provider_options(gpu_math)``."""
+    return [(name, cuda_provider_options(gpu_math)) if name == CUDA else name for name in providers]
+
+
+def gpu_math_warnings(provider_options: dict[str, dict[str, str]] | None, gpu_math: str) -> list[str]:
+    """The report's warning when CUDA ran with TF32 math (``provider_options`` None: it did not run)."""
+    if provider_options is None or gpu_math != "tf32":
+        return []
+    return [
+        "state counts are approximate: CUDA ran with TF32 math (gpu_math tf32), which can flip firing bits "
+        "near zero; audit with gpu_math exact for exact counts"
+    ]
+
+
+def create_session(
+    model: onnx.ModelProto, device: str = "auto", threads: int | None = None, gpu_math: str = "exact"
+) -> ort.InferenceSession:
     """An onnxruntime session for ``model``; refuses models onnxruntime cannot load.
 
     ``device="cuda"`` insists on CUDA and says so when it cannot start; ``"auto"`` falls back.
     ``threads`` is onnxruntime's intra-op thread count (0: one per core); by default 1 on the
-    CPU, where the audit runs one call per core side by side (``workers_for``), else 0.
+    CPU, where the audit runs one call per core side by side (``workers_for``), else 0. A CUDA
+    session gets ``cuda_provider_options(gpu_math)`` and deterministic kernels (onnxruntime's
+    ``use_deterministic_compute``: no atomics-ordered reductions).
     """
     providers = requested_providers(device)
     if threads is None:
@@ -88,8 +124,12 @@ def create_session(model: onnx.ModelProto, device: str = "auto", threads: int | 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
+    if CUDA in providers:
+        options.use_deterministic_compute = True
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=with_provider_options(providers, gpu_math)
+        )
     except Exception as exc:  # onnxruntime raises its own unexported exception types
         raise ModelError(
             f"onnxruntime cannot load the model: {first_line(exc)}; re-export it with a supported opset"
@@ -107,11 +147,17 @@ class Runner:
     """
 
     def __init__(
-        self, model: onnx.ModelProto, model_input: ModelInput, device: str = "auto", call_rows: int | None = None
+        self,
+        model: onnx.ModelProto,
+        model_input: ModelInput,
+        device: str = "auto",
+        call_rows: int | None = None,
+        gpu_math: str = "exact",
     ) -> None:
         if call_rows is not None and call_rows < 1:
             raise ValueError(f"call_rows must be at least 1, got {call_rows}")
-        self.session = create_session(model, device)
+        self.session = create_session(model, device, gpu_math=gpu_math)
+        self.gpu_math = gpu_math
         self.input = model_input
         self.workers = workers_for(self.session)
         self.call_rows = call_rows if self.providers == CPU_ONLY else None
@@ -120,6 +166,13 @@ class Runner:
     def providers(self) -> list[str]:
         """The providers that really run this session, CUDA first when it does."""
         return list(self.session.get_providers())
+
+    @property
+    def provider_options(self) -> dict[str, dict[str, str]] | None:
+        """The CUDA provider's options as onnxruntime reports them, when CUDA runs this session; else None."""
+        if CUDA not in self.providers:
+            return None
+        return {CUDA: dict(self.session.get_provider_options().get(CUDA, {}))}
 
     def run(self, feed: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
         """The outputs ``names`` for a batch, in calls of at most ``call_rows`` samples; a model of

@@ -53,7 +53,7 @@ def _input_shape(model: Path) -> Callable[[], tuple[int | str | None, ...]]:
     """The input shape of the model file ``model``, read when asked for."""
 
     def read() -> tuple[int | str | None, ...]:
-        from auditor.graph import describe
+        from auditor.find import describe
         from auditor.modelfile import load_model
 
         return describe(load_model(model).proto).input.shape
@@ -72,14 +72,12 @@ class LocalRunner:
         from auditor.data import open_splits
         from auditor.prepare import prepare
 
-        prepared = prepare(model, device=config.device, states_at=config.states_at)
+        prepared = prepare(model, device=config.device, states_at=config.states_at, gpu_math=config.gpu_math)
         data = for_model(data, lambda: prepared.structure.input.shape)
         datasets = open_splits(data.source, data.split, limit=data.limit, images=data.images)
         if progress is not None:
             progress.started(sum(d.count for d in datasets))
-        return audit(
-            prepared, datasets, config, progress=progress and progress.advanced, spill_dir=self.spill_dir
-        )
+        return audit(prepared, datasets, config, progress=progress and progress.advanced, spill_dir=self.spill_dir)
 
 
 @dataclass(frozen=True)

@@ -49,20 +49,23 @@ from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
 from auditor.audit import audit
 from auditor.cluster import RayAudits
-from auditor.config import DEVICES, SessionSettings
-from auditor.count import MAX_MEMORY_BUDGET, MIN_MEMORY_BUDGET, parse_size
+from auditor.config import DEFAULT_MEMORY_BUDGET, DEVICES, MAX_MEMORY_BUDGET, MIN_MEMORY_BUDGET, SessionSettings
 from auditor.data import Batch, Dataset, open_splits
 from auditor.errors import AuditError, CancelledError, DataError, LimitError, UnauthenticatedError, require
+from auditor.exits import TERMINATING
+from auditor.flags import PORT_MAX, integer, number, port, size
 from auditor.jobs import AuditQueue, Jobs, JobStore, Progress, QueueFullError
-from auditor.persist import MAX_FILES, PAGE_SIZE, ModelStore, ReportStore
+from auditor.persist import MAX_FILES, PAGE_SIZE, ModelStore, ReportStore, claim_store
 from auditor.prepare import Prepared, describe_model, prepare
 from auditor.raycluster import ADDRESS_FORMS
 from auditor.records import DONE, KNOWN_DATASETS, AuditSpec, Job, StoredReport, check_content_address, check_id
 from auditor.report import ModelInfo, Report
 from auditor.service_metrics import ServiceMetrics
 from auditor.shard import MAX_SHARDS
+from auditor.sinks import for_terminal
 from auditor.streams import Messages, ProgressStream, client_batches, expect_no_batches
 from auditor.transport import NO_RETRY, SERVICE, read_token, status_of
+from auditor.usage import format_size
 
 log = logging.getLogger("auditor.server")
 
@@ -74,6 +77,13 @@ MB = 2**20
 _MESSAGE_HEADROOM = 64 * 1024  # framing and labels on top of a batch's samples
 _PREPARED_CACHE = 4  # onnxruntime sessions kept warm
 _DESCRIBED_CACHE = 64  # model descriptions kept (models never change under their address)
+# The largest value each numeric flag takes: beyond these a setting is a typo or an attack, and
+# some would overflow (gRPC takes a message limit as a signed 32-bit count of bytes).
+MAX_CONCURRENT = 1024
+MAX_QUEUED = 1_000_000
+MAX_MODEL_MB = 1 << 20  # 1 TiB
+MAX_BATCH_MB = (2**31 - 1 - 64 * 1024) // (1 << 20)  # 2047: a message limit gRPC can hold, headroom included
+MAX_SECONDS = 7 * 24 * 3600.0  # --idle-timeout and --grace: a week
 _MODEL_WORKERS = 2
 _LOOKUP_WORKERS = 4
 _CLUSTER_PROBE_S = 5.0  # a Ray cluster that has not answered in this long counts as unreachable
@@ -102,7 +112,7 @@ class ServeOptions:
     idle_timeout: float = 60.0
     max_model_mb: int = 1024
     max_batch_mb: int = 64
-    audit_memory: int = 1 << 30
+    audit_memory: int = DEFAULT_MEMORY_BUDGET
     tls_cert: Path | None = None
     tls_key: Path | None = None
     token_file: Path | None = None
@@ -119,7 +129,11 @@ class ServeOptions:
                 (self.max_queued >= 0, f"--max-queued must be >= 0, got {self.max_queued}"),
                 (self.idle_timeout > 0, f"--idle-timeout must be > 0 seconds, got {self.idle_timeout}"),
                 (self.max_model_mb >= 1, f"--max-model-mb must be >= 1, got {self.max_model_mb}"),
-                (self.max_batch_mb >= 1, f"--max-batch-mb must be >= 1, got {self.max_batch_mb}"),
+                (
+                    1 <= self.max_batch_mb <= MAX_BATCH_MB,
+                    f"--max-batch-mb must be in 1..{MAX_BATCH_MB}, got {self.max_batch_mb}",
+                ),
+                (0 <= self.port <= PORT_MAX, f"--port must be in 0..{PORT_MAX}, got {self.port}"),
                 (
                     MIN_MEMORY_BUDGET <= self.audit_memory <= MAX_MEMORY_BUDGET,
                     f"--audit-memory must be between 64M and 1P, got {self.audit_memory} bytes",
@@ -275,7 +289,7 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
         key = (spec.content_address, settings)
         prepared = self._prepared.get(key)
         if prepared is None:
-            prepared = prepare(path, device=settings.device, states_at=settings.states_at)
+            prepared = prepare(path, device=settings.device, states_at=settings.states_at, gpu_math=settings.gpu_math)
             self._prepared.put(key, prepared)
         return prepared
 
@@ -457,7 +471,7 @@ class AuditorServicer(auditor_pb2_grpc.AuditorServicer):
     def _job_ended(self, job: Job) -> None:
         self._metrics.audits.labels(job.state).inc()
         if job.error:
-            log.info("job %s %s: %s", job.id, job.state, job.error)
+            log.info("job %s %s: %s", job.id, job.state, for_terminal(job.error))  # it may quote the model's names
 
     # ---- the server
 
@@ -598,9 +612,22 @@ class _Service:
         self.metrics_port: int | None = None
         self._metrics_http: Any = None
         self._watcher: asyncio.Task[None] | None = None
+        self._ownership: Any = None
 
     async def bind(self) -> int:
-        """Build the server and bind its port (0 picks a free one); nothing is served yet."""
+        """Claim the store, build the server and bind its port (0 picks a free one); nothing is served yet.
+
+        The store is claimed first: staging cleanup (``ModelStore``) and job recovery touch it only
+        under its lock, so a second server on a store in use is refused before it changes anything.
+        """
+        self._ownership = claim_store(self.options.store)
+        try:
+            return self._build()
+        except BaseException:
+            self._ownership.release()
+            raise
+
+    def _build(self) -> int:
         options = self.options
         open_services = (HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
         interceptors = [_BearerToken(read_token(options.token_file), open_services)] if options.token_file else []
@@ -667,6 +694,7 @@ class _Service:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        self._ownership.release()
 
 
 def _bind(server: grpc.aio.Server, options: ServeOptions) -> int:
@@ -677,8 +705,11 @@ def _bind(server: grpc.aio.Server, options: ServeOptions) -> int:
             return server.add_insecure_port(address)
         pair = (options.tls_key.read_bytes(), options.tls_cert.read_bytes())
         return server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
-    except (OSError, RuntimeError) as exc:
-        raise AuditError(f"cannot listen on {address}: {exc}") from None
+    except (OSError, RuntimeError) as exc:  # gRPC's own text ends in advice about GRPC_VERBOSITY: keep the fact
+        reason = str(exc).split(";")[0].strip() or type(exc).__name__
+        raise AuditError(
+            f"cannot listen on {address}: {reason} (is the port taken, or the host not an address of this machine?)"
+        ) from None
 
 
 class Server:
@@ -730,38 +761,56 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``auditor serve`` flags, one per ``ServeOptions`` field."""
     d = ServeOptions()
     parser.add_argument("--host", default=d.host, help=f"address to listen on (default: {d.host}; 0.0.0.0 = all)")
-    parser.add_argument("--port", type=int, default=d.port, help=f"default: {d.port}; 0 picks a free port")
+    parser.add_argument("--port", type=port, default=d.port, help=f"default: {d.port}; 0 picks a free port")
     parser.add_argument("--store", type=Path, default=d.store, help=f"reports and models folder (default: {d.store})")
     parser.add_argument(
         "--data-dir", type=Path, default=None, help="named datasets' folder (default: $AUDITOR_DATA_DIR)"
     )
-    parser.add_argument("--max-concurrent", type=int, default=d.max_concurrent, help="audits running at once")
     parser.add_argument(
-        "--max-queued", type=int, default=d.max_queued, help=f"audits waiting for a slot (default: {d.max_queued})"
+        "--max-concurrent", type=integer(1, MAX_CONCURRENT), default=d.max_concurrent, help="audits running at once"
+    )
+    parser.add_argument(
+        "--max-queued",
+        type=integer(0, MAX_QUEUED),
+        default=d.max_queued,
+        help=f"audits waiting for a slot (default: {d.max_queued})",
     )
     parser.add_argument(
         "--idle-timeout",
-        type=float,
+        type=number(0, MAX_SECONDS, above=True),
         default=d.idle_timeout,
         metavar="SECONDS",
         help=f"close a stream that sends nothing this long (default: {d.idle_timeout:g})",
     )
-    parser.add_argument("--max-model-mb", type=int, default=d.max_model_mb, help="largest upload, data files included")
-    parser.add_argument("--max-batch-mb", type=int, default=d.max_batch_mb, help="largest message a client may send")
+    parser.add_argument(
+        "--max-model-mb",
+        type=integer(1, MAX_MODEL_MB),
+        default=d.max_model_mb,
+        help="largest upload, data files included",
+    )
+    parser.add_argument(
+        "--max-batch-mb",
+        type=integer(1, MAX_BATCH_MB),
+        default=d.max_batch_mb,
+        help="largest message a client may send",
+    )
     parser.add_argument(
         "--audit-memory",
-        type=parse_size,
+        type=size,
         default=d.audit_memory,
         metavar="SIZE",
-        help="memory budget of each audit, e.g. 512M or 4G (default: 1G); see docs/service.md",
+        help=f"memory budget of each audit, e.g. 512M or 4G (default: {format_size(d.audit_memory)}); "
+        "see docs/service.md",
     )
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain; serve TLS (needs --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send")
-    parser.add_argument("--grace", type=float, default=d.grace, help="seconds in-flight audits get on SIGTERM")
+    parser.add_argument(
+        "--grace", type=number(0, MAX_SECONDS), default=d.grace, help="seconds in-flight audits get on SIGTERM"
+    )
     parser.add_argument("--device", choices=DEVICES, default=d.device, help="device for audits that leave it to auto")
     parser.add_argument(
-        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port (0 picks one)"
+        "--metrics-port", type=port, metavar="PORT", help="serve Prometheus metrics on this port (0 picks one)"
     )
     parser.add_argument(
         "--ray",
@@ -769,12 +818,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"run audits sharded on a Ray cluster: {ADDRESS_FORMS}; needs the ray extra",
     )
     parser.add_argument(
-        "--shards", type=int, metavar="N", help="with --ray: shards per split (default: one per CPU of the cluster)"
+        "--shards",
+        type=integer(1, MAX_SHARDS),
+        metavar="N",
+        help="with --ray: shards per split (default: one per CPU of the cluster)",
     )
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully; exit code 0."""
+    """Serve until SIGTERM, SIGINT, SIGHUP or another terminating signal, then shut down gracefully; exit code 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
     return asyncio.run(_serve(options))
@@ -786,8 +838,9 @@ async def _serve(options: ServeOptions) -> int:
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    for sig in (signal.SIGINT, *TERMINATING):  # each one that is not ignored ends the server gracefully
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            loop.add_signal_handler(sig, stop.set)
     log.info(
         "serving %s on %s:%d (store %s, tls %s)",
         SERVICE,

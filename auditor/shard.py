@@ -35,19 +35,22 @@ import numpy as np
 
 from auditor.audit import cut_batches, tally
 from auditor.config import AuditConfig
-from auditor.count import MemoryBudget, RunStore, StateSummary, add_histograms, count_of_counts, hash_rows, summarize
+from auditor.count import CountOfCounts, StateSummary
 from auditor.data import Batch, Dataset, open_splits, skipped_warning
 from auditor.errors import AuditError, CancelledError, DataError, first_line
+from auditor.keys import hash_rows
 from auditor.modelfile import LoadedModel, external_tensors
 from auditor.prepare import describe_model, prepare, structure_of
 from auditor.records import DataSpec
 from auditor.report import Report
+from auditor.run import gpu_math_warnings
+from auditor.stores import MemoryBudget, RunStore
 from auditor.summary import TOP_STATES
 from auditor.summary import summarize as summarize_report
 from auditor.tally import SplitFigures, SplitResult
+from auditor.weights import weight_norms
 
 MAX_SHARDS = 4096
-Histogram = tuple[np.ndarray, np.ndarray]  # a count of counts: (values, how many states have each)
 _POLL_S = 0.5
 CHUNK_BYTES = 64 << 20  # samples of a stream per shard task
 
@@ -72,9 +75,11 @@ class ShardOutcome:
 
     shard: Shard
     providers: list[str]
+    provider_options: dict[str, dict[str, str]] | None
     figures: SplitFigures
     totals: dict[str, int]  # states counted per layer
     skipped: tuple[str, ...]
+    counting_warnings: tuple[str, ...] = ()  # CUDA ran but the states were counted on the host
 
 
 def plan(counts: dict[str, int], shards: int) -> list[tuple[str, int, int]]:
@@ -114,7 +119,7 @@ class ShardExecutor(Protocol):
         """Every shard's outcome and, per shard, a handle to each of its partitions. ``work`` is
         read as shards are started; with ``in_flight``, no more than that many run unfinished."""
 
-    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, Histogram]:
+    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, CountOfCounts]:
         """``reduce_partition`` over one partition's parts from every shard of a split."""
 
 
@@ -212,7 +217,8 @@ def _merged(
     partitions: int,
     warnings: list[str],
 ) -> Report:
-    """The report of every shard's outcome and partitions: figures in shard order, states reduced."""
+    """The report of every shard's outcome and partitions: figures in shard order, states reduced,
+    the weights' norms, and the warnings of the data (``warnings``), the GPU's math and the counting."""
     states = _reduce(executor, config, outcomes, parts, partitions)
     structure = structure_of(loaded)
     results = {}
@@ -221,7 +227,20 @@ def _merged(
         for outcome in sorted((o for o in outcomes if o.shard.split == name), key=lambda o: o.shard.start):
             figures.merge(outcome.figures)
         results[name] = SplitResult(figures, states[name])
-    return summarize_report(describe_model(loaded), outcomes[0].providers, structure.layers, results, config, warnings)
+    report = summarize_report(
+        describe_model(loaded), outcomes[0].providers, structure.layers, results, config, warnings
+    )
+    options = outcomes[0].provider_options
+    return replace(
+        report,
+        provider_options=options,
+        weights=weight_norms(loaded.proto, structure.layers),
+        warnings=[
+            *report.warnings,
+            *gpu_math_warnings(options, config.gpu_math),
+            *dict.fromkeys(w for o in outcomes for w in o.counting_warnings),
+        ],
+    )
 
 
 class RayExecutor:
@@ -296,7 +315,7 @@ class RayExecutor:
                 return
             timeout = _POLL_S
 
-    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, Histogram]:
+    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, CountOfCounts]:
         task = self.ray.remote(reduce_partition).options(max_retries=2)
         return self._get(task.remote(budget_bytes, *parts))
 
@@ -336,7 +355,7 @@ class InlineExecutor:
             parts.append(shard_parts)
         return outcomes, parts
 
-    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, Histogram]:
+    def reduce(self, budget_bytes: int, parts: list[Any]) -> dict[str, CountOfCounts]:
         return reduce_partition(budget_bytes, *parts)
 
 
@@ -364,13 +383,10 @@ def _reduce(
     for split in dict.fromkeys(o.shard.split for o in outcomes):
         mine = [i for i, o in enumerate(outcomes) if o.shard.split == split]
         totals = {layer: sum(outcomes[i].totals[layer] for i in mine) for layer in outcomes[mine[0]].totals}
-        histograms = [executor.reduce(config.memory_budget, [parts[i][p] for i in mine]) for p in range(partitions)]
+        reduced = [executor.reduce(config.memory_budget, [parts[i][p] for i in mine]) for p in range(partitions)]
         states[split] = {}
         for layer, total in totals.items():
-            values, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
-            for histogram in histograms:
-                values, counts = add_histograms((values, counts), histogram.get(layer, (values[:0], counts[:0])))
-            summary = summarize(values, counts, top_k=TOP_STATES)
+            summary = CountOfCounts.sum(r[layer] for r in reduced if layer in r).summary(top_k=TOP_STATES)
             if summary.total != total:
                 raise AuditError(f"layer {layer!r} lost states in the sharded merge ({summary.total} of {total})")
             states[split][layer] = summary
@@ -405,7 +421,7 @@ def audit_shard(model: Any, shard: Shard, added: Callable[[str, int], None] | No
     """
     settings = shard.config.session
     source = model if isinstance(model, str) else bytes(model)
-    prepared = prepare(source, device=settings.device, states_at=settings.states_at)
+    prepared = prepare(source, device=settings.device, states_at=settings.states_at, gpu_math=settings.gpu_math)
     if shard.batches is None:
         data = shard.data or _no_data()
         (dataset,) = open_splits(data.source, shard.split, limit=shard.stop, images=data.images)
@@ -440,7 +456,15 @@ def audit_shard(model: Any, shard: Shard, added: Callable[[str, int], None] | No
             for p in range(shard.partitions):
                 parts[p][name] = np.concatenate(pieces[p])
         totals = {name: layer.total for name, layer in split.counters.items()}
-    outcome = ShardOutcome(replace(shard, batches=None), prepared.providers, split.figures, totals, skipped)
+    outcome = ShardOutcome(
+        replace(shard, batches=None),
+        prepared.providers,
+        prepared.provider_options,
+        split.figures,
+        totals,
+        skipped,
+        prepared.counting_warnings,
+    )
     return (outcome, *parts)
 
 
@@ -454,7 +478,7 @@ def _audit_shard_task(model: Any, shard: Shard, counter: Any) -> tuple[Any, ...]
     return audit_shard(model, shard, lambda split, samples: counter.add.remote(split, shard.start, samples))
 
 
-def reduce_partition(budget_bytes: int, *parts: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def reduce_partition(budget_bytes: int, *parts: dict[str, np.ndarray]) -> dict[str, CountOfCounts]:
     """Merge one partition's states from every shard (a Ray task): per layer, its count of counts."""
     out = {}
     with MemoryBudget(budget_bytes) as budget:
@@ -463,10 +487,7 @@ def reduce_partition(budget_bytes: int, *parts: dict[str, np.ndarray]) -> dict[s
             words = runs[0].dtype["words"].shape[0] if "words" in runs[0].dtype.names else 1
             store = RunStore(words, budget)
             store.merge(_Runs(runs))
-            histogram = np.zeros(0, np.int64), np.zeros(0, np.int64)
-            for run in store.merged():
-                histogram = add_histograms(histogram, count_of_counts(run["count"]))
-            out[name] = histogram
+            out[name] = CountOfCounts.of_runs(store.merged())
     return out
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from auditor import metrics
 from auditor.config import AuditConfig, MetricSettings
 from auditor.count import QUANTILES, StateSummary
-from auditor.graph import Layer
+from auditor.find import Layer
 from auditor.report import CnaMargin, LayerStats, ModelInfo, Report, SplitReport
 from auditor.tally import SplitFigures, SplitResult
 

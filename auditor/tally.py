@@ -1,25 +1,32 @@
 """What one split accumulates over its batches: state counts, φ sums, α, accuracy and margins.
 
-A ``SplitTally`` reads the runner's outputs by the names ``graph.expose`` gave them. It keeps two
+A ``SplitTally`` reads the runner's outputs by the names ``expose.expose`` gave them. It keeps two
 things apart: the state counters of the counted layers, held within the audit's
 ``MemoryBudget`` (past it they spill sorted runs to disk), and ``SplitFigures``, everything
 else: counts of samples and a few floats per sample for CNA and CNA-Margin. Both merge by
-adding (SPEC §2), so batching, interleaved splits and shards never change the counts.
+adding (SPEC §2), so batching, interleaved splits and shards never change the counts. A layer's
+keys arrive as packed groups, counted here (a layer per thread of the audit's counting pool, so
+a many-core machine counts on all its cores), or already counted on a device
+(``devcount.CountedKeys``), whose runs join the same stores.
 ``finish`` turns a tally into a ``SplitResult``, which is what the summary reads, whether the
 split was counted here or by shards on a cluster.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from auditor import metrics
-from auditor.count import LayerCounter, MemoryBudget, StateSummary
+from auditor.count import LayerCounter, StateSummary
+from auditor.devcount import CountedKeys
 from auditor.errors import DataError
+from auditor.expose import Exposed
 from auditor.feed import Feed
-from auditor.graph import Exposed
+from auditor.stores import MemoryBudget
 
 
 @dataclass
@@ -75,21 +82,26 @@ class SplitTally:
     margin_seed: int
     output_is_probability: bool
     budget: MemoryBudget
+    pool: Executor | None = None  # counts layers side by side; None counts them one after another
     figures: SplitFigures = field(default_factory=SplitFigures)
     counters: dict[str, LayerCounter] = field(default_factory=dict)
 
-    def add(self, batch: Feed, outputs: dict[str, np.ndarray]) -> None:
-        """Tally one batch from its ``Feed`` and the runner's outputs, read by name."""
+    def add(self, batch: Feed, outputs: dict[str, Any]) -> None:
+        """Tally one batch from its ``Feed`` and the runner's outputs, read by name; a layer's keys
+        are packed groups (an array) or already counted (``CountedKeys``)."""
         figures, n = self.figures, batch.samples
+        taken: list[tuple[LayerCounter, Any]] = []
         for out in self.exposed.layers:
             name, keys = out.layer.name, outputs[out.keys]
             if name not in figures.units:
-                figures.units[name] = out.layer.neurons * (keys.size // (n * len(out.groups)))
+                states = keys.states if isinstance(keys, CountedKeys) else keys.size // len(out.groups)
+                figures.units[name] = out.layer.neurons * (states // n)
                 figures.nonfinite_sums[name] = 0
                 if name in self.counted:
                     self.counters[name] = LayerCounter(out.layer.neurons, out.groups, out.group_axis, self.budget)
             if name in self.counters:
-                self.counters[name].add(keys)
+                taken.append((self.counters[name], keys))
+        self._count(taken)
         sums = np.stack([outputs[out.sum] for out in self.exposed.layers], axis=1).astype(np.float64)
         for out, bad in zip(self.exposed.layers, np.count_nonzero(~np.isfinite(sums), axis=0), strict=True):
             figures.nonfinite_sums[out.layer.name] += int(bad)
@@ -102,6 +114,16 @@ class SplitTally:
         if batch.labels is not None:
             logits = outputs[self.exposed.logits] if self.exposed.logits is not None else None
             self._score(batch, scores, logits)
+
+    def _count(self, taken: list[tuple[LayerCounter, Any]]) -> None:
+        """Count each layer's keys into its own counter (on the pool's threads), then settle the budget once."""
+        if self.pool is None or len(taken) < 2:
+            for counter, keys in taken:
+                _absorb(counter, keys)
+        else:
+            for done in [self.pool.submit(_absorb, counter, keys) for counter, keys in taken]:
+                done.result()
+        self.budget.settle()
 
     def finish(self, top_k: int) -> SplitResult:
         """The split's figures and each counted layer's state summary (one streaming merge each)."""
@@ -128,3 +150,11 @@ class SplitTally:
             figures.logit_margins.append(
                 metrics.logit_margins(logits.reshape(len(labels), -1).astype(np.float32, copy=False), labels)
             )
+
+
+def _absorb(counter: LayerCounter, keys: Any) -> None:
+    """One layer's keys into its counter: packed groups counted here, or a device's run taken as it is."""
+    if isinstance(keys, CountedKeys):
+        counter.absorb_run(keys.run)
+    else:
+        counter.absorb(keys)

@@ -236,11 +236,11 @@ def profile(work: Workload, images: int) -> None:
     import onnxruntime as ort
 
     from auditor import AuditConfig
-    from auditor.count import MemoryBudget
+    from auditor.expose import expose
     from auditor.feed import feed, input_entropy, to_model_input
-    from auditor.graph import expose
     from auditor.prepare import prepare
     from auditor.run import create_session
+    from auditor.stores import MemoryBudget
     from auditor.summary import TOP_STATES, summarize
     from auditor.tally import SplitTally
 

@@ -35,7 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from auditor.count import LayerCounter, MemoryBudget, hash_rows, parse_size
+from auditor.count import LayerCounter
+from auditor.keys import hash_rows
+from auditor.stores import MemoryBudget
+from auditor.usage import parse_size
 
 WORKLOADS = {  # keys, distinct, words, keys per batch
     "narrow64": (30_000_000, 29_000_000, 1, 1_000_000),
@@ -87,8 +90,8 @@ def run_numpy(workload: str, budget_bytes: int, spill: Path, threads: int) -> tu
             counter.store.add(keys)  # the keys themselves: packing is the graph's job, not the engine's
             counter.total += len(keys)
         ingested = time.perf_counter()
-        values, states = counter.count_histogram()
-        return dict(zip(values.tolist(), states.tolist(), strict=True)), {
+        histogram = counter.count_of_counts()
+        return dict(zip(histogram.values.tolist(), histogram.states.tolist(), strict=True)), {
             "ingested": ingested,
             "spilled_mib": budget.spilled_bytes / 2**20,
         }

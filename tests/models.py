@@ -204,6 +204,116 @@ def lenet_model(batch: int | str = "N", seed: int = 0) -> onnx.ModelProto:
     return net.build(net.dense(net.op("Relu", f1), 16, 10, weight=net.random(16, 10) * 0.3, out="logits"), name="lenet")
 
 
+def qdq_mlp(hidden: np.ndarray, output: np.ndarray) -> onnx.ModelProto:
+    """``x → Gemm → Relu → Gemm`` as a QDQ exporter writes it: the hidden Gemm's weight (``hidden``,
+    shape (in, out), int8) is a ``Constant`` node behind a ``DequantizeLinear`` (scale 0.5); the
+    output Gemm's weight ``output`` is a plain float initializer. Pre-activations ``h1``, ``logits``."""
+    hidden, output = np.asarray(hidden, np.int8), np.asarray(output, np.float32)
+    net = Net(("N", hidden.shape[0]), opset=17)
+    quantized = net.op("Constant", out="w_q", value=numpy_helper.from_array(hidden, "w_q"))
+    weight = net.op("DequantizeLinear", quantized, net.const(0.5, "scale"), out="w_dq")
+    h1 = net.op("Gemm", net.input, weight, out="h1")
+    return net.build(net.dense(net.op("Relu", h1), *output.shape, weight=output, bias=False, out="logits"))
+
+
+def conv_flatten_net(dead: tuple[int, ...] = (), activation: str = "Relu") -> onnx.ModelProto:
+    """Conv(1→4, 3×3 valid) ``c1`` → ``activation`` → MaxPool 2×2 → Flatten (4 × 3×3 = 36) →
+    Gemm(36→5) ``f1`` → Relu → Gemm(5→3) ``logits``; channels in ``dead`` have zero weights and
+    bias −1 (so they never fire). ``activation`` "Clip" is ReLU6, Clip(0, 6)."""
+    net = Net(("N", 1, 8, 8), opset=17, seed=3)
+    w = net.random(4, 1, 3, 3)
+    b = np.abs(net.random(4)) + 0.1
+    for c in dead:
+        w[c], b[c] = 0, -1
+    conv = net.op("Conv", net.input, net.const(w), net.const(b), out="c1")
+    fired = net.op("Clip", conv, net.const(0.0), net.const(6.0)) if activation == "Clip" else net.op(activation, conv)
+    pooled = net.op("MaxPool", fired, kernel_shape=[2, 2], strides=[2, 2])
+    flat = net.op("Flatten", pooled, axis=1)
+    hidden = net.dense(flat, 36, 5, out="f1")
+    return net.build(net.dense(net.op("Relu", hidden), 5, 3, out="logits"))
+# Names an attacker writes into a model file: terminal escapes (colour, clear screen, window
+# title, OSC 52 clipboard), NUL and other C0/C1 controls, bidi overrides and isolates, zero-width
+# characters, a lone surrogate's look-alike, mathtext, XML's terminators, markup, and length.
+HOSTILE_NAMES = [
+    "red\x1b[31mALERT\x1b[0m",
+    "clear\x1b[2J\x1b[H",
+    "title\x1b]0;pwned\x07",
+    "clip\x1b]52;c;cm0gLXJmIH4=\x07",
+    "nul\x00byte",
+    "bell\x07back\x08space\x7fdel",
+    "c1\x9b31mcsi\x85nel",
+    "line\nbreak\rreturn\ttab",
+    "bidi\u202eexe.txt",
+    "iso\u2066late\u2069",
+    "zero\u200bwidth\ufeff",
+    "sep\u2028line\u2029para",
+    "$\\frac{}$",
+    "$x^{2$",
+    "a$b$c\\",
+    "]]><x/>&amp;<![CDATA[",
+    "<script>alert(1)</script>",
+    "\"quoted' &",
+    "long" * 200,
+]
+
+
+def with_names(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose every tensor (inputs and outputs included), node and the graph
+    itself is named after ``name``, with ``name`` as its doc strings too: each tensor ``t`` becomes
+    ``name + "/" + t``, so names stay distinct."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    renamed = {t: f"{name}/{t}" for t in _tensor_names(graph)}
+    for i, node in enumerate(graph.node):
+        node.input[:] = [renamed.get(t, t) for t in node.input]
+        node.output[:] = [renamed[t] for t in node.output]
+        node.name = f"{name}/{node.op_type}{i}"
+        node.doc_string = name
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        value.name = renamed[value.name]
+        value.doc_string = name
+    for init in graph.initializer:
+        init.name = renamed[init.name]
+    graph.name, graph.doc_string, copy.doc_string = name, name, name
+    return copy
+
+
+def _tensor_names(graph: onnx.GraphProto) -> list[str]:
+    names = [v.name for v in graph.input] + [t.name for t in graph.initializer]
+    names += [t for node in graph.node for t in node.output]
+    return list(dict.fromkeys(names))
+
+
+def input_of_type(model: onnx.ModelProto, elem_type: int, *, opset: int = 21) -> onnx.ModelProto:
+    """``model`` with its input taking ``elem_type`` tensors: the input, renamed nowhere, is cast
+    to the model's float first (``Cast`` reads strings, bfloat16, 8- and 4-bit numbers alike)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    [value] = [i for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    name, inner = value.name, f"{value.name}_as_float"
+    for node in graph.node:
+        node.input[:] = [inner if t == name else t for t in node.input]
+    graph.node.insert(0, helper.make_node("Cast", [name], [inner], to=value.type.tensor_type.elem_type))
+    value.type.tensor_type.elem_type = elem_type
+    del copy.opset_import[:]
+    copy.opset_import.append(helper.make_opsetid("", opset))
+    return copy
+
+
+def wide_conv_model(seed: int = 0) -> onnx.ModelProto:
+    """Conv(16, 3×3) ``c1`` → Relu → Conv(64, 3×3) ``c2`` → Relu → GlobalAveragePool → Flatten →
+    Gemm(10) ``logits`` on (N, 1, 28, 28) float32, same-padded: on noise nearly each of a sample's
+    784 positions is a new state of ``c2``, so an audit under a 64M budget spills within a few
+    thousand samples."""
+    net = Net(("N", 1, 28, 28), opset=17, seed=seed)
+    c1 = net.op("Relu", net.conv(net.input, 1, 16, out="c1"))
+    pooled = net.op("GlobalAveragePool", net.op("Relu", net.conv(c1, 16, 64, out="c2")))
+    flat = net.op("Flatten", pooled, axis=1)
+    return net.build(net.dense(flat, 64, 10, out="logits"), name="wide_conv")
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     """Write ``model`` to ``path`` and return the path."""
     path.write_bytes(model.SerializeToString())
@@ -249,3 +359,80 @@ def reference_entropy(counts: np.ndarray) -> float:
     """``−Σ p log2 p`` in bits, straight from the definition."""
     p = np.asarray(counts, np.float64) / np.sum(counts)
     return float(-(p * np.log2(p)).sum())
+
+
+# The real third-party models in ../shared/models, by file stem (see its README).
+SHARED_MODELS = (
+    "mnist-8_cntk_opset8",
+    "cnn_pytorch25_opset17",
+    "qdq_int8_pytorch21_opset17",
+    "squeezenet1.0_fp16_opset7",
+    "light_resnet50_opset9",
+)
+
+
+# --- Models whose firing bits the data controls ------------------------------------------------
+
+NEURONS = [1, 3, 16, 20, 21, 24, 25, 32, 33, 64, 65, 130]  # every group and word boundary of the packing
+POSITIONS = (3, 3)  # the conv layout's H × W
+
+
+def patterns(neurons: int, rng: np.random.Generator, count: int = 40) -> np.ndarray:
+    """Sign patterns with magnitudes in [0.5, 1.5], plus near twins that differ in one bit.
+
+    The twins differ at the bits where packing could go wrong: the top of a 24-bit group, word
+    boundaries 63/64, and the last neuron. A counter that loses any group merges twins.
+    """
+    signs = rng.choice([-1.0, 1.0], size=(count, neurons))
+    twins = []
+    for bit in sorted({0, 23, 24, 47, 48, 63, 64, 127, 128, neurons - 1}):
+        if bit < neurons:
+            twin = signs[rng.integers(count)].copy()
+            twin[bit] *= -1
+            twins.append(twin)
+    signs = np.vstack([signs, *twins])
+    return (signs * rng.uniform(0.5, 1.5, signs.shape)).astype(np.float32)
+
+
+def near_identity(net: Net, neurons: int) -> np.ndarray:
+    """Random positive diagonal plus off-diagonal noise too small to flip a sign of the data."""
+    weight = np.diag(net.rng.uniform(0.8, 1.2, neurons)) + net.rng.uniform(-5e-4, 5e-4, (neurons, neurons))
+    return weight.astype(np.float32)
+
+
+def dense_case(neurons: int, samples: int = 300, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray, int]:
+    """``Gemm(near-identity) → Relu`` on (B, N) data drawn with repeats from a pattern pool."""
+    net = Net(("batch", neurons), seed=seed)
+    pre = net.dense(net.input, neurons, neurons, weight=near_identity(net, neurons), bias=False, out="pre")
+    model = net.build(net.op("Relu", pre))
+    pool = patterns(neurons, net.rng)
+    x = pool[net.rng.integers(len(pool), size=samples)]
+    return model, x, 1
+
+
+def conv_case(neurons: int, samples: int = 60, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray, int]:
+    """``Conv 1×1(near-identity) → Relu`` on (B, N, H, W) data; each position draws a pattern."""
+    net = Net(("batch", neurons, *POSITIONS), seed=seed)
+    kernel = near_identity(net, neurons).T.reshape(neurons, neurons, 1, 1)
+    pre = net.op("Conv", net.input, net.const(kernel), out="pre")
+    model = net.build(net.op("Relu", pre))
+    pool = patterns(neurons, net.rng)
+    x = pool[net.rng.integers(len(pool), size=(samples, *POSITIONS))]  # (B, H, W, N)
+    return model, np.ascontiguousarray(np.moveaxis(x, -1, 1)), 1
+
+
+CASES = {"dense": dense_case, "conv": conv_case}
+
+
+def pack(bits: np.ndarray, axis: int, groups: list[tuple[int, int]], layout: str) -> tuple[np.ndarray, int]:
+    """What the exposed graph emits: int32 group sums of bits × 2^k, in the given layout
+    (``last``: groups on the last axis; ``nchw``: (B, G, H, W); else (B, G, H·W))."""
+    rows = np.moveaxis(bits, axis, -1).astype(np.int64)  # (..., N)
+    packed = np.stack([(rows[..., a:b] << np.arange(b - a)).sum(axis=-1) for a, b in groups], axis=-1).astype(
+        np.int32
+    )  # (..., G)
+    if layout == "last":
+        return packed, -1
+    if layout == "nchw":
+        return np.moveaxis(packed, -1, 1), 1  # (B, G, H, W)
+    return np.moveaxis(packed, -1, 1).reshape(len(bits), len(groups), -1), 1  # (B, G, H·W)

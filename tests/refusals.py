@@ -37,3 +37,19 @@ def cli_refused(capsys: pytest.CaptureFixture[str], code: int, *fragments: str) 
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def usage_refused(capsys: pytest.CaptureFixture[str], call: Callable[[], object], *fragments: str) -> str:
+    """``call`` (a parse of bad flags) exits 2 with one argparse line on stderr holding every
+    fragment and pointing at --help; nothing on stdout. Returns the line."""
+    with pytest.raises(SystemExit) as caught:
+        call()
+    assert caught.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert ": error: " in lines[0] and lines[0].endswith("(see --help)"), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

@@ -126,11 +126,27 @@ def silent(start: pb.AuditStart | None, release: threading.Event) -> Iterator[pb
     release.wait(timeout=120)
 
 
+# Runs argv[1:] with every catchable terminating signal at its default action. A process started
+# in the background (a shell's `&`, nohup, some CI runners) inherits SIGINT or SIGHUP ignored, and
+# an ignored signal stays ignored across exec, so a test that sends signals sets them itself.
+_WITH_DEFAULT_SIGNALS = """
+import os, signal, sys
+for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM"):
+    signal.signal(getattr(signal, name), signal.SIG_DFL)
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def with_default_signals(argv: list[str]) -> list[str]:
+    """``argv`` run with the terminating signals at their defaults, however the tests were started."""
+    return [sys.executable, "-c", _WITH_DEFAULT_SIGNALS, *argv]
+
+
 class Process:
     """A running ``auditor serve``: its port (read from its log) and its log lines."""
 
     def __init__(self, args: list[str]) -> None:
-        self.popen = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, text=True)
+        self.popen = subprocess.Popen(with_default_signals(args), cwd=REPO, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()

@@ -775,5 +775,5 @@ def test_an_unwritable_spill_folder_is_refused_in_one_line(tmp_path: Path) -> No
     refused(
         AuditError,
         lambda: audit(lenet_model(), [("test", Batch(np.zeros((2, 28, 28), np.uint8)))], CPU, spill_dir=missing),
-        "--spill-dir",
+        "spill folder (spill_dir)",
     )

@@ -11,17 +11,22 @@ import fcntl
 import json
 import os
 import pty
+import signal
 import struct
 import subprocess
 import sys
 import termios
 import threading
+import unicodedata
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
-from refusals import cli_refused
+from models import HOSTILE_NAMES, input_of_type, mlp, save, wide_conv_model, with_names
+from refusals import cli_refused, usage_refused
+from servers import eventually, with_default_signals
 
 from auditor.cli import main
 from auditor.prepare import describe_model
@@ -157,6 +162,8 @@ def test_audit_options_reach_the_config(model: Path, tmp_path: Path) -> None:
         "0.2",
         "--device",
         "cpu",
+        "--gpu-math",
+        "tf32",
     ]
     assert main(args) == 0
     data = json.loads(out.read_text())
@@ -168,6 +175,16 @@ def test_audit_options_reach_the_config(model: Path, tmp_path: Path) -> None:
     assert len(split["layers"]) == 3 and split["beta"] == 0.5
     assert list(data["splits"]) == ["test"]  # the default split
     assert data["providers"] == ["CPUExecutionProvider"]
+    assert config["gpu_math"] == "tf32"
+    assert "provider_options" not in data and not any("approximate" in w for w in data["warnings"])  # CPU ran
+
+
+def test_an_unknown_gpu_math_is_a_usage_error(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["audit", str(model), "--data", "mnist", "--gpu-math", "fp16"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--gpu-math" in err and len(err.splitlines()) == 1
 
 
 def test_audit_json_to_stdout_prints_only_json(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -297,22 +314,30 @@ def test_unknown_dataset(model: Path, capsys: pytest.CaptureFixture[str]) -> Non
 @pytest.mark.parametrize(
     ("option", "fragment"),
     [
-        (["--limit", "0"], "--limit"),
-        (["--limit", "-3"], "--limit"),
-        (["--beta", "-1"], "beta"),
-        (["--beta", "0"], "beta"),
-        (["--batch-size", "0"], "batch size"),
-        (["--std", "0"], "std"),
-        (["--margin-fraction", "0"], "margin fraction"),
-        (["--alpha-range", "1", "0"], "alpha range"),
-        (["--beta", "inf"], "beta must be a finite number"),
-        (["--mean", "nan"], "mean must be a finite number"),
-        (["--std", "inf"], "std"),
-        (["--scale", "nan"], "scale"),
-        (["--alpha-range", "0", "inf"], "alpha range"),
+        (["--limit", "0"], "argument --limit: must be in 1.."),
+        (["--limit", "-3"], "argument --limit"),
+        (["--beta", "-1"], "argument --beta: must be in (0, inf]"),
+        (["--beta", "0"], "argument --beta"),
+        (["--batch-size", "0"], "argument --batch-size"),
+        (["--margin-fraction", "0"], "argument --margin-fraction"),
+        (["--beta", "inf"], "argument --beta: must be a finite number"),
+        (["--mean", "nan"], "argument --mean: must be a finite number"),
+        (["--std", "inf"], "argument --std"),
+        (["--scale", "nan"], "argument --scale"),
+        (["--alpha-range", "0", "inf"], "argument --alpha-range"),
     ],
 )
-def test_bad_option_values(model: Path, capsys, option: list[str], fragment: str) -> None:
+def test_bad_option_values_are_usage_errors(model: Path, capsys, option: list[str], fragment: str) -> None:
+    usage_refused(capsys, lambda: main(["audit", str(model), "--data", "mnist", *option]), fragment)
+
+
+@pytest.mark.parametrize(
+    ("option", "fragment"),
+    [(["--std", "0"], "std must not be 0"), (["--alpha-range", "1", "0"], "alpha range must be increasing")],
+)
+def test_option_values_that_only_fail_together_or_at_one_point_are_refused(
+    model: Path, capsys, option: list[str], fragment: str
+) -> None:
     cli_refused(capsys, main(["audit", str(model), "--data", "mnist", *option]), fragment)
 
 
@@ -459,11 +484,28 @@ def test_subprocess_exit_codes(model: Path, tmp_path: Path) -> None:
     assert "FAIL aiq on test" in failed.stdout
 
 
-def test_subprocess_refusal_of_overflowing_preprocessing_is_the_only_line_on_stderr(model: Path) -> None:
-    """numpy's overflow warnings must not reach stderr ahead of the one-line refusal."""
-    overflow = cli("audit", str(model), "--data", "mnist", "--limit", "10", "--std", "1e-45")
+@pytest.mark.parametrize(
+    "setting", [["--std", "1e-45"], ["--std", "1e-300"], ["--scale", "1e300"], ["--mean", "1e300"]]
+)
+def test_subprocess_refusal_of_overflowing_preprocessing_is_the_only_line_on_stderr(
+    model: Path, setting: list[str]
+) -> None:
+    """numpy's overflow and divide warnings must not reach stderr ahead of the one-line refusal."""
+    overflow = cli("audit", str(model), "--data", "mnist", "--limit", "10", *setting)
     assert overflow.returncode == 2 and overflow.stdout == ""
     assert overflow.stderr.startswith("auditor: error: ") and overflow.stderr.count("\n") == 1, overflow.stderr
+
+
+@pytest.mark.parametrize(
+    ("elem_type", "name"), [(onnx.TensorProto.STRING, "string"), (onnx.TensorProto.BFLOAT16, "bfloat16")]
+)
+@pytest.mark.parametrize("command", ["layers", "audit"])
+def test_a_model_whose_input_cannot_be_fed_is_refused_in_one_line_naming_input_and_type(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], elem_type: int, name: str, command: str
+) -> None:
+    model = save(input_of_type(mlp([784, 16, 10]), elem_type), tmp_path / "typed.onnx")
+    argv = [command, str(model)] + (["--data", "mnist", "--limit", "10"] if command == "audit" else [])
+    cli_refused(capsys, main(argv), f"model input 'x' takes {name} tensors, which the auditor cannot feed")
 
 
 def test_a_reader_that_stops_early_is_not_an_error() -> None:
@@ -477,3 +519,73 @@ def test_a_reader_that_stops_early_is_not_an_error() -> None:
     proc.stdout.close()  # the reader is gone before anything is written
     assert proc.wait(timeout=120) == 0
     assert proc.stderr.read() == ""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT], ids=lambda s: s.name)
+def test_a_signal_mid_spill_leaves_nothing_in_the_spill_root_and_exits_128_plus_its_number(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    model = save(wide_conv_model(), tmp_path / "wide.onnx")
+    noise = tmp_path / "noise.npy"
+    np.save(noise, np.random.default_rng(0).integers(0, 256, (40_000, 28, 28), dtype=np.uint8))
+    root = tmp_path / "spill"
+    root.mkdir()
+    argv = [sys.executable, "-m", "auditor.cli", "audit", str(model), "--data", str(noise)]
+    argv += ["--memory-budget", "64M", "--spill-dir", str(root), "--no-progress"]
+    child = subprocess.Popen(with_default_signals(argv), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        eventually(lambda: list(root.rglob("*.run")), timeout=120, what="the audit spilling")
+        child.send_signal(sig)
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + sig
+    assert out == b""
+    assert err.decode().splitlines() == [
+        "auditor: interrupted" if sig == signal.SIGINT else f"auditor: stopped by {sig.name}"
+    ]
+    assert not list(root.iterdir())
+
+
+def _hostile_model(tmp_path: Path, name: str) -> Path:
+    """A 784-16-10 MLP whose tensors, nodes, graph, doc strings and file are all named after ``name``."""
+    file_name = name.replace("/", "_").replace("\x00", "_").encode("utf-8", "surrogatepass")[:200]
+    return save(with_names(mlp([784, 16, 10]), name), tmp_path / (file_name.decode("utf-8", "ignore") + ".onnx"))
+
+
+def _no_terminal_control(text: str) -> None:
+    """Our own line breaks only: no ESC, no other control, format or separator character."""
+    assert [c for c in text if c != "\n" and unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")] == []
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_names_from_the_model_are_escaped_in_layers_and_audit_and_valid_xml_in_junit(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _hostile_model(tmp_path, name)
+    assert main(["layers", str(model)]) == 0
+    out, err = capsys.readouterr()
+    _no_terminal_control(out + err)
+    assert len(out.splitlines()) == 3  # header and two layers: no name broke a line
+    assert main(["layers", str(model), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"][0]["name"] == f"{name}/pre1"  # JSON keeps the name exactly
+    junit = tmp_path / "gate.xml"
+    argv = ["gate", str(model), "--data", "mnist", "--limit", "40", "--min-aiq", "0.99", "--junit", str(junit)]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    _no_terminal_control(out + err)
+    suite = ET.parse(junit).getroot().find("testsuite")  # expat refuses any character XML forbids
+    assert suite is not None and "test: 40 samples" in suite.find("system-out").text
+    _no_terminal_control(suite.get("name") + suite.find("system-out").text)
+
+
+@pytest.mark.parametrize("name", ["bad\x1b[2J\x1b]0;x\x07name", "a\u202eb\nc"])
+def test_a_refusal_that_quotes_a_name_is_still_one_escaped_line(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _hostile_model(tmp_path, name)
+    data = tmp_path / "wrong.npy"
+    np.save(data, np.zeros((4, 10), np.float32))  # does not fit the model's 784-wide input
+    line = cli_refused(capsys, main(["audit", str(model), "--data", str(data)]))
+    _no_terminal_control(line)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 from refusals import refused
@@ -64,6 +64,7 @@ def test_settings_that_cannot_travel_to_a_server_are_refused(setting: dict) -> N
         ({"device": "tpu"}, "device must be one of"),
         ({"states_at": "post-activation"}, "states_at must be one of"),
         ({"memory_budget": 0}, "memory budget"),
+        ({"gpu_math": "fp16"}, "gpu_math must be one of"),
     ],
 )
 def test_out_of_range_settings_are_refused_by_name(setting: dict, fragment: str) -> None:
@@ -94,7 +95,8 @@ def test_views_carry_the_settings_of_the_parts_that_read_them() -> None:
     config = AuditConfig(
         beta=0.5, batch_size=7, aggregate="mean", scale=0.5, mean=0.1, std=0.3, device="cpu", states_at="block-output"
     )
-    assert config.session == SessionSettings("cpu", "block-output")
+    assert config.session == SessionSettings("cpu", "block-output", "exact")
+    assert replace(config, gpu_math="tf32").session == SessionSettings("cpu", "block-output", "tf32")
     assert config.feeding == Feeding(7, 0.5, 0.1, 0.3, (0.0, 1.0))
     assert config.metrics == MetricSettings(0.5, False, True, "mean", 0.1, 0, 0.75)
 
@@ -123,6 +125,8 @@ def test_every_setting_is_read_through_exactly_one_view() -> None:
         (("cpu", "pre-activation"), ("auto", "pre-activation"), False),
         (("cuda", "pre-activation"), ("cpu", "pre-activation"), False),
         (("auto", "block-output"), ("cpu", "pre-activation"), False),
+        (("auto", "pre-activation", "exact"), ("cuda", "pre-activation", "tf32"), False),
+        (("auto", "pre-activation", "tf32"), ("cuda", "pre-activation", "tf32"), True),
     ],
 )
 def test_a_prepared_session_serves_settings_it_satisfies(wanted: tuple, prepared: tuple, served: bool) -> None:

@@ -2,93 +2,28 @@
 
 The reference takes the raw pre-activation tensor from onnxruntime, makes one row of firing bits
 per (sample, position), and counts whole rows with ``np.unique(axis=0)``. The auditor's in-graph
-packing, key joining and stores must give exactly the same sorted count vector.
+packing, key joining, stores and counters must give exactly the same sorted count vector; the
+stores and key joining have their own tests (test_stores.py, test_keys.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
-import resource
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
-from models import Net, reference_counts, reference_entropy, run, state_rows
+from models import CASES, NEURONS, POSITIONS, Net, conv_case, pack, reference_counts, reference_entropy, run, state_rows
 
 from auditor import AuditConfig, audit, count, metrics, prepare
-from auditor.count import (
-    HistogramStore,
-    LayerCounter,
-    MemoryBudget,
-    RunStore,
-    add_histograms,
-    count_of_counts,
-    join_groups,
-    make_store,
-    parse_size,
-    summarize,
-)
+from auditor.count import CountOfCounts, LayerCounter
 from auditor.data import Batch
-from auditor.errors import AuditError, CancelledError, LimitError
-from auditor.graph import byte_groups, word_groups
+from auditor.errors import CancelledError
+from auditor.expose import word_groups
+from auditor.stores import MemoryBudget
 
-NEURONS = [1, 3, 16, 20, 21, 24, 25, 32, 33, 64, 65, 130]
-POSITIONS = (3, 3)  # the conv layout's H × W
-
-
-# --- Models whose firing bits the data controls ------------------------------------------------
-
-
-def patterns(neurons: int, rng: np.random.Generator, count: int = 40) -> np.ndarray:
-    """Sign patterns with magnitudes in [0.5, 1.5], plus near twins that differ in one bit.
-
-    The twins differ at the bits where packing could go wrong: the top of a 24-bit group, word
-    boundaries 63/64, and the last neuron. A counter that loses any group merges twins.
-    """
-    signs = rng.choice([-1.0, 1.0], size=(count, neurons))
-    twins = []
-    for bit in sorted({0, 23, 24, 47, 48, 63, 64, 127, 128, neurons - 1}):
-        if bit < neurons:
-            twin = signs[rng.integers(count)].copy()
-            twin[bit] *= -1
-            twins.append(twin)
-    signs = np.vstack([signs, *twins])
-    return (signs * rng.uniform(0.5, 1.5, signs.shape)).astype(np.float32)
-
-
-def near_identity(net: Net, neurons: int) -> np.ndarray:
-    """Random positive diagonal plus off-diagonal noise too small to flip a sign of the data."""
-    weight = np.diag(net.rng.uniform(0.8, 1.2, neurons)) + net.rng.uniform(-5e-4, 5e-4, (neurons, neurons))
-    return weight.astype(np.float32)
-
-
-def dense_case(neurons: int, samples: int = 300, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray, int]:
-    """``Gemm(near-identity) → Relu`` on (B, N) data drawn with repeats from a pattern pool."""
-    net = Net(("batch", neurons), seed=seed)
-    pre = net.dense(net.input, neurons, neurons, weight=near_identity(net, neurons), bias=False, out="pre")
-    model = net.build(net.op("Relu", pre))
-    pool = patterns(neurons, net.rng)
-    x = pool[net.rng.integers(len(pool), size=samples)]
-    return model, x, 1
-
-
-def conv_case(neurons: int, samples: int = 60, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray, int]:
-    """``Conv 1×1(near-identity) → Relu`` on (B, N, H, W) data; each position draws a pattern."""
-    net = Net(("batch", neurons, *POSITIONS), seed=seed)
-    kernel = near_identity(net, neurons).T.reshape(neurons, neurons, 1, 1)
-    pre = net.op("Conv", net.input, net.const(kernel), out="pre")
-    model = net.build(net.op("Relu", pre))
-    pool = patterns(neurons, net.rng)
-    x = pool[net.rng.integers(len(pool), size=(samples, *POSITIONS))]  # (B, H, W, N)
-    return model, np.ascontiguousarray(np.moveaxis(x, -1, 1)), 1
-
-
-CASES = {"dense": dense_case, "conv": conv_case}
+HUGE = 1 << 40  # a budget that never fills
 
 
 @pytest.mark.parametrize("layout", CASES)
@@ -275,263 +210,6 @@ def test_an_interrupted_audit_leaves_no_spill_files(tmp_path, how: str) -> None:
     assert not list(tmp_path.iterdir())
 
 
-# --- Stores ------------------------------------------------------------------------------------
-#
-# Every store is run three ways: a dense histogram, runs held in memory (a budget that never
-# fills) and runs that all spill (a budget of one byte: every add folds, spills and is merged
-# back from files). All must give np.unique's counts exactly.
-
-HUGE = 1 << 40  # a budget that never fills
-
-
-STORES = {
-    "histogram": lambda budget: HistogramStore(12),
-    "held": lambda budget: RunStore(1, budget),
-    "spilled": lambda budget: RunStore(1, budget),
-}
-LIMITS = {"histogram": HUGE, "held": HUGE, "spilled": 1}
-
-
-@pytest.fixture
-def make(tmp_path):
-    """``make(kind, words=1)``: a store of that kind in its own budget, spilling under ``tmp_path``."""
-    budgets: list[MemoryBudget] = []
-
-    def build(kind: str, words: int = 1):
-        budget = MemoryBudget(LIMITS[kind], tmp_path)
-        budgets.append(budget)
-        return STORES[kind](budget) if words == 1 else RunStore(words, budget)
-
-    yield build
-    for budget in budgets:
-        budget.close()
-    assert not list(tmp_path.iterdir())  # closing removed every spill file and folder
-
-
-def feed(store, *pieces: np.ndarray) -> None:
-    for piece in pieces:
-        store.add(piece)
-
-
-def items(store) -> tuple[np.ndarray, np.ndarray]:
-    """A store's distinct keys (heads, or rows of words) and counts, sorted as np.unique sorts."""
-    runs = list(store.merged())
-    record = runs[0].dtype if runs else count.record_dtype(1)
-    merged = np.concatenate(runs) if runs else np.zeros(0, record)
-    keys = merged["words"] if "words" in record.names else merged["head"]
-    order = np.lexsort(keys.T[::-1]) if keys.ndim == 2 else np.argsort(keys, kind="stable")
-    return keys[order], merged["count"][order]
-
-
-def reference(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct keys (rows when 2-D) in sorted order with their counts."""
-    return np.unique(keys, axis=0 if keys.ndim == 2 else None, return_counts=True)
-
-
-def assert_same(store, keys: np.ndarray) -> None:
-    got_keys, got_counts = items(store)
-    want_keys, want_counts = reference(keys)
-    np.testing.assert_array_equal(got_keys, want_keys.astype(got_keys.dtype))
-    np.testing.assert_array_equal(got_counts, want_counts)
-    assert got_counts.sum() == len(keys)
-
-
-def some_keys(seed: int = 0, n: int = 5000) -> np.ndarray:
-    """int32 keys below 2**12, as packed layer outputs come, skewed so counts differ."""
-    rng = np.random.default_rng(seed)
-    return (rng.integers(0, 4096, n) * rng.random(n) ** 3).astype(np.int32)
-
-
-def wide_keys(seed: int = 0, n: int = 4000, words: int = 3) -> np.ndarray:
-    """Rows of uint64 words with many repeats, including rows that differ only in one word."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 2**64 - 1, size=(30, words), dtype=np.uint64, endpoint=True)
-    twins = base[:10].copy()
-    twins[:, -1] ^= np.uint64(1 << 63)
-    twins2 = base[10:20].copy()
-    twins2[:, 0] ^= np.uint64(1)
-    pool = np.vstack([base, twins, twins2])
-    return pool[rng.integers(len(pool), size=n)]
-
-
-@pytest.mark.parametrize("kind", STORES)
-def test_store_adds_in_pieces_like_at_once(make, kind: str) -> None:
-    keys = some_keys()
-    whole = make(kind)
-    feed(whole, keys)
-    assert_same(whole, keys)
-    pieces = make(kind)
-    feed(pieces, *np.array_split(keys, [1, 2, 700, 701, 3000]))
-    assert_same(pieces, keys)
-    if kind == "spilled":
-        assert pieces.spilled and not pieces.runs  # the comparison above read everything back from files
-
-
-@pytest.mark.parametrize("kind", STORES)
-def test_store_merge_adds_counts(make, kind: str) -> None:
-    """SPEC §2: counts from workers merge by adding, equal to one store fed everything."""
-    keys = some_keys(1)
-    workers = []
-    for part in np.array_split(keys, [1200, 3100]):
-        worker = make(kind)
-        feed(worker, part)
-        workers.append(worker)
-    total = make(kind)
-    for worker in workers:
-        total.merge(worker)
-    assert_same(total, keys)
-    workers[0].merge(workers[1])
-    workers[0].merge(workers[2])
-    assert_same(workers[0], keys)
-
-
-@pytest.mark.parametrize("kind", STORES)
-def test_store_merge_of_empty_stores(make, kind: str) -> None:
-    """A worker that saw no data merges as nothing, however often and in whatever order."""
-    keys = some_keys(2)
-    store = make(kind)
-    store.merge(make(kind))
-    store.merge(make(kind))
-    feed(store, keys)
-    store.merge(make(kind))
-    assert_same(store, keys)
-
-
-@pytest.mark.parametrize("kind", STORES)
-def test_store_merge_then_add_keeps_counting(make, kind: str) -> None:
-    keys = some_keys(3)
-    a, b = make(kind), make(kind)
-    feed(a, keys[:100])
-    feed(b, keys[100:2000])
-    a.merge(b)
-    feed(a, keys[2000:])
-    assert_same(a, keys)
-
-
-@pytest.mark.parametrize("kinds", [("histogram", "spilled"), ("spilled", "histogram"), ("held", "spilled")])
-def test_stores_of_different_kinds_merge(make, kinds: tuple[str, str]) -> None:
-    """Shards with different budgets may pick different stores for one layer; their counts still add."""
-    keys = some_keys(4)
-    a, b = make(kinds[0]), make(kinds[1])
-    feed(a, keys[:2500])
-    feed(b, keys[2500:])
-    a.merge(b)
-    assert_same(a, keys)
-
-
-@pytest.mark.parametrize("kind", ["held", "spilled"])
-def test_run_store_counts_multiword_rows_exactly(make, kind: str) -> None:
-    keys = wide_keys()
-    store = make(kind, words=3)
-    for piece in np.array_split(keys, 7):
-        feed(store, piece)
-    assert_same(store, keys)
-    assert len(items(store)[1]) == 50  # twins that differ in a single bit are distinct
-
-
-@pytest.mark.parametrize("kind", ["held", "spilled"])
-def test_run_store_merges_multiword_rows_and_empty_stores(make, kind: str) -> None:
-    """An empty worker's store holds no rows; merging it must not break 2-D keys."""
-    keys = wide_keys(1)
-    a, b = make(kind, words=3), make(kind, words=3)
-    a.merge(make(kind, words=3))
-    feed(a, keys[:1500])
-    feed(b, keys[1500:])
-    a.merge(b)
-    a.merge(make(kind, words=3))
-    assert_same(a, keys)
-
-
-@pytest.mark.parametrize("kind", ["held", "spilled"])
-def test_hash_collisions_never_merge_different_rows(make, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
-    """SPEC §2: equality is decided on whole keys. With a hash that collides all the time
-    (two values for 50 rows), folding, merging and spilling must still count every row apart."""
-    monkeypatch.setattr(count, "hash_rows", lambda rows: rows[:, -1] & np.uint64(1))
-    keys = wide_keys(2)
-    a, b = make(kind, words=3), make(kind, words=3)
-    for piece in np.array_split(keys[:2000], 5):
-        feed(a, piece)
-    feed(b, keys[2000:])
-    a.merge(b)
-    assert_same(a, keys)
-
-
-@pytest.mark.parametrize("spill", ["all", "some"])
-@pytest.mark.parametrize("wide", [False, True], ids=["1-word", "3-words"])
-def test_the_merge_reads_runs_in_bounded_ranges(
-    tmp_path, monkeypatch: pytest.MonkeyPatch, wide: bool, spill: str
-) -> None:
-    """A merge step holds at most ``merge_rows`` records (40 here; more only if they share one
-    head): the merge streams held and spilled runs range by range, in key order, exactly."""
-    monkeypatch.setattr(count, "MERGE_ROWS_MIN", 40)
-    rng = np.random.default_rng(5)
-    pool = rng.integers(0, 2**64 - 1, size=(2000, 3 if wide else 1), dtype=np.uint64, endpoint=True)
-    keys = pool[rng.integers(len(pool), size=6000)]
-    keys = keys if wide else keys[:, 0]
-    dtype = count.record_dtype(3 if wide else 1)
-    with MemoryBudget(1 if spill == "all" else 32 * 40 * dtype.itemsize, tmp_path) as budget:
-        assert budget.merge_rows(dtype) == 40
-        store = RunStore(3 if wide else 1, budget)
-        feed(store, *np.array_split(keys, 30))
-        if spill == "some" and not store.runs:  # the last add spilled all; hold one more piece
-            keys = np.concatenate([keys, keys[:100]])
-            feed(store, keys[-100:])
-        assert store.spilled and bool(store.runs) == (spill == "some")
-        pieces = list(store.merged())
-        assert len(pieces) > 3 and max(len(piece) for piece in pieces) <= 40
-        heads = np.concatenate([piece["head"] for piece in pieces])
-        assert np.all(heads[1:] > heads[:-1])  # ranges come in key order (and these heads never collide)
-        assert_same(store, keys)
-
-
-def test_too_many_spilled_runs_are_merged_into_one_file(make, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(count, "MAX_SPILLED_RUNS", 3)
-    keys = some_keys(6)
-    store = make("spilled")
-    for piece in np.array_split(keys, 40):
-        feed(store, piece)
-        assert len(store.spilled) <= 4
-    folder = next(store.budget.spill_dir.iterdir())
-    assert len(list(folder.iterdir())) == len(store.spilled)  # merged-away files are deleted
-    assert_same(store, keys)
-
-
-def test_make_store_picks_dense_for_narrow_layers_when_the_budget_has_room(tmp_path) -> None:
-    """Dense histograms of all layers share a quarter of the budget; layers past that get runs."""
-    with MemoryBudget(HUGE) as roomy, MemoryBudget(4 << 20, tmp_path) as small:
-        assert isinstance(make_store(1, roomy), HistogramStore)
-        assert isinstance(make_store(count.HISTOGRAM_BITS, roomy), HistogramStore)
-        assert isinstance(make_store(count.HISTOGRAM_BITS + 1, roomy), RunStore)
-        assert isinstance(make_store(65, roomy), RunStore) and make_store(65, roomy).dtype["words"].shape == (2,)
-        assert isinstance(make_store(17, small), HistogramStore)  # 1 MiB: a quarter of 4 MiB
-        assert isinstance(make_store(16, small), RunStore)  # 512 KiB more would pass the quarter
-        assert isinstance(make_store(1, small), RunStore)
-
-
-@pytest.mark.parametrize("neurons", [1, 5, 20])
-def test_histogram_store_covers_every_key_of_its_width(neurons: int) -> None:
-    keys = np.array([0, (1 << neurons) - 1, (1 << neurons) - 1], np.int32)
-    with MemoryBudget(HUGE) as budget:
-        store = make_store(neurons, budget)
-        feed(store, keys)
-        assert_same(store, keys)
-
-
-def test_the_budget_bounds_what_stores_hold(tmp_path) -> None:
-    """After every add, all stores of one budget together hold at most three quarters of it."""
-    limit = 64 << 10
-    with MemoryBudget(limit, tmp_path) as budget:
-        stores = [RunStore(1, budget), RunStore(3, budget)]
-        narrow, wide = some_keys(7, n=40_000).astype(np.uint64), wide_keys(7, n=20_000)
-        for a, b in zip(np.array_split(narrow, 50), np.array_split(wide, 50), strict=True):
-            stores[0].add(a)
-            stores[1].add(b)
-            assert budget.held_bytes <= limit * 3 // 4
-        assert budget.spilled_bytes > 0
-        assert_same(stores[0], narrow)
-        assert_same(stores[1], wide)
-
-
 # --- LayerCounter: packed groups in, figures out -------------------------------------------------
 
 
@@ -615,17 +293,17 @@ def test_counter_refuses_to_merge_another_layer() -> None:
 
 
 def test_summary_of_hand_worked_cases() -> None:
-    four = summarize(*count_of_counts(np.array([3, 3, 3, 3])))
+    four = CountOfCounts.of(np.array([3, 3, 3, 3])).summary()
     assert (four.total, four.distinct, four.entropy_bits) == (12, 4, 2.0)
-    one = summarize(*count_of_counts(np.array([9])))
+    one = CountOfCounts.of(np.array([9])).summary()
     assert (one.total, one.distinct, one.entropy_bits) == (9, 1, 0.0)
     np.testing.assert_array_equal(one.top_counts, [9])
     np.testing.assert_array_equal(one.count_quantiles, [9, 9, 9, 9, 9])
-    skewed = summarize(*count_of_counts(np.array([1, 1, 2])), top_k=2)  # p = 1/4, 1/4, 1/2
+    skewed = CountOfCounts.of(np.array([1, 1, 2])).summary(top_k=2)  # p = 1/4, 1/4, 1/2
     assert skewed.entropy_bits == 1.5
     np.testing.assert_array_equal(skewed.top_counts, [2, 1])
     with pytest.raises(ValueError):
-        summarize(*count_of_counts(np.zeros(0, np.int64)))
+        CountOfCounts.of(np.zeros(0, np.int64)).summary()
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -634,7 +312,7 @@ def test_summary_matches_numpy_on_random_counts(seed: int) -> None:
     with the direct −Σ p log2 p (and metrics.entropy_bits) to rounding."""
     rng = np.random.default_rng(seed)
     counts = (rng.pareto(1.0 + seed / 3, size=int(rng.integers(1, 3000))) + 1).astype(np.int64)
-    summary = summarize(*count_of_counts(rng.permutation(counts)), top_k=50)
+    summary = CountOfCounts.of(rng.permutation(counts)).summary(top_k=50)
     assert summary.total == counts.sum() and summary.distinct == len(counts)
     np.testing.assert_array_equal(summary.top_counts, np.sort(counts)[::-1][:50])
     np.testing.assert_array_equal(summary.count_quantiles, np.quantile(counts, count.QUANTILES))
@@ -642,189 +320,10 @@ def test_summary_matches_numpy_on_random_counts(seed: int) -> None:
     assert summary.entropy_bits == pytest.approx(metrics.entropy_bits(counts), rel=1e-13, abs=1e-15)
 
 
-def test_histograms_of_disjoint_states_add() -> None:
+def test_counts_of_counts_of_disjoint_states_add() -> None:
     a, b = np.array([1, 1, 4, 9]), np.array([4, 2, 1])
-    np.testing.assert_array_equal(
-        np.stack(add_histograms(count_of_counts(a), count_of_counts(b))),
-        np.stack(count_of_counts(np.concatenate([a, b]))),
-    )
-
-
-# --- Budgets: sizes, spill folders, and cleaning up ----------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "size"),
-    [
-        ("512M", 512 << 20),
-        ("4G", 4 << 30),
-        ("1.5G", 3 << 29),
-        ("64MiB", 64 << 20),
-        ("2gb", 2 << 30),
-        (" 1G ", 1 << 30),
-        (str(100 << 20), 100 << 20),
-        ("65536K", 64 << 20),
-    ],
-)
-def test_parse_size_reads_binary_units(text: str, size: int) -> None:
-    assert parse_size(text) == size
-
-
-@pytest.mark.parametrize("text", ["1M", "0", "63M", "-1G", "", "G", "abc", "1.2.3G", "1e9", "4X", "2P", "1 G B"])
-def test_parse_size_refuses_with_one_line(text: str) -> None:
-    with pytest.raises(AuditError) as caught:
-        parse_size(text)
-    assert "memory budget" in caught.value.message and "\n" not in caught.value.message
-
-
-def spill_something(budget: MemoryBudget) -> RunStore:
-    store = RunStore(1, budget)
-    store.add(some_keys(8))
-    store.spill()
-    return store
-
-
-@pytest.mark.parametrize(
-    "interruption",
-    [None, RuntimeError("mid-audit failure"), KeyboardInterrupt(), CancelledError("the audit was cancelled")],
-    ids=["success", "error", "ctrl-c", "cancelled"],
-)
-def test_spill_files_are_removed_however_the_audit_ends(tmp_path, interruption: BaseException | None) -> None:
-    seen = []
-    with contextlib.suppress(type(interruption) if interruption else ()), MemoryBudget(1, tmp_path) as budget:
-        store = spill_something(budget)
-        store.add(some_keys(9))  # raised between adds, as an audit's loop would
-        seen = list(tmp_path.rglob("*.run"))
-        if interruption:
-            raise interruption
-    assert seen and budget.spilled_bytes > 0
-    assert not list(tmp_path.iterdir())
-
-
-def test_a_dropped_budget_removes_its_files(tmp_path) -> None:
-    budget = MemoryBudget(1, tmp_path)
-    spill_something(budget)
-    assert list(tmp_path.iterdir())
-    del budget
-    gc.collect()  # store and budget refer to each other
-    assert not list(tmp_path.iterdir())
-
-
-CTRL_C_CHILD = """
-import sys, time
-import numpy as np
-from auditor.count import MemoryBudget, RunStore
-with MemoryBudget(1, sys.argv[1]) as budget:
-    store = RunStore(1, budget)
-    for i in range(100_000):
-        store.add(np.arange(i, i + 500, dtype=np.uint64))
-        if i == 3:
-            print("spilling", flush=True)
-        time.sleep(0.005)
-"""
-
-
-def test_ctrl_c_removes_spill_files(tmp_path) -> None:
-    """A real SIGINT to a process that is spilling: it stops, and its spill folder is gone."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", CTRL_C_CHILD, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert child.stdout.readline().strip() == "spilling"
-        assert list(tmp_path.rglob("*.run"))
-        child.send_signal(signal.SIGINT)
-        _, err = child.communicate(timeout=60)
-    finally:
-        child.kill()
-    assert "KeyboardInterrupt" in err
-    assert not list(tmp_path.iterdir())
-
-
-@pytest.mark.parametrize("where", ["missing", "a file"])
-def test_an_unusable_spill_folder_is_refused_in_one_line(tmp_path, where: str) -> None:
-    target = tmp_path / "spill"
-    if where == "a file":
-        target.write_text("not a folder")
-    with pytest.raises(AuditError) as caught:
-        MemoryBudget(1 << 30, target)
-    message = caught.value.message
-    assert "--spill-dir" in message and str(tmp_path) not in message and "\n" not in message
-
-
-def test_a_full_spill_folder_is_refused_in_one_line_and_leaves_nothing(tmp_path) -> None:
-    """A real write failure: the file-size limit (RLIMIT_FSIZE) makes writes past 64 KiB fail with EFBIG,
-    as a full disk does with ENOSPC."""
-    keys = np.arange(100_000, dtype=np.uint64)  # a 1.6 MB run
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    with MemoryBudget(1, tmp_path) as budget:
-        store = RunStore(1, budget)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))
-        try:
-            with pytest.raises(LimitError) as caught:
-                store.add(keys)  # a budget of one byte spills at once
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        assert not list(tmp_path.rglob("*.run"))  # the partial file is gone
-    message = caught.value.message
-    assert "full" in message and "--spill-dir" in message and str(tmp_path) not in message
-    assert not list(tmp_path.iterdir())
-
-
-# --- join_groups ---------------------------------------------------------------------------------
-
-
-def pack(bits: np.ndarray, axis: int, groups: list[tuple[int, int]], layout: str) -> tuple[np.ndarray, int]:
-    """What the exposed graph emits: int32 group sums of bits × 2^k, in the given layout."""
-    rows = np.moveaxis(bits, axis, -1).astype(np.int64)  # (..., N)
-    packed = np.stack([(rows[..., a:b] << np.arange(b - a)).sum(axis=-1) for a, b in groups], axis=-1).astype(
-        np.int32
-    )  # (..., G)
-    if layout == "last":
-        return packed, -1
-    if layout == "nchw":
-        return np.moveaxis(packed, -1, 1), 1  # (B, G, H, W)
-    return np.moveaxis(packed, -1, 1).reshape(len(bits), len(groups), -1), 1  # (B, G, H·W)
-
-
-def reference_keys(rows: np.ndarray) -> np.ndarray:
-    """Bit k of a state is bit k % 64 of word k // 64; one word when N ≤ 64."""
-    n = rows.shape[1]
-    words = [
-        (rows[:, w : w + 64].astype(np.uint64) << np.arange(min(64, n - w), dtype=np.uint64)).sum(
-            axis=1, dtype=np.uint64
-        )
-        for w in range(0, n, 64)
-    ]
-    return words[0] if len(words) == 1 else np.stack(words, axis=1)
-
-
-@pytest.mark.parametrize("grouping", [word_groups, byte_groups], ids=["words", "bytes"])
-@pytest.mark.parametrize("layout", ["dense", "last", "nchw", "rows"])
-@pytest.mark.parametrize("neurons", NEURONS)
-def test_join_groups_matches_direct_bit_packing(neurons: int, layout: str, grouping) -> None:
-    rng = np.random.default_rng(neurons)
-    shape, axis = ((50, neurons), 1) if layout == "dense" else ((20, neurons, 3, 2), 1)
-    bits = rng.random(shape) < 0.5
-    if layout == "last":
-        bits, axis = np.ascontiguousarray(np.moveaxis(bits, 1, -1)), 3  # channels-last
-    groups = grouping(neurons)
-    packed, group_axis = pack(bits, axis, groups, "last" if layout in ("dense", "last") else layout)
-    keys = join_groups(packed, groups, group_axis)
-    rows = state_rows(bits, axis)
-    want = reference_keys(rows)
-    assert keys.shape == want.shape
-    np.testing.assert_array_equal(keys.astype(np.uint64), want)
-    distinct_rows = len(np.unique(rows, axis=0))
-    assert len(np.unique(keys, axis=0 if keys.ndim == 2 else None)) == distinct_rows
-
-
-@pytest.mark.parametrize("grouping", [word_groups, byte_groups], ids=["words", "bytes"])
-def test_join_groups_top_bits_survive(grouping) -> None:
-    """All-ones states: the top bit of every word is set and nothing overflows or sign-extends."""
-    for neurons in (24, 25, 32, 33, 63, 64, 65, 128, 130):
-        groups = grouping(neurons)
-        bits = np.ones((1, neurons), bool)
-        keys = join_groups(pack(bits, 1, groups, "last")[0], groups, -1)
-        np.testing.assert_array_equal(keys.astype(np.uint64), reference_keys(bits))
-        if len(groups) > 1:  # one group is its own int32 key
-            assert keys.dtype == (np.uint32 if neurons <= 32 else np.uint64)
+    added = CountOfCounts.sum([CountOfCounts.of(a), CountOfCounts.of(b)])
+    whole = CountOfCounts.of(np.concatenate([a, b]))
+    np.testing.assert_array_equal(added.values, whole.values)
+    np.testing.assert_array_equal(added.states, whole.states)
+    assert added.total == whole.total == 22

@@ -1,4 +1,4 @@
-"""The fast paths of ``graph.expose`` against its straightforward graph, ``expose(..., fast=False)``.
+"""The fast paths of ``expose.expose`` against its straightforward graph, ``expose(..., fast=False)``.
 
 Every fast path must give the oracle's firing bits bit for bit and φ up to float rounding:
 firing read at the activation's output (only where ``y > 0`` ⟺ ``x > 0`` for every float),
@@ -20,9 +20,10 @@ from models import FLOAT16, Net, run
 from onnx import helper
 
 from auditor import AuditConfig, audit, metrics, prepare
-from auditor.count import join_groups
 from auditor.data import Batch, load_arrays
-from auditor.graph import Exposed, LayerOutputs, describe, expose
+from auditor.expose import Exposed, LayerOutputs, expose
+from auditor.find import describe
+from auditor.keys import join_groups
 from auditor.modelfile import load_model
 from auditor.prepare import structure_of
 from auditor.run import Runner

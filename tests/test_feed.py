@@ -14,7 +14,7 @@ from auditor import AuditConfig
 from auditor.data import Batch
 from auditor.errors import DataError
 from auditor.feed import check_batch, feed, input_entropy, to_model_input
-from auditor.graph import ModelInput
+from auditor.find import ModelInput
 
 FLOAT_784 = ModelInput("x", np.dtype(np.float32), ("N", 784))
 IMAGE = ModelInput("input", np.dtype(np.float32), ("batch", 1, 28, 28))
@@ -100,6 +100,37 @@ def test_an_integer_input_gets_the_raw_values_or_a_refusal() -> None:
     assert to_model_input(x, uint8, DEFAULT).tolist() == [[3, 250]]
     refused(DataError, lambda: to_model_input(x, uint8, feeding(mean=0.5)), "'x' takes uint8", "cannot apply")
     refused(DataError, lambda: to_model_input(x + np.float32(0.5), uint8, DEFAULT), "cannot hold")
+
+
+@pytest.mark.parametrize(
+    ("shape", "data", "fragments"),
+    [
+        (("N",), (3, 28, 28), ["expects a scalar (no dimensions) per sample", "(its shape: N)"]),
+        (("N", "C", "height", "width"), (3, 5), ["expects C×height×width per sample", "N×C×height×width"]),
+        ((None, 3, None, None), (3, 5), ["expects 3×?×? per sample", "(its shape: ?×3×?×?)"]),
+        (("N", 0, 7), (3, 5), ["expects ?×7 per sample"]),
+        (("batch", "\x1b[2Jdim"), (3, 5, 5), ["expects \\x1b[2Jdim per sample"]),
+        (("N", "d" * 300), (3, 5, 5), ["expects ddddd", "…", "ddd per sample"]),
+        (("N", 3, 4), (3,), ["data samples have shape a scalar (no dimensions) (1 values)", "expects 3×4"]),
+    ],
+)
+def test_every_shape_in_a_refusal_is_readable_with_symbolic_dimensions_named(
+    shape: tuple, data: tuple, fragments: list[str]
+) -> None:
+    model_input = ModelInput("x", np.dtype(np.float32), shape)
+    message = refused(DataError, lambda: to_model_input(np.zeros(data, np.float32), model_input, DEFAULT), *fragments)
+    assert "expects ;" not in message and "expects  " not in message and "\x1b" not in message
+
+
+@pytest.mark.filterwarnings("error")  # the refusal is the whole answer: no numpy warning before it
+@pytest.mark.parametrize(
+    "settings",
+    [{"std": 1e-300}, {"std": 5e-324}, {"scale": 1e300}, {"mean": -1e300}, {"scale": 1e38, "std": 1e-38}],
+    ids=str,
+)
+def test_preprocessing_that_overflows_warns_nothing_before_its_refusal(settings: dict) -> None:
+    x = np.full((3, 784), 128, np.uint8)
+    refused(DataError, lambda: to_model_input(x, FLOAT_784, feeding(**settings)), "inf/NaN")
 
 
 # --- Settings that turn finite data into inf or NaN -----------------------------------------------

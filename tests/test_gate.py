@@ -12,10 +12,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from refusals import cli_refused
+from refusals import cli_refused, usage_refused
 
 from auditor.cli import main
-from auditor.gate import Check
+from auditor.gate import COMPARED_SETTINGS, Check
 
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATE = REPO / "examples" / "lenet300_11_4.onnx"
@@ -228,7 +228,12 @@ def test_baseline_that_is_not_a_report(tmp_path: Path, capsys, content: str | No
     ("args", "fragment"),
     [
         (["--beta", "1"], "beta 2 (baseline) vs 1 (this audit)"),
-        (["--cna-exclude-output-layer"], "cna_include_output_layer True (baseline) vs False (this audit)"),
+        (["--cna-exclude-output-layer"], "cna_include_output_layer true (baseline) vs false (this audit)"),
+        (["--aggregate", "mean"], 'aggregate "sum" (baseline) vs "mean" (this audit)'),
+        (["--states-at", "block-output"], 'states_at "pre-activation" (baseline) vs "block-output" (this audit)'),
+        (["--margin-seed", "7"], "margin_seed 0 (baseline) vs 7 (this audit)"),
+        (["--alpha-range", "0", "255"], "alpha_range 0 1 (baseline) vs 0 255 (this audit)"),
+        (["--scale", "1"], "scale null (baseline) vs 1 (this audit)"),
         (["--mean", "0.1307", "--std", "0.3081"], "mean 0 (baseline) vs 0.1307 (this audit); std 1 (baseline)"),
     ],
 )
@@ -248,3 +253,90 @@ def test_baseline_without_the_gated_split_or_figure(folder: Path, capsys: pytest
     cli_refused(capsys, main(gate("--baseline", str(train_only), "--max-aiq-drop", "0.1")), "has no test split")
     code = main(gate("--baseline", str(train_only), "--gate-split", "train", "--max-cna-margin-rise", "0.1"))
     cli_refused(capsys, code, "has no CNA-Margin", "--max-cna-margin-rise cannot be checked")
+
+
+def _edited(candidate: Path, folder: Path, edit) -> Path:
+    """A copy of the candidate's report with its ``config`` block changed by ``edit(config)``."""
+    report = json.loads(candidate.read_text())
+    edit(report["config"])
+    path = folder / "edited.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+def _drop(*keys: str):
+    def edit(config: dict) -> None:
+        for key in keys or list(config):
+            config.pop(key, None)
+
+    return edit
+
+
+def _only(*keys: str):
+    return lambda config: [config.pop(key) for key in list(config) if key not in keys]
+
+
+def _set(**values: object):
+    return lambda config: config.update(values)
+
+
+# Baselines whose recorded settings are missing, partial, or different in value or only in kind:
+# each is refused before anything is audited, in one line naming what differs.
+HOSTILE_CONFIGS = [
+    (_drop(), ["does not record beta, include_output_layer", "and 7 more"]),
+    (_drop("beta"), ["does not record beta, so it cannot show"]),
+    (_only("beta"), ["does not record include_output_layer, cna_include_output_layer, aggregate"]),
+    (_only("beta", "batch_size", "device", "memory_budget"), ["does not record include_output_layer"]),
+    (_drop("states_at", "scale"), ["does not record scale, states_at"]),
+    (_set(beta="2"), ['beta "2" (baseline) vs 2 (this audit)']),
+    (_set(beta=2.0000000000000004), ["beta 2.0000000000000004 (baseline) vs 2 (this audit)"]),
+    (_set(beta=True), ["beta true (baseline) vs 2 (this audit)"]),
+    (_set(beta=[2.0]), ["beta 2 (baseline) vs 2 (this audit)"]),
+    (_set(beta={"value": 2}), ['beta {"value": 2} (baseline) vs 2 (this audit)']),
+    (_set(beta=None), ["beta null (baseline) vs 2 (this audit)"]),
+    (_set(include_output_layer=0), ["include_output_layer 0 (baseline) vs false (this audit)"]),
+    (_set(aggregate="SUM"), ['aggregate "SUM" (baseline)']),
+    (_set(alpha_range=[0, 1, 2]), ["alpha_range 0 1 2 (baseline) vs 0 1 (this audit)"]),
+    (_set(alpha_range=list(range(10_000))), ["alpha_range 0 1 2 3", "…"]),
+    (_set(mean=1e-300), ["mean 1e-300 (baseline) vs 0 (this audit)"]),
+    (_set(margin_fraction=0.1 + 1e-16), ["margin_fraction 0.1000000000000001 (baseline) vs 0.1 (this audit)"]),
+    (_set(states_at="block-output\x1b[2J"), ['states_at "block-output\\u001b[2J" (baseline)']),
+    (_set(**{"evil\x1b]0;x\x07": 1}), ["records settings this auditor does not know: evil\\x1b]0;x\\x07"]),
+    (_set(**{f"k{i}": i for i in range(50)}), ["does not know: k0, k1, k2, k3, k4 and 45 more"]),
+    (_set(**{"x" * 5000: 1}), ["does not know: " + "x" * 39 + "…"]),
+]
+
+
+@pytest.mark.parametrize(("edit", "fragments"), HOSTILE_CONFIGS)
+def test_a_baseline_with_missing_partial_or_other_settings_is_refused_naming_them(
+    candidate: Path, folder: Path, capsys, edit, fragments: list[str]
+) -> None:
+    edited = _edited(candidate, folder, edit)
+    code = main(gate("--baseline", str(edited), "--max-aiq-drop", "0.1"))
+    line = cli_refused(capsys, code, f"the baseline {edited}", *fragments)
+    assert "--allow-difference SETTING" in line and len(line) < 1200
+
+
+def test_named_differences_may_be_allowed_and_only_those(candidate: Path, folder: Path, capsys) -> None:
+    edited = _edited(candidate, folder, _set(beta=1.0, margin_seed=3))
+    code = main(gate("--baseline", str(edited), "--max-aiq-drop", "1", "--allow-difference", "beta"))
+    cli_refused(capsys, code, "margin_seed 3 (baseline) vs 0 (this audit)")
+    allow = ["--allow-difference", "beta", "--allow-difference", "margin_seed"]
+    assert main(gate("--baseline", str(edited), "--max-accuracy-drop", "0", *allow)) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "gate passed: 1/1 thresholds met"
+
+
+def test_a_baseline_without_any_settings_passes_only_when_every_one_is_allowed(
+    candidate: Path, folder: Path, capsys
+) -> None:
+    edited = _edited(candidate, folder, _drop())
+    allow = [arg for key in COMPARED_SETTINGS for arg in ("--allow-difference", key)]
+    assert main(gate("--baseline", str(edited), "--max-accuracy-drop", "0", *allow)) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("name", ["batch_size", "BETA", "", "beta\x1b[2J", "nonsense"])
+def test_allow_difference_names_a_setting_that_changes_the_numbers(candidate: Path, capsys, name: str) -> None:
+    argv = gate("--baseline", str(candidate), "--max-aiq-drop", "0.1", "--allow-difference", name)
+    line = usage_refused(capsys, lambda: main(argv), "--allow-difference")
+    assert "\x1b" not in line

@@ -405,3 +405,23 @@ def test_a_dataset_name_wins_over_a_folder_of_that_name(tmp_path: Path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert open_dataset("mnist", "test", limit=5).name == "mnist"
     assert open_dataset("./mnist", "test").count == 1
+
+
+@pytest.mark.filterwarnings("error")  # Pillow warns on these unless they go through RGBA first
+@pytest.mark.parametrize("transparency", [b"\x00\x80" + b"\xff" * 254, 0, 7])
+@pytest.mark.parametrize(("input_shape", "mode"), [(("n", 28, 28), "L"), (("n", 3, 28, 28), "RGB")])
+def test_palette_images_with_transparency_decode_without_a_warning(
+    tmp_path: Path, transparency: bytes | int, input_shape: tuple, mode: str
+) -> None:
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "palette"
+    folder.mkdir()
+    for i in range(3):
+        image = Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "P")
+        image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
+        image.save(folder / f"{i}.png", transparency=transparency)
+    got, _ = read_all(open_dataset(str(folder), "test", images=ImageOptions(input_shape)))
+    for i in range(3):
+        with Image.open(folder / f"{i}.png") as opened:
+            expected = np.asarray(opened.convert("RGBA").convert(mode))
+        assert np.array_equal(got[i], expected if mode == "L" else np.moveaxis(expected, -1, 0))

@@ -14,11 +14,13 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
+from models import HOSTILE_NAMES
 from PIL import Image
 from refusals import cli_refused
 
@@ -382,3 +384,28 @@ def test_example_audit_page_end_to_end(tmp_path: Path, capsys: pytest.CaptureFix
     for key in ("top_probabilities", "cna_margin.curves", "cna_points"):  # the engine wrote every figure's data
         assert f"<code>{key}</code>" not in page
     assert_draws(page_file, tmp_path, figures=6)
+
+
+@pytest.mark.slow
+def test_hostile_names_in_many_splits_render_literally_without_a_warning_or_a_crash(
+    both: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every hostile name at once, as a split name (drawn in the figures' legends), the model's
+    name and a layer's name: one page with 21 splits, which also crowds the legends."""
+    names = [*HOSTILE_NAMES, "lone\ud800surrogate", "$\\frac{a}{b}$ " * 20]
+    report = copy.deepcopy(both)
+    report["model"]["name"] = "".join(names)
+    report["splits"] = {name: copy.deepcopy(both["splits"]["test"]) for name in names}
+    for name, figures in report["splits"].items():
+        figures["layers"][0]["name"] = name
+    source = tmp_path / "report.json"
+    source.write_text(json.dumps(report))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no library warning (layout, missing glyph) may reach the user
+        render_page(report)
+    assert main(["render", str(source), "--html", str(tmp_path / "page.html")]) == 0
+    assert capsys.readouterr() == ("", "")
+    page = (tmp_path / "page.html").read_text(encoding="utf-8")
+    assert "<script" not in page and network_references(page) == []
+    assert not re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u202a-\u202e\u2066-\u2069\ud800-\udfff]", page)
+    assert "\\x1b[31mALERT" in page and "$\\frac{}$" in page

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from auditor import audit, prepare
 from auditor.data import open_splits
 from auditor.errors import AuditError, LimitError, ModelError, NotFoundError
 from auditor.modelfile import MODEL_FILE, check_data_file_name, content_address
-from auditor.persist import ModelStore, ReportStore
+from auditor.persist import ModelStore, ReportStore, claim_store
 from auditor.records import check_content_address, check_id
 
 
@@ -201,3 +202,23 @@ def test_pages_are_newest_first_filtered_and_complete(tmp_path: Path, report) ->
 @pytest.mark.parametrize("token", ["1; DROP TABLE reports", "9" * 20, "²", "١٢", "-1", " 1", "1" * 10_000])
 def test_a_foreign_page_token_is_refused(tmp_path: Path, token: str) -> None:
     refused(AuditError, lambda: ReportStore(tmp_path / "r.sqlite3").page(page_token=token), "page token")
+
+
+# ---- one server per store ----------------------------------------------------------------------
+
+
+def test_a_store_is_claimed_by_one_owner_at_a_time_and_free_again_once_released(tmp_path: Path) -> None:
+    store = tmp_path / "new" / "store"  # made when claimed
+    first = claim_store(store)
+    for _ in range(3):  # however often a second owner tries, in this process or another
+        refused(AuditError, lambda: claim_store(store), f"the store {store} is in use", f"pid {os.getpid()}")
+    first.release()
+    first.release()  # twice is harmless
+    claim_store(store).release()
+
+
+@pytest.mark.parametrize("under", ["", "file/", "file/deeper/"])
+def test_a_store_that_cannot_be_claimed_is_refused_in_one_line(tmp_path: Path, under: str) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    store = tmp_path / (under + "store") if under else tmp_path / "file"
+    refused(AuditError, lambda: claim_store(store), f"cannot use the store {store}", "--store")

@@ -18,7 +18,7 @@ from auditor import AuditConfig, Prepared, audit, find_layers, prepare
 from auditor.config import SessionSettings
 from auditor.data import Batch
 from auditor.errors import ModelError
-from auditor.graph import describe
+from auditor.find import describe
 from auditor.modelfile import load_model
 from auditor.prepare import MIN_CALL_ROWS, call_rows, describe_model, rows_per_batch, structure_of
 

@@ -92,6 +92,15 @@ def test_report_round_trips_through_json(audited: tuple[Path, Report]) -> None:
     assert Report.from_dict(json.loads(json.dumps(data))) == report
 
 
+def test_provider_options_appear_only_when_cuda_ran_and_round_trip(audited: tuple[Path, Report]) -> None:
+    _, report = audited
+    assert report.provider_options is None and "provider_options" not in report.to_dict()  # a CPU audit
+    options = {"CUDAExecutionProvider": {"use_tf32": "0", "cudnn_conv_algo_search": "DEFAULT", "device_id": "0"}}
+    on_cuda = replace(report, provider_options=options)
+    assert on_cuda.to_dict()["provider_options"] == options
+    assert Report.load(on_cuda.to_json()) == on_cuda
+
+
 @pytest.mark.parametrize("schema", ["other/v9", "auditor.report/v2", None])
 def test_other_schemas_are_refused(audited: tuple[Path, Report], schema: str | None) -> None:
     data = audited[1].to_dict()

@@ -21,8 +21,21 @@ from onnx import helper
 from refusals import refused
 
 from auditor.errors import AuditError, DataError, ModelError
-from auditor.graph import ModelInput, describe, with_outputs
-from auditor.run import Runner, create_session, cuda_usable, ordered_map, probe_shapes, workers_for
+from auditor.expose import with_outputs
+from auditor.find import ModelInput, describe
+from auditor.run import (
+    CUDA,
+    GPU_PROVIDERS,
+    Runner,
+    create_session,
+    cuda_provider_options,
+    cuda_usable,
+    gpu_math_warnings,
+    ordered_map,
+    probe_shapes,
+    with_provider_options,
+    workers_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 X = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
@@ -164,6 +177,33 @@ def test_device_cuda_runs_on_cuda_or_is_refused_in_one_line() -> None:
         assert runner(model, "cuda").providers[0] == "CUDAExecutionProvider"
     else:
         refused(AuditError, lambda: runner(model, "cuda"), "CUDA was requested", "--device auto or --device cpu")
+
+
+def test_cuda_sessions_are_asked_for_fp32_math_and_a_fixed_convolution_algorithm() -> None:
+    """TF32 off unless asked for; cuDNN's algorithm fixed rather than timed (docs/counting.md)."""
+    exact, tf32 = with_provider_options(GPU_PROVIDERS, "exact"), with_provider_options(GPU_PROVIDERS, "tf32")
+    assert exact == [(CUDA, {"use_tf32": "0", "cudnn_conv_algo_search": "DEFAULT"}), "CPUExecutionProvider"]
+    assert tf32[0] == (CUDA, {"use_tf32": "1", "cudnn_conv_algo_search": "DEFAULT"})
+    assert cuda_provider_options("exact")["use_tf32"] == "0"
+    assert with_provider_options(["CPUExecutionProvider"], "tf32") == ["CPUExecutionProvider"]
+
+
+def test_the_provider_options_that_ran_are_known_only_when_cuda_ran() -> None:
+    for gpu_math in ("exact", "tf32"):
+        cpu = Runner(mlp([4, 5, 3]), describe(mlp([4, 5, 3])).input, "cpu", gpu_math=gpu_math)
+        assert cpu.provider_options is None
+        assert gpu_math_warnings(cpu.provider_options, gpu_math) == []  # the CPU's counts are exact anyway
+    if cuda_usable():
+        session = Runner(mlp([4, 5, 3]), describe(mlp([4, 5, 3])).input, "cuda")
+        assert session.provider_options[CUDA]["use_tf32"] == "0"
+        assert session.provider_options[CUDA]["cudnn_conv_algo_search"] == "DEFAULT"
+
+
+def test_tf32_on_cuda_makes_the_report_call_its_counts_approximate() -> None:
+    ran = {CUDA: cuda_provider_options("tf32")}
+    (warning,) = gpu_math_warnings(ran, "tf32")
+    assert "approximate" in warning and "gpu_math exact" in warning and "\n" not in warning
+    assert gpu_math_warnings({CUDA: cuda_provider_options("exact")}, "exact") == []
 
 
 def test_import_auditor_does_not_load_onnxruntime() -> None:

@@ -363,3 +363,21 @@ def test_serve_flags_map_onto_the_options() -> None:
         512 << 20,
         0,
     )
+
+
+@pytest.mark.parametrize(
+    ("setting", "fragment"),
+    [
+        ({"port": 65536}, "--port must be in 0..65535"),
+        ({"port": -1}, "--port must be in 0..65535"),
+        ({"max_batch_mb": 100_000}, "--max-batch-mb must be in 1..2047"),
+        ({"max_batch_mb": 0}, "--max-batch-mb must be in 1..2047"),
+        ({"metrics_port": 65536}, "--metrics-port must be in 0..65535"),
+        ({"audit_memory": 1024}, "--audit-memory must be between 64M and 1P"),
+    ],
+)
+def test_server_options_out_of_range_are_refused_before_anything_binds(
+    tmp_path: Path, setting: dict, fragment: str
+) -> None:
+    refused(AuditError, lambda: ServeOptions(store=tmp_path, **setting), fragment)
+    assert not list(tmp_path.iterdir())  # nothing was claimed or written

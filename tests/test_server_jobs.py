@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import grpc
 import pytest
 from models import mlp, save
 from refusals import refused
-from servers import AUDITOR, MNIST8, Process, Served, code, eventually, processes, serving
+from servers import AUDITOR, MNIST8, REPO, Process, Served, code, eventually, processes, serving
 
 from auditor import AuditConfig, audit, prepare
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
@@ -124,6 +126,34 @@ def test_a_job_interrupted_by_a_shutdown_runs_again_at_the_next_start(serve, mod
     assert report is not None and report.to_dict() == _local(model, SMALL)
 
 
+def test_a_second_server_on_a_store_in_use_is_refused_and_leaves_the_first_ones_work_alone(
+    serve, model: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "shared-store"
+    first = serve(store=store, max_concurrent=1)
+    running = submit_job(first.conn, model, WHOLE, AuditConfig())
+    eventually(lambda: sum(get_job(first.conn, running.id).samples.values()) > 0, what="the first job running")
+    content, release = model.read_bytes(), threading.Event()
+
+    def upload() -> Iterator[pb.UploadModelRequest]:  # an upload in flight: half sent, then waits
+        yield pb.UploadModelRequest(content=content[: len(content) // 2])
+        release.wait(timeout=60)
+        yield pb.UploadModelRequest(content=content[len(content) // 2 :])
+
+    uploaded: list[str] = []
+    sender = threading.Thread(target=lambda: uploaded.append(first.stub.UploadModel(upload()).sha256))
+    sender.start()
+    eventually(lambda: any((store / "models" / ".staging").iterdir()), what="the upload staged")
+    for same in (store, store / ".", tmp_path / "." / "shared-store"):  # however the path is spelled
+        refused(AuditError, lambda same=same: serve(store=same), "is in use by another auditor server", "--store")
+    release.set()
+    sender.join(timeout=60)
+    assert uploaded == [first.upload(model)]  # the upload was not cleaned away as a leftover
+    job = get_job(first.conn, running.id)
+    assert (job.state, job.restarts) == (RUNNING, 0)  # not queued again by the refused server
+    cancel_job(first.conn, running.id)
+
+
 @pytest.mark.slow
 def test_a_detached_job_survives_kill_9_and_a_restart(processes: list[Process], model: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
@@ -133,7 +163,14 @@ def test_a_detached_job_survives_kill_9_and_a_restart(processes: list[Process], 
     running = submit_job(conn, model, WHOLE, AuditConfig())
     queued = submit_job(conn, model, SMALL, AuditConfig())
     eventually(lambda: sum(get_job(conn, running.id).samples.values()) > 0, what="the first job running")
-    processes[0].kill()  # SIGKILL: no shutdown, no goodbye
+    second = subprocess.run(serve, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (second.returncode, second.stdout) == (2, "")
+    assert second.stderr.splitlines() == [
+        f"auditor: error: the store {store} is in use by another auditor server (pid {processes[0].popen.pid}); "
+        "stop that server or give another --store"
+    ]
+    assert get_job(conn, running.id).restarts == 0
+    processes[0].kill()  # SIGKILL: no shutdown, no goodbye; the kernel drops the store's lock
     processes.append(Process(serve))
     conn = Connection(processes[1].target, timeout=300)
     assert any("queued again 2 job(s)" in line for line in processes[1].log)  # logged before "serving"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +19,7 @@ from servers import AUDITOR, REPO, Process, gated, processes
 
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
+from auditor.persist import claim_store
 
 
 def _dockerfile_command(instruction: str) -> list[str]:
@@ -91,3 +94,31 @@ def test_an_audit_still_running_when_the_grace_period_ends_is_cancelled(
             list(responses)
         gate.set()
     process.wait_for(r"Audit model=\S+ samples=\d+ .* outcome=CANCELLED")
+
+
+@pytest.mark.parametrize("where", ["taken port", "bad host", "unresolvable host"])
+def test_a_server_that_cannot_listen_says_so_in_exactly_one_line(tmp_path: Path, where: str) -> None:
+    """No gRPC core log line (``E… add_port.cc … Failed to add port``) before ours, no store path."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host, port = {
+            "taken port": ("127.0.0.1", taken.getsockname()[1]),
+            "bad host": ("999.1.1.1", 0),
+            "unresolvable host": ("nonexistent.invalid", 0),
+        }[where]
+        env = {key: value for key, value in os.environ.items() if key != "GRPC_VERBOSITY"}
+        run = subprocess.run(
+            [*AUDITOR, "serve", "--host", host, "--port", str(port), "--store", str(tmp_path / "store")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+    assert (run.returncode, run.stdout) == (2, "")
+    [line] = run.stderr.splitlines()
+    assert line.startswith(f"auditor: error: cannot listen on {host}:{port}: ")
+    assert "GRPC_VERBOSITY" not in line and str(tmp_path) not in line
+    # the store was claimed and released: a server can use it now
+    claim_store(tmp_path / "store").release()

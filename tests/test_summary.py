@@ -11,9 +11,9 @@ import pytest
 from models import dense_model, run
 
 from auditor import AuditConfig, Prepared, Report, prepare
-from auditor.count import MemoryBudget
 from auditor.data import Batch
 from auditor.feed import feed
+from auditor.stores import MemoryBudget
 from auditor.summary import TOP_STATES, layer_stats, split_cna, summarize
 from auditor.tally import SplitTally
 

@@ -36,8 +36,9 @@ from trainers.export import to_onnx, verify  # noqa: E402
 from trainers.files import TEMP_MARK  # noqa: E402
 from trainers.grid import plan, run_grid, width_combinations  # noqa: E402
 from trainers.job import run_job  # noqa: E402
-from trainers.label_noise import randomize_labels  # noqa: E402
+from trainers.label_noise import noisy_labels, randomize_labels, shuffle_labels  # noqa: E402
 from trainers.lenet import build, parameter_count  # noqa: E402
+from trainers.noise_data import gaussian_noise  # noqa: E402
 from trainers.records import Architecture, Job, Recipe, TrainedNetwork  # noqa: E402
 from trainers.stats import Estimate, RankCorrelation, estimate, kendall_tau, mean_ci, t_critical  # noqa: E402
 from trainers.study import AuditedNetwork, SplitFigures, StudySettings, find_networks, make_report  # noqa: E402
@@ -630,6 +631,11 @@ def test_find_networks_reads_metadata_and_leaves_out_the_rest(grid, tmp_path):
         (["report", ".", "--reference", "lenet-300-100", "--out", "r"], "--reference expects ARCH:WIDTHS"),
         (["report", ".", "--reference", "lenet-7:2,2", "--out", "r"], "unknown architecture"),
         (["report", ".", "--states-at", "output", "--out", "r"], "invalid choice"),
+        (["train", "--arch", "lenet-5", "--out", "m.onnx"], "lenet-5 needs --widths"),
+        (["grid", "--arch", "mlp-5x500", "--label-noise", "swapped", "--out", "g"], "invalid choice"),
+        (["grid", "--arch", "mlp-5x500", "--recipe", "adam", "--out", "g"], "invalid choice"),
+        (["grid", "--arch", "mlp-5x500", "--checkpoint-every", "0", "--out", "g"], "positive integer"),
+        (["train", "--arch", "mlp-5x500", "--data", "gaussian-noise:x", "--out", "m"], "whole number"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
@@ -639,6 +645,34 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, m
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+TRAIN = ["train", "--arch", "lenet-5", "--widths", "2,2,2", "--out", "m.onnx"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        *[([*TRAIN, "--dropout-p", v], "--dropout-p") for v in ("1", "-0.1", "nan", "inf", "x", "")],
+        *[([*TRAIN, "--lr", v], "--lr") for v in ("0", "-1", "nan", "1e999", "fast")],
+        *[([*TRAIN, "--seed", v], "--seed") for v in ("-1", str(2**32), "1.5", "1e3", "")],
+        *[
+            ([*TRAIN, flag, v], flag)
+            for flag in ("--threads", "--batch-size", "--patience", "--max-epochs", "--limit")
+            for v in ("0", "-1", str(2**31), "9" * 40, "1.5")
+        ],
+        *[(["report", ".", "--out", "r", "--beta", v], "--beta") for v in ("0", "-2", "nan", "inf")],
+        *[(["report", ".", "--out", "r", "--top-k", v], "--top-k") for v in ("0", str(2**31))],
+    ],
+)
+def test_cli_numeric_flags_are_range_checked_in_one_line(argv, flag, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv[:-2], f"{argv[-2]}={argv[-1]}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and err.count("\n") == 1 and "Traceback" not in err
     assert not list(tmp_path.iterdir())
 
 
@@ -732,3 +766,88 @@ def test_ray_grid_matches_local_grid(grid, tmp_path):
     assert sorted(outcome.trained) == sorted(job.name for job in jobs)
     for job in jobs:
         assert (tmp_path / f"{job.name}.onnx").read_bytes() == (grid / f"{job.name}.onnx").read_bytes()
+
+
+# --- the CNA paper's setup: MLP, recipe, shuffled labels, Gaussian noise, checkpoints ------------
+
+
+def test_mlp_is_five_hidden_layers_of_500_relu_with_pytorch_init():
+    architecture = Architecture("mlp-5x500", (500,) * 5)
+    torch.manual_seed(0)
+    model = build(architecture)
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 500), *[(500, 500)] * 4, (500, 10)]
+    assert sum(isinstance(m, torch.nn.ReLU) for m in model) == 5 and not any(isinstance(m, torch.nn.ELU) for m in model)
+    assert parameter_count(model) == architecture.parameter_count == 1_399_510
+    assert float(linears[1].bias.detach().abs().max()) > 0  # PyTorch's default init, not Keras' zero biases
+    assert (
+        next(m.in_features for m in build(architecture, inputs=3 * 32 * 32) if isinstance(m, torch.nn.Linear)) == 3072
+    )
+
+
+def test_shuffled_labels_permute_the_chosen_fraction_among_themselves():
+    labels = np.arange(1000) % 10
+    noisy, positions = shuffle_labels(labels, 0.3, seed=4)
+    assert len(positions) == 300
+    untouched = np.setdiff1d(np.arange(1000), positions)
+    assert np.array_equal(noisy[untouched], labels[untouched])
+    assert sorted(noisy[positions]) == sorted(labels[positions])  # the same labels, moved
+    assert np.bincount(noisy, minlength=10).tolist() == [100] * 10  # class counts kept
+    assert 0.75 * 300 < (noisy != labels).sum() <= 300
+    assert np.array_equal(noisy, noisy_labels(labels, "shuffled", 0.3, 4))
+    assert np.array_equal(noisy_labels(labels, "random", 0.3, 4), randomize_labels(labels, 0.3, 4)[0])
+
+
+def test_shuffled_and_random_labels_are_named_apart_and_clean_is_clean():
+    shuffled = tiny_job(label_noise=0.1, label_noise_kind="shuffled")
+    random = tiny_job(label_noise=0.1)
+    assert shuffled.name.endswith("_sh0.1_s0") and random.name.endswith("_n0.1_s0")
+    assert tiny_job(label_noise_kind="shuffled") == tiny_job()  # no noise: the same job either way
+    with pytest.raises(AuditError, match="unknown label noise"):
+        tiny_job(label_noise=0.1, label_noise_kind="swapped")
+
+
+def test_gaussian_noise_is_seeded_in_zero_one_and_a_prefix_of_itself():
+    x, y = gaussian_noise("gaussian-noise", "test")
+    assert x.shape == (10_000, 3, 32, 32) and x.dtype == np.float32 and y.shape == (10_000,)
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0  # rescaled over the split
+    assert set(np.unique(y)) == set(range(10))
+    few, labels = gaussian_noise("gaussian-noise", "test", limit=1500)
+    assert np.array_equal(few, x[:1500]) and np.array_equal(labels, y[:1500])
+    other, _ = gaussian_noise("gaussian-noise:1", "test", limit=10)
+    assert not np.array_equal(other, x[:10])
+    centre = x.astype(np.float64).mean()
+    assert 0.45 < centre < 0.55  # N(0, 1) rescaled by its own range is centred near one half
+
+
+def test_a_network_and_its_checkpoints_read_back_with_their_epochs():
+    job = replace(tiny_job(checkpoint_every=1), recipe=Recipe(max_epochs=3))
+    result = run_job(job)
+    assert [c.network.epochs for c in result.checkpoints] == [1, 2] and result.network.epochs == 3
+    for checkpoint in result.checkpoints:
+        props = metadata(checkpoint.onnx)
+        assert props["final"] == "false" and props["epochs"] == str(checkpoint.network.epochs)
+        back = TrainedNetwork.from_metadata(props)
+        assert back.name == f"{job.name}_e{checkpoint.network.epochs}" and not back.final
+    assert metadata(result.onnx)["final"] == "true"
+    old = {k: v for k, v in metadata(result.onnx).items() if k not in ("final", "label_noise_kind", "nesterov")}
+    assert TrainedNetwork.from_metadata(old).final and TrainedNetwork.from_metadata(old).job == job
+
+
+def test_cli_cna_grid_trains_shuffled_levels_with_checkpoints(tmp_path, capsys):
+    out = tmp_path / "cna"
+    argv = ["grid", "--arch", "mlp-5x500", "--recipe", "cna", "--randomize-labels", "0,0.5", "--checkpoint-every", "1"]
+    argv += ["--max-epochs", "2", "--noisy-max-epochs", "3", "--limit", "100", "--out", str(out)]
+    assert main(argv) == 0
+    assert "2 trained, 0 already done" in capsys.readouterr().out
+    names = sorted(p.stem for p in out.glob("*.onnx"))
+    stem = "mlp-5x500_w500-500-500-500-500_none"
+    expected = [f"{stem}_n0_s0", f"{stem}_n0_s0_e1", f"{stem}_sh0.5_s0", f"{stem}_sh0.5_s0_e1", f"{stem}_sh0.5_s0_e2"]
+    assert names == expected
+    noisy = metadata((out / f"{stem}_sh0.5_s0.onnx").read_bytes())
+    assert noisy["label_noise_kind"] == "shuffled" and noisy["max_epochs"] == "3" and noisy["epochs"] == "3"
+    assert (noisy["lr"], noisy["momentum"], noisy["l2"], noisy["batch_size"]) == ("0.05", "0.8", "0.0", "128")
+    assert (noisy["optimizer"], noisy["activation"], noisy["patience"]) == ("sgd-momentum", "relu", "null")
+    assert len(manifest.read(out / manifest.MANIFEST)) == 5
+    assert main(argv) == 0
+    assert "0 trained, 2 already done" in capsys.readouterr().out

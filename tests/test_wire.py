@@ -103,6 +103,7 @@ def test_a_batch_of_an_unknown_split_is_refused() -> None:
             beta=0.5, batch_size=7, include_output_layer=True, cna_include_output_layer=False, aggregate="mean",
             margin_fraction=0.25, margin_seed=11, target_efficiency=0.9, alpha_range=(-1.0, 3.5), scale=0.1,
             mean=0.1307, std=0.3081, device="cpu", states_at="block-output", memory_budget=512 << 20,
+            gpu_math="tf32",
         ),
     ],
 )  # fmt: skip

@@ -6,6 +6,8 @@
   a metric, in every figure, share one colour scale, so they can be compared by eye.
 - **Scatters.** The train − test accuracy gap against each metric of the generalization test,
   one point per network, with Kendall's τ in the title.
+- **CNA-study scatters.** Each predictor of ``trainers.generalization`` against its target, every
+  network and checkpoint, with r and τ and their bootstrap intervals in the title.
 
 Matplotlib draws on an Agg canvas directly, with no pyplot state.
 """
@@ -20,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from trainers.generalization import POOLED, PREDICTORS, TARGETS, Interval, Point
+from trainers.generalization import Correlation as CnaCorrelation
 from trainers.records import VARIANTS
 from trainers.tables import Cell, Correlation, Scale, label, layer_metrics, split_metric
 
@@ -172,3 +176,59 @@ def scatters(networks: Sequence[AuditedNetwork], found: Sequence[Correlation], s
         ax.set_title(title, fontsize=8)
         figures.append(Figure(f"scatter_{metric}.png", title, _png(figure)))
     return figures
+
+
+NOISE_COLOURS = ("#0072b2", "#e69f00", "#009e73", "#d55e00", "#cc79a7", "#56b4e9", "#f0e442", "#000000")
+DATASET_MARKERS = ("o", "s", "^", "D", "v")
+
+
+def cna_scatters(points: Sequence[Point], found: Sequence[CnaCorrelation]) -> list[Figure]:
+    """One scatter per predictor of the CNA study: its target against it, every network and checkpoint.
+
+    Colour is the label-noise level, the marker the data set; final networks are drawn larger
+    than checkpoints. The title gives r and τ with their intervals over every point (pooled over
+    data sets when there are several).
+    """
+    levels = sorted({p.label_noise for p in points})
+    datasets = sorted({p.dataset for p in points})
+    overall = POOLED if len(datasets) > 1 else (datasets[0] if datasets else "")
+    figures = []
+    for key, name, target in PREDICTORS:
+        shown = [p for p in points if p.value(key) is not None and p.value(target) is not None]
+        if not shown:
+            continue
+        figure = _canvas(5.2, 4.0)
+        ax = figure.add_subplot()
+        for d, dataset in enumerate(datasets):
+            for level in levels:
+                group = [p for p in shown if p.dataset == dataset and p.label_noise == level]
+                if not group:
+                    continue
+                colour = NOISE_COLOURS[levels.index(level) % len(NOISE_COLOURS)]
+                sizes = [30 if p.final else 12 for p in group]
+                ax.scatter(
+                    [p.value(key) for p in group],
+                    [p.value(target) for p in group],
+                    s=sizes,
+                    color=colour,
+                    marker=DATASET_MARKERS[d % len(DATASET_MARKERS)],
+                    alpha=0.8,
+                    label=f"{dataset}, noise {level:g}",
+                )
+        ax.set_xlabel(name)
+        ax.set_ylabel(TARGETS[target])
+        ax.legend(fontsize=6, loc="best")
+        match = next((c for c in found if c.predictor == key and c.subset == "all" and c.dataset == overall), None)
+        stats = "" if match is None else f"\nr {_interval_text(match.pearson)}, τ {_interval_text(match.kendall)}"
+        title = f"{TARGETS[target]} vs {name}{stats}"
+        ax.set_title(title, fontsize=8)
+        figures.append(Figure(f"cna_scatter_{key}.png", title.replace("\n", ": "), _png(figure)))
+    return figures
+
+
+def _interval_text(interval: Interval) -> str:
+    if interval.value is None:
+        return "n/a"
+    if interval.low is None:
+        return f"{interval.value:+.2f}"
+    return f"{interval.value:+.2f} [{interval.low:+.2f}, {interval.high:+.2f}]"

@@ -2,9 +2,11 @@
 and resumable.
 
 The driver (this process) is the only writer of the output folder: workers — spawned local
-processes or Ray tasks — run ``trainers.job.run_job`` and send back verified ONNX bytes; the
-driver renames each file into place, then appends its manifest line. A rerun skips networks
-already listed in the manifest whose file exists, and redoes any that were interrupted.
+processes or Ray tasks — run ``trainers.batched.run_group`` on a group of jobs (up to ``members``
+networks of one architecture as one batched model, or one job alone) and send back verified ONNX
+bytes; the driver renames each file into place (checkpoints first), then appends its manifest
+line. A rerun skips networks already listed in the manifest whose file exists, and redoes any
+that were interrupted.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from tqdm import tqdm
 from auditor.errors import AuditError
 from auditor.raycluster import connected
 from trainers import manifest
+from trainers.batched import groups, run_group
 from trainers.files import save_atomic
-from trainers.job import JobResult, run_job
+from trainers.job import JobResult
 from trainers.records import ARCHS, Job, TrainedNetwork
 
 
@@ -92,28 +95,28 @@ def _check_same_settings(job: Job, network: TrainedNetwork) -> None:
         )
 
 
-def _local_results(jobs: list[Job], workers: int, threads: int | None) -> Iterator[JobResult]:
-    """Results as they finish, from this process (one worker) or from spawned processes."""
+def _local_results(todo: list[list[Job]], workers: int, threads: int | None) -> Iterator[list[JobResult]]:
+    """Each group's results as they finish, from this process (one worker) or from spawned processes."""
     if workers == 1:
-        for job in jobs:
-            yield run_job(job, threads)
+        for group in todo:
+            yield run_group(group, threads)
         return
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        futures = [pool.submit(run_job, job, threads) for job in jobs]
+        futures = [pool.submit(run_group, group, threads) for group in todo]
         for future in as_completed(futures):
             yield future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _ray_results(jobs: list[Job], address: str, threads: int | None) -> Iterator[JobResult]:
-    """Results as they finish from Ray tasks, on the cluster ``raycluster.connected`` joins."""
-    if not jobs:
+def _ray_results(todo: list[list[Job]], address: str, threads: int | None) -> Iterator[list[JobResult]]:
+    """Each group's results as they finish from Ray tasks, on the cluster ``raycluster.connected`` joins."""
+    if not todo:
         return
     with connected(address) as ray:
-        task = ray.remote(num_cpus=threads or 1)(run_job)
-        pending = [task.remote(job, threads) for job in jobs]
+        task = ray.remote(num_cpus=threads or 1)(run_group)
+        pending = [task.remote(group, threads) for group in todo]
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
@@ -129,13 +132,15 @@ def run_grid(
     workers: int = 1,
     threads: int | None = 1,
     ray_address: str | None = None,
+    members: int = 1,
 ) -> GridOutcome:
     """Train every job not already done in ``out``; returns what was trained and skipped.
 
     ``workers`` parallel processes (spawn context) run locally, or Ray tasks on the cluster at
     ``ray_address``. ``threads`` torch threads per process: one is fastest for these small
     networks when processes run side by side, and equal thread counts keep results bit-identical
-    between a local run and a Ray run on the same kind of CPU.
+    between a local run and a Ray run on the same kind of CPU. ``members`` > 1 trains up to that
+    many batchable networks at once as one batched model (``trainers.batched``).
     """
     jobs = list({job.name: job for job in jobs}.values())
     done = manifest.reconcile(out)
@@ -144,11 +149,15 @@ def run_grid(
             _check_same_settings(job, done[job.name])
     todo = [job for job in jobs if job.name not in done]
     skipped = [job.name for job in jobs if job.name in done]
-    results = _ray_results(todo, ray_address, threads) if ray_address else _local_results(todo, workers, threads)
+    planned = groups(todo, members)
+    results = _ray_results(planned, ray_address, threads) if ray_address else _local_results(planned, workers, threads)
     trained: list[str] = []
     interactive = sys.stderr.isatty()
     with contextlib.closing(results), tqdm(total=len(todo), unit="net", disable=not interactive) as bar:
-        for result in results:
+        for result in (one for group in results for one in group):
+            for checkpoint in result.checkpoints:
+                save_atomic(out / checkpoint.network.file, checkpoint.onnx)
+                manifest.append(out / manifest.MANIFEST, checkpoint.network)
             network = result.network
             save_atomic(out / network.file, result.onnx)
             manifest.append(out / manifest.MANIFEST, network)

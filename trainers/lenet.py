@@ -1,4 +1,8 @@
-"""The two LeNet architectures of SPEC §7 as PyTorch modules, built exactly as the paper describes them.
+"""The two LeNet architectures of SPEC §7, and the CNA paper's MLP, as PyTorch modules.
+
+The LeNets are built exactly as the aIQ paper describes them (ELU, Glorot-uniform kernels). The
+MLP (``mlp-5x500``) is the CNA paper's ([C], appendix): ``Flatten → 5 × (Linear(500) → ReLU) →
+Linear(10)``, no regularisation, with PyTorch's default initialisation as its official code uses.
 
 ``build`` returns an ``nn.Sequential`` whose layers export to plain ONNX ops (Gemm/Conv, Elu,
 MaxPool, Flatten, BatchNormalization), so the auditor finds each hidden layer as the input of an
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainers.records import CLASSES, Architecture
+from trainers.records import CLASSES, INPUT_FEATURES, Architecture
 
 # Keras BatchNormalization defaults: epsilon 1e-3, moving averages kept with momentum 0.99
 # (PyTorch's ``momentum`` is the weight of the new batch, so 1 - 0.99).
@@ -24,13 +28,14 @@ KERAS_BN_MOMENTUM = 0.01
 def _after_linear(architecture: Architecture, channels: int, conv: bool) -> list[nn.Module]:
     """What follows one hidden layer's linear op: the activation and the variant's extra layer."""
     norm = nn.BatchNorm2d if conv else nn.BatchNorm1d
+    activation = nn.ReLU() if architecture.activation == "relu" else nn.ELU()
     if architecture.variant == "batchnorm":
-        return [nn.ELU(), norm(channels, eps=KERAS_BN_EPS, momentum=KERAS_BN_MOMENTUM)]
+        return [activation, norm(channels, eps=KERAS_BN_EPS, momentum=KERAS_BN_MOMENTUM)]
     if architecture.variant == "batchnorm-pre":
-        return [norm(channels, eps=KERAS_BN_EPS, momentum=KERAS_BN_MOMENTUM), nn.ELU()]
+        return [norm(channels, eps=KERAS_BN_EPS, momentum=KERAS_BN_MOMENTUM), activation]
     if architecture.variant == "dropout":
-        return [nn.ELU(), nn.Dropout(architecture.dropout_p)]
-    return [nn.ELU()]
+        return [activation, nn.Dropout(architecture.dropout_p)]
+    return [activation]
 
 
 def _glorot_init(model: nn.Module) -> None:
@@ -41,8 +46,17 @@ def _glorot_init(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def build(architecture: Architecture) -> nn.Sequential:
-    """A freshly initialised network for MNIST inputs shaped (N, 1, 28, 28); seed torch first."""
+def build(architecture: Architecture, inputs: int = INPUT_FEATURES) -> nn.Sequential:
+    """A freshly initialised network; seed torch first.
+
+    The LeNets take MNIST inputs shaped (N, 1, 28, 28); the MLP flattens any input of ``inputs``
+    values per sample (784 for MNIST, 3072 for the Gaussian-noise set).
+    """
+    if architecture.arch == "mlp-5x500":
+        layers = [nn.Flatten()]
+        for n_in, n_out in zip((inputs, *architecture.widths[:-1]), architecture.widths, strict=True):
+            layers += [nn.Linear(n_in, n_out), *_after_linear(architecture, n_out, conv=False)]
+        return nn.Sequential(*layers, nn.Linear(architecture.widths[-1], CLASSES))
     if architecture.arch == "lenet-300-100":
         n1, n2 = architecture.widths
         layers: list[nn.Module] = [nn.Flatten(), nn.Linear(28 * 28, n1)]

@@ -9,6 +9,7 @@ imported: the grid report reads these records without it.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -16,19 +17,20 @@ from typing import Any
 
 from auditor.errors import AuditError, require
 
-ARCHS = {"lenet-300-100": 2, "lenet-5": 3}  # architecture -> number of hidden widths
+ARCHS = {"lenet-300-100": 2, "lenet-5": 3, "mlp-5x500": 5}  # architecture -> number of hidden widths
+# Widths an architecture takes when none are given: the CNA paper's MLP is 5 hidden layers of 500.
+DEFAULT_WIDTHS = {"mlp-5x500": (500,) * 5}
+# What the label noise of a job does to the chosen fraction of training labels (SPEC §7, [C]):
+# "random" resamples each from all classes (the aIQ paper), "shuffled" permutes them among
+# themselves (the CNA paper), which keeps the class counts.
+LABEL_NOISE_KINDS = ("random", "shuffled")
+INPUT_FEATURES = 28 * 28  # what Architecture.parameter_count assumes for the MLP's input
 # Where BatchNorm or Dropout sits in each hidden block (SPEC §7): "batchnorm" and "dropout" follow
 # the activation, as Keras Dense(n, activation="elu") then BatchNormalization() would;
 # "batchnorm-pre" normalises between the linear op and the activation (Dense → BatchNorm → ELU).
 VARIANTS = ("none", "batchnorm", "batchnorm-pre", "dropout")
 CLASSES = 10
-# Facts about the recipe that no option changes, written into every exported network.
-FIXED_METADATA = {
-    "optimizer": "sgd-nesterov",
-    "init": "glorot-uniform",
-    "activation": "elu",
-    "trainer": "auditor-train",
-}
+TRAINER = "auditor-train"
 
 
 @dataclass(frozen=True)
@@ -65,28 +67,46 @@ class Architecture:
         """Trainable parameters, counted in closed form as the paper counts them.
 
         BatchNorm adds a scale and a shift per neuron; its running statistics are not parameters.
-        The tests check this against the PyTorch module that ``trainers.lenet.build`` makes.
+        The tests check this against the PyTorch module that ``trainers.lenet.build`` makes. The
+        MLP is counted for 28×28 inputs (``INPUT_FEATURES``); a network's own count is ``params``.
         """
         if self.arch == "lenet-300-100":
             n1, n2 = self.widths
             count = (28 * 28 + 1) * n1 + (n1 + 1) * n2 + (n2 + 1) * CLASSES
+        elif self.arch == "mlp-5x500":
+            sizes = (INPUT_FEATURES, *self.widths, CLASSES)
+            count = sum((n_in + 1) * n_out for n_in, n_out in itertools.pairwise(sizes))
         else:
             n1, n2, n3 = self.widths
             count = (25 + 1) * n1 + (25 * n1 + 1) * n2 + (n2 * 16 + 1) * n3 + (n3 + 1) * CLASSES
         return count + (2 * sum(self.widths) if self.variant.startswith("batchnorm") else 0)
 
+    @property
+    def activation(self) -> str:
+        """The hidden activation: ELU for the LeNets (aIQ paper), ReLU for the MLP (CNA paper's code)."""
+        return "relu" if self.arch == "mlp-5x500" else "elu"
+
+    @property
+    def init(self) -> str:
+        """How weights start: Keras' Glorot-uniform for the LeNets, PyTorch's default for the MLP."""
+        return "pytorch-default" if self.arch == "mlp-5x500" else "glorot-uniform"
+
 
 @dataclass(frozen=True)
 class Recipe:
-    """The hyper-parameters of SPEC §7; every one can be overridden from the CLI."""
+    """The hyper-parameters of SPEC §7; every one can be overridden from the CLI.
+
+    ``patience`` None trains for exactly ``max_epochs`` (no early stopping), as the CNA paper does.
+    """
 
     lr: float = 0.001
     momentum: float = 0.9
     l2: float = 0.0005
     batch_size: int = 32
-    patience: int = 5
+    patience: int | None = 5
     max_epochs: int | None = None
     restore_best: bool = False
+    nesterov: bool = True
 
     def __post_init__(self) -> None:
         require(
@@ -95,16 +115,31 @@ class Recipe:
                 (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
                 (self.l2 >= 0, f"l2 must be >= 0, got {self.l2}"),
                 (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-                (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
+                (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
                 (
                     self.max_epochs is None or self.max_epochs >= 1,
                     f"max epochs must be >= 1, got {self.max_epochs}",
                 ),
+                (self.patience is not None or self.max_epochs is not None, "without early stopping, give max epochs"),
             ]
         )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def optimizer(self) -> str:
+        return "sgd-nesterov" if self.nesterov else "sgd-momentum"
+
+
+# The recipes ``--recipe`` names. "lenet" is the aIQ paper's (SPEC §7); "cna" is the CNA paper's MLP
+# recipe ([C], appendix): SGD lr 0.05, momentum 0.8, no regularisation, 100 epochs (label-noise runs
+# CNA_NOISY_EPOCHS), batch 128 and no early stopping as in its official code.
+RECIPES = {
+    "lenet": Recipe(),
+    "cna": Recipe(lr=0.05, momentum=0.8, l2=0.0, batch_size=128, patience=None, max_epochs=100, nesterov=False),
+}
+CNA_NOISY_EPOCHS = 200
 
 
 @dataclass(frozen=True)
@@ -117,22 +152,35 @@ class Job:
     recipe: Recipe = field(default_factory=Recipe)
     dataset: str = "mnist"
     limit: int | None = None
+    label_noise_kind: str = "random"
+    checkpoint_every: int | None = None
 
     def __post_init__(self) -> None:
+        if self.label_noise == 0:  # clean labels are clean whatever the kind of noise asked for
+            object.__setattr__(self, "label_noise_kind", "random")
         require(
             [
                 (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
                 (0 <= self.label_noise <= 1, f"label-noise fraction must be in [0, 1], got {self.label_noise}"),
                 (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
+                (
+                    self.label_noise_kind in LABEL_NOISE_KINDS,
+                    f"unknown label noise {self.label_noise_kind!r}; choose one of {', '.join(LABEL_NOISE_KINDS)}",
+                ),
+                (
+                    self.checkpoint_every is None or self.checkpoint_every >= 1,
+                    f"checkpoint interval must be >= 1, got {self.checkpoint_every}",
+                ),
             ]
         )
 
     @property
     def name(self) -> str:
-        """A predictable file stem, e.g. ``lenet-300-100_w11-4_none_n0_s0``."""
+        """A predictable file stem, e.g. ``lenet-300-100_w11-4_none_n0_s0``; shuffled labels are ``sh0.1``."""
         a = self.architecture
         widths = "-".join(str(w) for w in a.widths)
-        return f"{a.arch}_w{widths}_{a.variant}_n{self.label_noise:g}_s{self.seed}"
+        noise = "sh" if self.label_noise_kind == "shuffled" else "n"
+        return f"{a.arch}_w{widths}_{a.variant}_{noise}{self.label_noise:g}_s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
         """The job as flat JSON-ready values (manifest lines compare these on resume)."""
@@ -146,6 +194,8 @@ class Job:
             "label_noise": self.label_noise,
             "dataset": self.dataset,
             "limit": self.limit,
+            "label_noise_kind": self.label_noise_kind,
+            "checkpoint_every": self.checkpoint_every,
             **self.recipe.to_dict(),
         }
 
@@ -155,7 +205,7 @@ class Job:
         architecture = Architecture(
             values["arch"], tuple(int(w) for w in values["widths"]), values["variant"], values["dropout_p"]
         )
-        recipe = Recipe(**{f.name: values[f.name] for f in fields(Recipe)})
+        recipe = Recipe(**{f.name: values.get(f.name, f.default) for f in fields(Recipe)})
         return cls(
             architecture,
             seed=values["seed"],
@@ -163,6 +213,8 @@ class Job:
             recipe=recipe,
             dataset=values["dataset"],
             limit=values["limit"],
+            label_noise_kind=values.get("label_noise_kind", "random"),
+            checkpoint_every=values.get("checkpoint_every"),
         )
 
 
@@ -173,7 +225,8 @@ class TrainedNetwork:
     ``train_accuracy`` is measured after training, in inference form, on the labels the network
     was trained on (label noise included); ``test_accuracy`` on the true test labels. The last
     three fields are known only to the run that trained it, so they live in the manifest, not in
-    the ONNX file (which must be byte-identical between runs).
+    the ONNX file (which must be byte-identical between runs). A checkpoint (``final`` False) is
+    the network after ``epochs`` epochs of a longer run (``Job.checkpoint_every``).
     """
 
     job: Job
@@ -186,10 +239,12 @@ class TrainedNetwork:
     train_history: tuple[float, ...] = ()
     seconds: float | None = None
     device: str | None = None
+    final: bool = True
 
     @property
     def name(self) -> str:
-        return self.job.name
+        """The job's name; a checkpoint adds its epoch, e.g. ``…_s0_e20``."""
+        return self.job.name if self.final else f"{self.job.name}_e{self.epochs}"
 
     @property
     def file(self) -> str:
@@ -205,6 +260,7 @@ class TrainedNetwork:
             "train_accuracy": self.train_accuracy,
             "test_accuracy": self.test_accuracy,
             "params": self.params,
+            "final": self.final,
         }
 
     def to_manifest(self) -> dict[str, Any]:
@@ -224,7 +280,7 @@ class TrainedNetwork:
         """The record of a manifest line; raises ``KeyError``/``TypeError``/``AuditError`` if it is not one."""
         return cls(
             job=Job.from_dict(values),
-            **{key: values[key] for key in _RESULT_KEYS},
+            **{key: values[key] for key in _RESULT_KEYS if key in values or key not in _OPTIONAL_KEYS},
             train_history=tuple(values["train_history"]),
             seconds=values["seconds"],
             device=values["device"],
@@ -236,25 +292,33 @@ class TrainedNetwork:
         Only values that are the same on every run of the job go here, so re-running a job on the
         same machine reproduces the file byte for byte.
         """
-        merged = {**self.job.to_dict(), **self.results(), **FIXED_METADATA, "torch_version": torch_version}
+        a, recipe = self.job.architecture, self.job.recipe
+        fixed = {"optimizer": recipe.optimizer, "init": a.init, "activation": a.activation, "trainer": TRAINER}
+        merged = {**self.job.to_dict(), **self.results(), **fixed, "torch_version": torch_version}
         return {key: _text(value) for key, value in merged.items()}
 
     @classmethod
     def from_metadata(cls, props: Mapping[str, str]) -> TrainedNetwork:
         """The record an exported network carries; ``AuditError`` if ``props`` were not written by ``to_metadata``."""
-        if props.get("trainer") != FIXED_METADATA["trainer"]:
+        if props.get("trainer") != TRAINER:
             raise AuditError("not a network exported by auditor-train (no trainer=auditor-train metadata)")
         try:
             values: dict[str, Any] = {key: _value(key, props[key]) for key in _METADATA_KEYS}
-            return cls(job=Job.from_dict(values), **{key: values[key] for key in _RESULT_KEYS})
+            values.update({key: _value(key, props[key]) for key in _OPTIONAL_KEYS if key in props})
+            results = {key: values[key] for key in _RESULT_KEYS if key in values}
+            return cls(job=Job.from_dict(values), **results)
         except (KeyError, ValueError, TypeError, RecursionError) as error:
             raise AuditError(f"auditor-train metadata is incomplete or malformed ({error})") from None
 
 
-_RESULT_KEYS = ("epochs", "best_epoch", "stopped_early", "train_accuracy", "test_accuracy", "params")
-_TEXT_KEYS = ("arch", "variant", "dataset")  # written as they are; everything else is JSON or a list
+_RESULT_KEYS = ("epochs", "best_epoch", "stopped_early", "train_accuracy", "test_accuracy", "params", "final")
+_TEXT_KEYS = ("arch", "variant", "dataset", "label_noise_kind")  # written as they are; the rest is JSON or a list
 _JOB_KEYS = ("arch", "widths", "variant", "dropout_p", "seed", "label_noise", "dataset", "limit")
-_METADATA_KEYS = (*_JOB_KEYS, *(f.name for f in fields(Recipe)), *_RESULT_KEYS)
+# Keys added after the first networks were exported: a file without them takes the default.
+_OPTIONAL_KEYS = ("label_noise_kind", "checkpoint_every", "nesterov", "final")
+_METADATA_KEYS = tuple(
+    key for key in (*_JOB_KEYS, *(f.name for f in fields(Recipe)), *_RESULT_KEYS) if key not in _OPTIONAL_KEYS
+)
 
 
 def _text(value: Any) -> str:

@@ -1,14 +1,17 @@
 """A study of trained networks: audit every network of a folder on both splits, then write the report.
 
 The folder is any folder of networks exported by ``auditor-train``: a grid, or ``train`` outputs
-gathered by hand. Each network says what it is in its ONNX ``metadata_props``
-(``TrainedNetwork.from_metadata``), so no manifest is needed. Every network is audited in process
-with the auditor's own pipeline (``audit``), on the training split with the labels
-it was trained on (label noise re-drawn from its seed) and on the test split, so each figure is
-what ``auditor audit`` would print and the train − test accuracy gap is the network's own.
+gathered by hand, checkpoints included. Each network says what it is in its ONNX
+``metadata_props`` (``TrainedNetwork.from_metadata``), so no manifest is needed. Every network is
+audited in process with the auditor's own pipeline (``audit``), on the training split with the
+labels it was trained on (label noise re-drawn from its kind and seed) and on the test split, so
+each figure is what ``auditor audit`` would print and the train − test accuracy gap is the
+network's own; the report's ``weights`` section gives the norm baselines.
 
-``make_report`` is the one function with I/O: it reads the folder and writes the tables
-(``trainers.tables``), the figures (``trainers.figures``) and ``index.html`` (``trainers.study_page``).
+``make_report`` is the one function with I/O: it reads the folder and writes, per data set, the
+tables (``trainers.tables``), the figures (``trainers.figures``) and ``index.html``
+(``trainers.study_page``) of the final networks, then the CNA study over every network and
+checkpoint of every data set (``trainers.generalization``).
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ import numpy as np
 from tqdm import tqdm
 
 from auditor import AuditConfig, audit
-from auditor.data import Batch, load_arrays
+from auditor.data import Batch
 from auditor.errors import AuditError
 from auditor.modelfile import load_model
-from auditor.report import SplitReport
-from trainers import tables
+from auditor.report import SplitReport, WeightNorms
+from trainers import generalization, tables
 from trainers.files import save_atomic
-from trainers.label_noise import randomize_labels
+from trainers.label_noise import noisy_labels
+from trainers.noise_data import dataset_arrays
 from trainers.records import Architecture, Job, TrainedNetwork
 
 
@@ -67,6 +71,7 @@ class AuditedNetwork:
     test: SplitFigures
     cna_margin_max: float | None
     cna_margin_p5: float | None
+    weights: WeightNorms | None = None
 
     @property
     def gap(self) -> float | None:
@@ -80,8 +85,9 @@ class AuditedNetwork:
 class StudySettings:
     """How to audit and report a folder of networks (the ``auditor-train report`` options).
 
-    ``dataset`` None means the data set the networks were trained on; ``references`` name the
-    network each architecture's fold-decrease is measured against (default: its largest).
+    ``dataset`` None means every data set the networks were trained on, each audited on its own;
+    ``references`` name the network each architecture's fold-decrease is measured against
+    (default: its largest); ``bootstrap`` resamples of networks give the CNA study's intervals.
     """
 
     dataset: str | None = None
@@ -90,17 +96,19 @@ class StudySettings:
     top_k: int = 5
     percent: bool = False
     references: tuple[Architecture, ...] = ()
+    bootstrap: int = 1000  # resamples of networks for the CNA study's 95% intervals
+    bootstrap_seed: int = 0
 
 
 def find_networks(folder: Path) -> tuple[list[tuple[str, TrainedNetwork]], list[str]]:
     """Every network exported by ``auditor-train`` under ``folder``, by relative path, and notes.
 
-    Files that are not such networks, and copies of a network already found (same job), are
-    left out and named in the notes.
+    Files that are not such networks, and copies of a network already found (same job, and the
+    same epoch for a checkpoint), are left out and named in the notes.
     """
     if not folder.is_dir():
         raise AuditError(f"{folder} is not a folder; give a folder of networks made by 'auditor-train'")
-    found: dict[Job, tuple[str, TrainedNetwork]] = {}
+    found: dict[tuple[Job, bool, int], tuple[str, TrainedNetwork]] = {}
     foreign: list[str] = []
     copies: list[str] = []
     for path in sorted(p for p in folder.rglob("*.onnx") if p.is_file()):
@@ -111,10 +119,11 @@ def find_networks(folder: Path) -> tuple[list[tuple[str, TrainedNetwork]], list[
         except AuditError:
             foreign.append(relative)
             continue
-        if network.job in found:
+        key = (network.job, network.final, 0 if network.final else network.epochs)
+        if key in found:
             copies.append(relative)
         else:
-            found[network.job] = (relative, network)
+            found[key] = (relative, network)
     notes = []
     if foreign:
         notes.append(f"left out {len(foreign)} file(s) not exported by auditor-train: {_some(foreign)}")
@@ -137,16 +146,16 @@ class _Data:
 
     def __init__(self, dataset: str, limit: int | None) -> None:
         self.dataset, self.limit = dataset, limit
-        self.test = load_arrays(dataset, "test", limit=limit)
+        self.test = dataset_arrays(dataset, "test", limit=limit)
         self._train: dict[int | None, tuple[np.ndarray, np.ndarray]] = {}
 
     def train(self, network: TrainedNetwork) -> tuple[np.ndarray, np.ndarray]:
         """The samples ``network`` was trained on, with its (possibly noisy) labels, cut to ``limit``."""
         job = network.job
         if job.limit not in self._train:
-            self._train[job.limit] = load_arrays(self.dataset, "train", limit=job.limit)
+            self._train[job.limit] = dataset_arrays(self.dataset, "train", limit=job.limit)
         x, y = self._train[job.limit]
-        labels, _ = randomize_labels(y, job.label_noise, job.seed)
+        labels = noisy_labels(y, job.label_noise_kind, job.label_noise, job.seed)
         return x[: self.limit], labels[: self.limit]
 
 
@@ -169,61 +178,132 @@ def audit_network(
         test=SplitFigures.of(report.splits["test"]),
         cna_margin_max=margin.cna_margin_max if margin else None,
         cna_margin_p5=margin.cna_margin_p5 if margin else None,
+        weights=report.weights,
     )
 
 
-def audit_folder(folder: Path, settings: StudySettings) -> tuple[list[AuditedNetwork], str, list[str]]:
-    """Audit every network of ``folder`` trained on the study's data set; returns them, the data set, notes."""
-    found, notes = find_networks(folder)
-    if not found:
-        raise AuditError(f"no networks made by 'auditor-train' in {folder}; train some with 'auditor-train grid'")
-    trained_on = sorted({network.job.dataset for _, network in found})
-    dataset = settings.dataset
-    if dataset is None:
-        if len(trained_on) > 1:
-            raise AuditError(f"the networks were trained on {', '.join(trained_on)}; choose one with --data")
-        dataset = trained_on[0]
-    others = [relative for relative, network in found if network.job.dataset != dataset]
-    if len(others) == len(found):
-        raise AuditError(f"no network in {folder} was trained on {dataset}; they used {', '.join(trained_on)}")
-    if others:
-        notes.append(f"left out {len(others)} network(s) trained on another data set than {dataset}: {_some(others)}")
+def audit_networks(
+    folder: Path, chosen: Sequence[tuple[str, TrainedNetwork]], dataset: str, settings: StudySettings
+) -> list[AuditedNetwork]:
+    """Audit ``chosen`` networks of ``folder`` on ``dataset``; an error names the file."""
     data = _Data(dataset, settings.limit)
-    chosen = [(relative, network) for relative, network in found if network.job.dataset == dataset]
     audited = []
     for relative, network in tqdm(chosen, unit="net", disable=not sys.stderr.isatty()):
         try:
             audited.append(audit_network(folder / relative, relative, network, data, settings.config))
         except AuditError as error:
             raise type(error)(f"{relative}: {error}") from None
-    return audited, dataset, notes
+    return audited
 
 
-def make_report(folder: Path, out: Path, settings: StudySettings) -> str:
-    """Audit ``folder``, write every table, figure and ``index.html`` to ``out``; returns a text summary.
+def study_datasets(found: Sequence[tuple[str, TrainedNetwork]], settings: StudySettings) -> tuple[list[str], list[str]]:
+    """The data sets the study audits on (``--data``, or every one the networks were trained on), and notes."""
+    trained_on = sorted({network.job.dataset for _, network in found})
+    if settings.dataset is None:
+        return trained_on, []
+    others = [relative for relative, network in found if network.job.dataset != settings.dataset]
+    if len(others) == len(found):
+        raise AuditError(f"no network was trained on {settings.dataset}; they used {', '.join(trained_on)}")
+    notes = []
+    if others:
+        notes.append(
+            f"left out {len(others)} network(s) trained on another data set than {settings.dataset}: {_some(others)}"
+        )
+    return [settings.dataset], notes
 
-    Files: ``table1``, ``table2``, ``table3`` (when the networks allow them), ``generalization``,
-    ``cells`` (one row per architecture × variant × label noise) and ``networks`` (one row per
-    network), each as ``.csv`` and ``.json``; ``heatmap_*.png``, ``scatter_*.png`` and a
-    self-contained ``index.html``.
-    """
+
+def _write_tables(
+    audited: list[AuditedNetwork], dataset: str, out: Path, settings: StudySettings, title: str
+) -> list[str]:
+    """Tables 1–3, heatmaps, τ and ``index.html`` of the final networks of one data set; returns the summary lines."""
     from trainers.figures import heatmaps, scatters
     from trainers.study_page import html_page
 
-    audited, dataset, notes = audit_folder(folder, settings)
-    study = tables.build(audited, dataset, settings)
+    finals = [a for a in audited if a.network.final]
+    notes = []
+    if len(finals) < len(audited):
+        notes.append(
+            f"{len(audited) - len(finals)} checkpoint(s) are left out of these tables; the CNA study "
+            "(cna_study.*) uses them"
+        )
+    study = tables.build(finals, dataset, settings)
     notes += study.notes
     for table in study.tables:
         save_atomic(out / f"{table.name}.csv", table.to_csv().encode("utf-8"))
         document = {**table.to_json(), "config": settings.config.to_dict()}  # the audit settings, as a report has
         save_atomic(out / f"{table.name}.json", json.dumps(document, indent=2).encode("utf-8"))
-    figures = [*heatmaps(study.cells, study.scale), *scatters(audited, study.correlations, study.scale)]
+    figures = [*heatmaps(study.cells, study.scale), *scatters(finals, study.correlations, study.scale)]
     for figure in figures:
         save_atomic(out / figure.file, figure.png)
-    title = f"{folder.name or folder.resolve().name}: {len(audited)} networks audited on {dataset}"
     page = html_page(title, study.caption, study.tables, figures, notes)
     save_atomic(out / "index.html", page.encode("utf-8"))
     lines = [title, study.caption, *study.summary, *notes]
     written = ", ".join(f"{table.name}.csv/.json" for table in study.tables)
     lines.append(f"wrote {written}, {len(figures)} figures and index.html to {out}")
+    return lines
+
+
+def make_report(folder: Path, out: Path, settings: StudySettings) -> str:
+    """Audit ``folder``, write every table, figure and page to ``out``; returns a text summary.
+
+    Per data set (in ``out`` itself when there is one, else in ``out/<data set>/``): ``table1``,
+    ``table2``, ``table3`` (when the networks allow them), ``generalization``, ``cells`` (one row
+    per architecture × variant × label noise) and ``networks`` (one row per network), each as
+    ``.csv`` and ``.json``; ``heatmap_*.png``, ``scatter_*.png`` and a self-contained
+    ``index.html``. These use the final networks; checkpoints go only to the CNA study, written to
+    ``out``: ``cna_study.csv``/``.json`` (correlations with bootstrap intervals),
+    ``cna_points.csv``/``.json`` (every network and checkpoint), ``cna_scatter_*.png`` and
+    ``cna_study.html``.
+    """
+    found, notes = find_networks(folder)
+    if not found:
+        raise AuditError(f"no networks made by 'auditor-train' in {folder}; train some with 'auditor-train grid'")
+    datasets, more_notes = study_datasets(found, settings)
+    notes += more_notes
+    name = folder.name or folder.resolve().name
+    lines: list[str] = []
+    everything: list[AuditedNetwork] = []
+    for dataset in datasets:
+        chosen = [(relative, network) for relative, network in found if network.job.dataset == dataset]
+        audited = audit_networks(folder, chosen, dataset, settings)
+        everything += audited
+        where = out if len(datasets) == 1 else out / _safe(dataset)
+        finals = sum(a.network.final for a in audited)
+        title = f"{name}: {finals} networks audited on {dataset}"
+        lines += _write_tables(audited, dataset, where, settings, title)
+    lines += notes
+    lines += write_cna_study(everything, out, f"{name}: the CNA study", settings)
     return "\n".join(lines)
+
+
+def write_cna_study(audited: Sequence[AuditedNetwork], out: Path, title: str, settings: StudySettings) -> list[str]:
+    """The CNA paper's generalization study over every network and checkpoint; returns summary lines."""
+    return write_cna_points([generalization.point_of(a) for a in audited], out, title, settings)
+
+
+def write_cna_points(
+    points: Sequence[generalization.Point], out: Path, title: str, settings: StudySettings
+) -> list[str]:
+    """``write_cna_study`` from the study's points (as ``cna_points.json`` holds them); returns summary lines."""
+    from trainers.figures import cna_scatters
+    from trainers.study_page import html_page
+
+    study = generalization.build(points, bootstrap=settings.bootstrap, seed=settings.bootstrap_seed)
+    for table in study.tables:
+        save_atomic(out / f"{table.name}.csv", table.to_csv().encode("utf-8"))
+        document = {**table.to_json(), "config": settings.config.to_dict()}
+        save_atomic(out / f"{table.name}.json", json.dumps(document, indent=2).encode("utf-8"))
+    figures = cna_scatters(points, study.correlations)
+    for figure in figures:
+        save_atomic(out / figure.file, figure.png)
+    page = html_page(title, study.caption, study.tables, figures, study.notes)
+    save_atomic(out / "cna_study.html", page.encode("utf-8"))
+    return [
+        *study.summary,
+        f"wrote cna_study.csv/.json, cna_points.csv/.json, {len(figures)} figures and cna_study.html to {out}",
+    ]
+
+
+def _safe(text: str) -> str:
+    """A folder name for a data set: characters other than letters, digits, ``.`` and ``-`` become ``-``."""
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text)

@@ -38,6 +38,8 @@ SECTIONS = (
     ("Do the metrics predict generalization?", ("generalization",), "scatter_"),
     ("Every cell", ("cells",), None),
     ("Every network", ("networks",), None),
+    ("The CNA study: correlations with bootstrap intervals", ("cna_study",), "cna_scatter_"),
+    ("Every network and checkpoint of the CNA study", ("cna_points",), None),
 )
 
 

@@ -5,6 +5,9 @@ plus Keras' ``l2(0.0005)`` on the Dense/Conv kernels only. The penalty 0.0005·�
 0.001·w, which is exactly what PyTorch's ``weight_decay=0.001`` adds, so it is applied that way
 on a parameter group holding the kernels (biases and BatchNorm parameters get none).
 
+The CNA recipe (``RECIPES["cna"]``) is the same loop with plain momentum, no penalty and no early
+stopping (``patience`` None: exactly ``max_epochs`` epochs).
+
 Stopping follows Keras ``EarlyStopping(monitor="accuracy", patience=5)``: the monitored value is
 the running training accuracy of each epoch (computed as the batches go, like Keras), and
 training stops once it has not risen above its maximum for ``patience`` epochs. The final
@@ -47,12 +50,12 @@ def device() -> torch.device:
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """SGD Nesterov with the L2 penalty on kernels only (see the module docstring)."""
+    """SGD (Nesterov unless the recipe says not) with the L2 penalty on kernels only (see the module docstring)."""
     kernels = kernel_parameters(model)
     kernel_ids = {id(p) for p in kernels}
     others = [p for p in model.parameters() if id(p) not in kernel_ids]
     groups = [{"params": kernels, "weight_decay": 2 * recipe.l2}, {"params": others, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
 
 
 def _train_epoch(
@@ -106,7 +109,7 @@ def fit(
             best_accuracy, best_epoch = accuracy, epoch
             if recipe.restore_best:
                 best_state = copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= recipe.patience:
+        elif recipe.patience is not None and epoch - best_epoch >= recipe.patience:
             stopped_early = True
             break
     if best_state is not None:

@@ -1,7 +1,8 @@
 """Training data as PyTorch tensors: the auditor's dataset loader, scaled to [0, 1].
 
 Images come from ``auditor.data.load_arrays`` so ``AUDITOR_DATA_DIR`` and its checksummed files
-apply here too; label noise is applied by the caller (``trainers.label_noise``).
+apply here too, except the Gaussian-noise set (``trainers.noise_data``), generated from its seed.
+Label noise is applied by the caller (``trainers.label_noise``).
 """
 
 from __future__ import annotations
@@ -11,29 +12,33 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from auditor.data import load_arrays
 from auditor.errors import AuditError
+from trainers.noise_data import dataset_arrays, is_noise
 
 
 @dataclass(frozen=True)
 class Split:
-    """One split as tensors: images float32 (N, 1, 28, 28) in [0, 1], labels int64 (N,)."""
+    """One split as tensors: images float32 (N, C, H, W) in [0, 1], labels int64 (N,)."""
 
     x: torch.Tensor
     y: torch.Tensor
 
 
-def load_split(dataset: str, split: str, limit: int | None = None) -> Split:
+def load_split(dataset: str, split: str, limit: int | None = None, *, any_shape: bool = False) -> Split:
     """The first ``limit`` samples (all when None) of ``split`` ("train" or "test").
 
-    ``dataset`` is anything ``auditor.data`` opens (``mnist``, ``fashion-mnist``, an ``.npz``)
-    as long as it holds labelled 28×28 images.
+    ``dataset`` is anything ``auditor.data`` opens (``mnist``, ``fashion-mnist``, an ``.npz``) or
+    ``gaussian-noise[:SEED]``. The LeNets need labelled 28×28 images; with ``any_shape`` (the MLP,
+    which flattens its input) any labelled image shape is taken.
     """
-    images, labels = load_arrays(dataset, split, limit=limit)
-    if labels is None or images.shape[1:] not in ((28, 28), (1, 28, 28)):
+    images, labels = dataset_arrays(dataset, split, limit)
+    mnist_shaped = images.shape[1:] in ((28, 28), (1, 28, 28))
+    if labels is None or not (mnist_shaped or (any_shape and images.ndim >= 2)):
         raise AuditError(
             f"{dataset} {split}: the LeNets train on labelled 28x28 images, got samples shaped "
             f"{images.shape[1:]}{' without labels' if labels is None else ''}"
         )
-    x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    scaled = np.asarray(images, dtype=np.float32) / (1.0 if is_noise(dataset) else 255.0)
+    x = torch.from_numpy(scaled)
+    x = x.reshape(-1, 1, 28, 28) if mnist_shaped else x
     return Split(x=x, y=torch.from_numpy(np.asarray(labels, dtype=np.int64)))

@@ -124,7 +124,7 @@ class Range(_message.Message):
     def __init__(self, low: _Optional[float] = ..., high: _Optional[float] = ...) -> None: ...
 
 class AuditSettings(_message.Message):
-    __slots__ = ("beta", "batch_size", "include_output_layer", "cna_include_output_layer", "aggregate", "margin_fraction", "margin_seed", "target_efficiency", "alpha_range", "scale", "mean", "std", "device", "states_at", "memory_budget")
+    __slots__ = ("beta", "batch_size", "include_output_layer", "cna_include_output_layer", "aggregate", "margin_fraction", "margin_seed", "target_efficiency", "alpha_range", "scale", "mean", "std", "device", "states_at", "memory_budget", "gpu_math")
     BETA_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_OUTPUT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class AuditSettings(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     STATES_AT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    GPU_MATH_FIELD_NUMBER: _ClassVar[int]
     beta: float
     batch_size: int
     include_output_layer: bool
@@ -155,7 +156,8 @@ class AuditSettings(_message.Message):
     device: str
     states_at: str
     memory_budget: int
-    def __init__(self, beta: _Optional[float] = ..., batch_size: _Optional[int] = ..., include_output_layer: _Optional[bool] = ..., cna_include_output_layer: _Optional[bool] = ..., aggregate: _Optional[str] = ..., margin_fraction: _Optional[float] = ..., margin_seed: _Optional[int] = ..., target_efficiency: _Optional[float] = ..., alpha_range: _Optional[_Union[Range, _Mapping]] = ..., scale: _Optional[float] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., device: _Optional[str] = ..., states_at: _Optional[str] = ..., memory_budget: _Optional[int] = ...) -> None: ...
+    gpu_math: str
+    def __init__(self, beta: _Optional[float] = ..., batch_size: _Optional[int] = ..., include_output_layer: _Optional[bool] = ..., cna_include_output_layer: _Optional[bool] = ..., aggregate: _Optional[str] = ..., margin_fraction: _Optional[float] = ..., margin_seed: _Optional[int] = ..., target_efficiency: _Optional[float] = ..., alpha_range: _Optional[_Union[Range, _Mapping]] = ..., scale: _Optional[float] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., device: _Optional[str] = ..., states_at: _Optional[str] = ..., memory_budget: _Optional[int] = ..., gpu_math: _Optional[str] = ...) -> None: ...
 
 class DatasetRef(_message.Message):
     __slots__ = ("name", "split", "limit")

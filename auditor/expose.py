@@ -1,127 +1,45 @@
-"""Finding the layers of an ONNX graph (SPEC §1) and exposing them on a rewritten copy.
+"""Exposing found layers: a rewritten copy of the graph whose extra outputs carry their states.
 
-Pure functions over ``onnx.ModelProto``; nothing here runs a model. ``find_layers`` returns the
-pre-activation tensors in depth order, plus the output layer. ``expose`` returns a new model
+Pure functions over ``onnx.ModelProto``; nothing here runs a model. ``expose`` returns a new model
 whose extra outputs carry, per layer, the firing bits packed into small integers and the
 per-sample sum of the pre-activations, so that only a few numbers per position leave the
 runtime (FIELD-NOTES: packing in the graph is what keeps the audit near inference speed).
 It names every output it adds in an ``Exposed`` record, and whoever reads the outputs reads
-them by those names.
+them by those names. Each step that adds nodes returns them as a ``Subgraph``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from auditor.config import STATE_POINTS
+from auditor.config import STATE_POINTS, StatePoint
 from auditor.errors import ModelError
+from auditor.find import Layer, Structure
 
-ACTIVATIONS = frozenset(
-    [
-        "Relu",
-        "LeakyRelu",
-        "PRelu",
-        "Elu",
-        "Selu",
-        "Celu",
-        "Gelu",
-        "Sigmoid",
-        "Tanh",
-        "HardSigmoid",
-        "HardSwish",
-        "Softplus",
-        "Softsign",
-        "ThresholdedRelu",
-        "Mish",
-    ]
-)
-LINEAR = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum"})
-PASS_THROUGH = frozenset(
-    [
-        "Add",
-        "Sum",
-        "Sub",
-        "Mul",
-        "Div",
-        "BatchNormalization",
-        "Identity",
-        "Dropout",
-        "Cast",
-        "DequantizeLinear",
-        "QuantizeLinear",
-        "Transpose",
-    ]
-)
-TO_LOGITS = frozenset({"Softmax", "LogSoftmax", "Identity", "Flatten", "Reshape", "Squeeze"})
-# Element-wise affine ops a block may apply after its activation (SPEC §1, state point).
-BLOCK_AFFINE = frozenset({"BatchNormalization", "Dropout", "Identity"})
-BLOCK_AFFINE_WITH_CONSTANT = frozenset({"Add", "Sub", "Mul", "Div"})
-CONV_FAMILY = frozenset({"Conv", "ConvTranspose"})
+
+@dataclass
+class Subgraph:
+    """Nodes and initializers to add to a graph, and the name of the tensor they compute."""
+
+    output: str
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    initializers: list[TensorProto] = field(default_factory=list)
+
+    def then(self, more: Subgraph) -> Subgraph:
+        """This subgraph followed by ``more``: both sets of nodes, computing ``more.output``."""
+        return Subgraph(more.output, self.nodes + more.nodes, self.initializers + more.initializers)
+
 
 GROUP_BITS = 24  # float32 sums of distinct powers of two stay exact below 2**24
+
+
 WORD_BITS = 64
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One layer: its pre-activation tensor ``name`` (SPEC §1) and where its state can be read.
-
-    ``block_output`` is the tensor at the end of the element-wise affine chain that follows the
-    activation (BatchNorm, Dropout, …; SPEC §1's state point); it is ``name`` itself when no
-    such op follows, so both state points agree on networks without them. ``firing_output`` is
-    the activation's output when ``output > 0`` holds exactly where ``name > 0`` does, for every
-    float (``_same_sign_outputs``), so firing can be read where the fused kernel writes; else "".
-    ``linear_input_shape`` lets φ be taken through linearity from the linear op's input (SPEC §4).
-    """
-
-    name: str
-    op: str
-    activation: str | None
-    role: str  # "hidden" or "output"
-    axis: int | None  # the neuron axis (negative from the end); None when Transposes hide it
-    rank: int | None
-    dtype: int | None  # ONNX element type, when shape inference knows it
-    neurons: int | None
-    positions: int | None
-    depth: int
-    block_output: str = ""
-    block_dtype: int | None = None
-    firing_output: str = ""  # the activation's output when it fires exactly where ``name`` does
-    linear_input_shape: tuple[int | str | None, ...] = ()  # of the linear op's data input, as inferred
-
-    def state_tensor(self, states_at: str) -> str:
-        """The tensor whose sign pattern is the layer's state at ``states_at`` (SPEC §1)."""
-        return self.block_output if states_at == "block-output" and self.block_output else self.name
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    """The one data input of the model."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | str | None, ...]
-
-
-@dataclass(frozen=True)
-class Structure:
-    """What the audit needs to know about a graph before running it."""
-
-    input: ModelInput
-    layers: list[Layer]
-    output: str
-    output_is_probability: bool
-    opset: int
-
-    @property
-    def output_layer(self) -> Layer | None:
-        return next((layer for layer in self.layers if layer.role == "output"), None)
 
 
 @dataclass(frozen=True)
@@ -161,63 +79,10 @@ class Exposed:
         return names if self.logits in (None, self.prediction) else [*names, self.logits]
 
 
-def find_layers(model: onnx.ModelProto) -> list[Layer]:
-    """The model's layers in depth order, the output layer (if any) included with role "output"."""
-    return describe(model).layers
-
-
-def describe(model: onnx.ModelProto) -> Structure:
-    """Find the data input, the layers and the prediction output of a model; refuse unusable ones."""
-    graph = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    shapes, dtypes = _infer(model)
-    constants = _constant_tensors(graph)
-    producers = {out: (i, node) for i, node in enumerate(graph.node) for out in node.output}
-    model_input = _data_input(graph, constants)
-
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    graph_outputs = {o.name for o in graph.output}
-    hidden: dict[str, Layer] = {}
-    same_sign = _same_sign_outputs(graph)
-    for tensor, activation, activation_output in _pre_activations(graph, producers, constants):
-        found = _walk_to_linear(tensor, producers, constants)
-        if found is not None and tensor not in hidden:
-            layer = _make_layer(tensor, activation, "hidden", found, producers, shapes, dtypes)
-            block = _block_output(activation_output, consumers, constants, graph_outputs)
-            hidden[tensor] = replace(
-                layer,
-                block_output=block or tensor,
-                block_dtype=dtypes.get(block or tensor),
-                firing_output=activation_output if activation_output in same_sign else "",
-            )
-
-    output, logits, is_probability = _logits(graph, producers)
-    found = _walk_to_linear(logits, producers, constants) if logits else None
-    layers = [layer for name, layer in hidden.items() if name != logits]
-    if found is not None:
-        layer = _make_layer(logits, None, "output", found, producers, shapes, dtypes)
-        layers.append(replace(layer, block_output=logits, block_dtype=layer.dtype))
-    if not any(layer.role == "hidden" for layer in layers):
-        raise ModelError(
-            "no layers the auditor can use: no activation (Relu, Elu, Sigmoid, …) follows a Conv, Gemm, "
-            "MatMul or Einsum; the auditor measures networks with hidden activation layers"
-        )
-    return Structure(
-        input=model_input,
-        layers=sorted(layers, key=lambda layer: layer.depth),
-        output=output,
-        output_is_probability=is_probability,
-        opset=opset,
-    )
-
-
 def expose(
     model: onnx.ModelProto,
     structure: Structure,
-    states_at: str = "pre-activation",
+    states_at: str = StatePoint.PRE_ACTIVATION,
     *,
     fast: bool = True,
     integer_packing: bool = True,
@@ -256,13 +121,15 @@ def expose(
             )
         prefix = f"auditor/{index}"
         groups, group_axis = packing(layer, integer=integer)
-        nodes, inits, key_name, sum_name = _layer_nodes(
-            layer, model.graph, structure.opset, states_at, prefix, fast, integer
-        )
-        graph.node.extend(nodes)
-        graph.initializer.extend(inits)
-        if exposed.ir_version < 4:  # IR 3 requires every initializer to be listed among the inputs
-            graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits)
+        keys, total = _layer_nodes(layer, model.graph, structure.opset, states_at, prefix, fast, integer)
+        key_name, sum_name = keys.output, total.output
+        for added in (keys, total):
+            graph.node.extend(added.nodes)
+            graph.initializer.extend(added.initializers)
+            if exposed.ir_version < 4:  # IR 3 requires every initializer to be listed among the inputs
+                graph.input.extend(
+                    helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in added.initializers
+                )
         key_rank = layer.rank if group_axis == -1 else 3  # (batch, groups, positions) when not last
         graph.output.extend([_output(key_name, TensorProto.INT32, key_rank), _output(sum_name, TensorProto.FLOAT, 1)])
         outputs.append(LayerOutputs(layer, key_name, sum_name, groups, group_axis))
@@ -304,196 +171,6 @@ def byte_groups(neurons: int) -> list[tuple[int, int]]:
     return [(start, min(start + 8, neurons)) for start in range(0, neurons, 8)]
 
 
-def _infer(model: onnx.ModelProto) -> tuple[dict[str, list[int | str | None]], dict[str, int]]:
-    """Static shapes and element types of every tensor that shape inference can type."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # shape inference "is not guaranteed to be complete"; the run still works
-        inferred = model
-    graph = inferred.graph
-    shapes: dict[str, list[int | str | None]] = {}
-    dtypes: dict[str, int] = {}
-    for info in [*graph.input, *graph.value_info, *graph.output]:
-        tensor_type = info.type.tensor_type
-        if tensor_type.elem_type:
-            dtypes[info.name] = tensor_type.elem_type
-        if tensor_type.HasField("shape"):
-            shapes[info.name] = _dims(tensor_type)
-    for init in graph.initializer:
-        shapes[init.name] = list(init.dims)
-        dtypes[init.name] = init.data_type
-    return shapes, dtypes
-
-
-def _dims(tensor_type: onnx.TypeProto.Tensor) -> list[int | str | None]:
-    """A tensor type's dimensions: sizes, symbolic names, or None where unknown."""
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
-
-
-def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
-    """Tensors that do not depend on the data: initializers and everything computed from them alone."""
-    constants = {init.name for init in graph.initializer}
-    for node in graph.node:
-        if all(not name or name in constants for name in node.input):
-            constants.update(node.output)
-    return constants
-
-
-def _data_input(graph: onnx.GraphProto, constants: set[str]) -> ModelInput:
-    inputs = [i for i in graph.input if i.name not in constants]
-    if len(inputs) != 1:
-        names = [i.name for i in inputs]
-        raise ModelError(f"model has {len(inputs)} data inputs {names}; the auditor supports models with exactly one")
-    value = inputs[0]
-    tensor_type = value.type.tensor_type
-    if not tensor_type.elem_type:
-        raise ModelError(f"model input {value.name!r} is not a tensor; the auditor needs a tensor input")
-    dims = tuple(_dims(tensor_type))
-    return ModelInput(value.name, helper.tensor_dtype_to_np_dtype(tensor_type.elem_type), dims)
-
-
-def _pre_activations(
-    graph: onnx.GraphProto, producers: dict[str, tuple[int, onnx.NodeProto]], constants: set[str]
-) -> Iterator[tuple[str, str, str | None]]:
-    """(pre-activation tensor, activation op, activation output) for every activation, in node order.
-
-    The activation output is None where a decomposed activation has no single output node to
-    follow (erf-GELU), so its state point stays at the pre-activation.
-    """
-    silu_gates = {
-        (x, gate): node for node in graph.node if node.op_type == "Mul" for x, gate in (node.input, node.input[::-1])
-    }
-    for node in graph.node:
-        if node.op_type == "Sigmoid" and (node.input[0], node.output[0]) in silu_gates:  # x · σ(x)
-            yield node.input[0], "Silu", silu_gates[node.input[0], node.output[0]].output[0]
-        elif node.op_type in ACTIVATIONS or (node.op_type == "Clip" and _clip_min(node, graph) <= 0):
-            yield node.input[0], node.op_type, node.output[0]
-        elif node.op_type == "Erf":  # erf-GELU: Div(x, √2) → Erf → Add → Mul → Mul
-            _, scaled = producers.get(node.input[0], (None, None))
-            if scaled is not None and scaled.op_type in ("Div", "Mul"):
-                x = next((t for t in scaled.input if t not in constants), node.input[0])
-                yield x, "Gelu", None
-
-
-def _block_output(
-    activation_output: str | None,
-    consumers: dict[str, list[onnx.NodeProto]],
-    constants: set[str],
-    graph_outputs: set[str],
-) -> str | None:
-    """Where the block ends: the activation's output followed through its single consumer while
-    that consumer is an element-wise affine op (SPEC §1, state point); None when none follows."""
-    tensor, moved = activation_output, False
-    while tensor is not None and tensor not in graph_outputs and len(consumers.get(tensor, [])) == 1:
-        node = consumers[tensor][0]
-        inputs = [name for name in node.input if name]
-        rest = [name for name in inputs if name != tensor]
-        if node.op_type in BLOCK_AFFINE:  # the data first, its parameters constant
-            affine = inputs[0] == tensor and all(name in constants for name in rest)
-        else:  # x op c or c op x, with one constant c
-            affine = node.op_type in BLOCK_AFFINE_WITH_CONSTANT and len(rest) == 1 and rest[0] in constants
-        if not affine:
-            break
-        tensor, moved = node.output[0], True
-    return tensor if moved else None
-
-
-def _clip_min(node: onnx.NodeProto, graph: onnx.GraphProto) -> float:
-    """Clip's lower bound (attribute before opset 11, input after); −inf when absent."""
-    for attr in node.attribute:
-        if attr.name == "min":
-            return attr.f
-    if len(node.input) > 1 and node.input[1]:
-        bound = _constant_scalar(node.input[1], graph)
-        return 0.0 if bound is None else bound  # a data-dependent bound: treat it like ReLU6
-    return -math.inf
-
-
-def _constant_scalar(name: str, graph: onnx.GraphProto) -> float | None:
-    """The value of a one-element initializer or Constant node named ``name``, if it is one."""
-    value = None
-    for init in graph.initializer:
-        if init.name == name:
-            value = numpy_helper.to_array(init)
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] == name and node.attribute:
-            value = helper.get_attribute_value(node.attribute[0])
-            value = numpy_helper.to_array(value) if isinstance(value, TensorProto) else value
-    array = np.asarray(value) if value is not None else None
-    if array is None or array.size != 1 or not np.issubdtype(array.dtype, np.number):
-        return None
-    return float(array.item())
-
-
-def _walk_to_linear(
-    tensor: str, producers: dict[str, tuple[int, onnx.NodeProto]], constants: set[str]
-) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
-    """The linear op reached upward from ``tensor`` through pass-through ops, and the path taken.
-
-    The path lists the pass-through nodes from the linear op down to ``tensor``, so that
-    Transposes on it can be replayed to find the neuron axis (channels-last exports).
-    """
-    seen: set[str] = set()
-    stack: list[tuple[str, list[onnx.NodeProto]]] = [(tensor, [])]
-    while stack:
-        name, path = stack.pop()
-        if name in seen or name not in producers:
-            continue
-        seen.add(name)
-        _, node = producers[name]
-        if node.op_type in LINEAR:
-            return node, path
-        if node.op_type in PASS_THROUGH:
-            stack.extend((i, [node, *path]) for i in reversed(node.input) if i and i not in constants)
-    return None
-
-
-def _logits(graph: onnx.GraphProto, producers: dict[str, tuple[int, onnx.NodeProto]]) -> tuple[str, str | None, bool]:
-    """The prediction output, the tensor behind its Softmax/Flatten chain, and whether it is probabilities."""
-    output = graph.output[0].name
-    tensor, is_probability = output, False
-    while tensor in producers and producers[tensor][1].op_type in TO_LOGITS:
-        node = producers[tensor][1]
-        is_probability = is_probability or node.op_type == "Softmax"
-        tensor = node.input[0]
-    return output, tensor, is_probability
-
-
-def _make_layer(
-    tensor: str,
-    activation: str | None,
-    role: str,
-    found: tuple[onnx.NodeProto, list[onnx.NodeProto]],
-    producers: dict[str, tuple[int, onnx.NodeProto]],
-    shapes: dict[str, list[int | str | None]],
-    dtypes: dict[str, int],
-) -> Layer:
-    linear, path = found
-    axis = _neuron_axis(linear, path, shapes)
-    layer = Layer(
-        tensor, linear.op_type, activation, role, axis, None, dtypes.get(tensor), None, None, producers[tensor][0]
-    )
-    layer = replace(layer, linear_input_shape=tuple(shapes.get(linear.input[0]) or ()))
-    return with_shape(layer, shapes.get(tensor))
-
-
-def with_shape(layer: Layer, shape: Sequence[int | str | None] | None) -> Layer:
-    """The layer with rank, neurons and positions read off a shape: static, or seen on a batch."""
-    if layer.axis is None or not shape or len(shape) < 2:
-        return layer
-    rank = len(shape)
-    axis = layer.axis % rank
-    width = shape[axis]
-    rest = [d for i, d in enumerate(shape) if i not in (0, axis)]
-    return replace(
-        layer,
-        axis=axis,
-        rank=rank,
-        neurons=width if isinstance(width, int) and width > 0 else None,
-        positions=math.prod(rest) if all(isinstance(d, int) and d > 0 for d in rest) else None,
-    )
-
-
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs the tensors ``names`` (untyped: onnxruntime types them)."""
     copy = onnx.ModelProto()
@@ -501,22 +178,6 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     taken = {o.name for o in copy.graph.output}
     copy.graph.output.extend(_output(name, None, None) for name in names if name not in taken)
     return copy
-
-
-def _neuron_axis(
-    linear: onnx.NodeProto, path: list[onnx.NodeProto], shapes: dict[str, list[int | str | None]]
-) -> int | None:
-    """The neuron axis after replaying the Transposes below the linear op; None if untraceable."""
-    axis = 1 if linear.op_type in CONV_FAMILY else -1
-    for node in path:
-        if node.op_type == "Transpose":
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            rank = len(perm) if perm else len(shapes.get(node.input[0], []))
-            if rank == 0:  # no perm and no static rank: the axis cannot be followed
-                return None
-            perm = perm or list(reversed(range(rank)))
-            axis = perm.index(axis % rank)
-    return axis
 
 
 def _output(name: str, elem_type: int | None, rank: int | None) -> onnx.ValueInfoProto:
@@ -528,60 +189,10 @@ def _output(name: str, elem_type: int | None, rank: int | None) -> onnx.ValueInf
     return helper.make_tensor_value_info(name, elem_type, [None] * rank)
 
 
-def _same_sign_outputs(graph: onnx.GraphProto) -> set[str]:
-    """Outputs of the activations that fire exactly where their input does: ``y > 0`` ⟺ ``x > 0``
-    for every float x, NaN, ±inf and subnormals included (docs/performance.md).
-
-    - Relu, LeakyRelu (alpha ≥ 0) and ThresholdedRelu (alpha ≤ 0) return x or a non-positive
-      multiple of it; Clip with min 0 (ReLU6) clamps without arithmetic.
-    - Elu (alpha ≥ 0), Selu (alpha ≥ 0, gamma > 0.5) and Celu return x (Selu: gamma·x, which a
-      gamma > 0.5 keeps above zero even for the smallest subnormal) for x > 0, and
-      alpha·(exp(x) − 1) ≤ 0 otherwise, since exp(x) ≤ 1 for x ≤ 0: checked for every negative
-      float32 with onnxruntime's CPU kernels.
-    - Not Gelu, SiLU or HardSwish: x·Φ(x) rounds to 0 at the smallest subnormal x. Not Tanh:
-      onnxruntime's tanh returns 0 for subnormals below 1.4e-43. Not tanh-Gelu, which onnxruntime
-      makes slightly positive near x = −5. Not Sigmoid, HardSigmoid, Softplus (positive at 0),
-      Softsign (NaN at +inf), PRelu (data-dependent slopes), Mish or any other Clip.
-    """
-    found = set()
-    for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Clip":
-            same = _clip_min(node, graph) == 0 and _clip_max(node, graph) > 0
-        else:
-            same = node.op_type in _SAME_SIGN and _SAME_SIGN[node.op_type](attrs)
-        if same:
-            found.add(node.output[0])
-    return found
-
-
-# Activation → whether its attributes keep y > 0 ⟺ x > 0 (defaults as in the ONNX operators).
-_SAME_SIGN: dict[str, Callable[[dict], bool]] = {
-    "Relu": lambda attrs: True,
-    "LeakyRelu": lambda attrs: attrs.get("alpha", 0.01) >= 0,
-    "ThresholdedRelu": lambda attrs: attrs.get("alpha", 1.0) <= 0,
-    "Elu": lambda attrs: attrs.get("alpha", 1.0) >= 0,
-    "Selu": lambda attrs: attrs.get("alpha", 1.67326) >= 0 and attrs.get("gamma", 1.0507) > 0.5,
-    "Celu": lambda attrs: attrs.get("alpha", 1.0) > 0,
-}
-
-
-def _clip_max(node: onnx.NodeProto, graph: onnx.GraphProto) -> float:
-    """Clip's upper bound (attribute before opset 11, input after); +inf when absent, −inf when
-    it is not a constant (so that no rule relies on it)."""
-    for attr in node.attribute:
-        if attr.name == "max":
-            return attr.f
-    if len(node.input) > 2 and node.input[2]:
-        bound = _constant_scalar(node.input[2], graph)
-        return -math.inf if bound is None else bound
-    return math.inf
-
-
 def _layer_nodes(
     layer: Layer, graph: onnx.GraphProto, opset: int, states_at: str, prefix: str, fast: bool, integer: bool
-) -> tuple[list[onnx.NodeProto], list[TensorProto], str, str]:
-    """One layer's added nodes and initializers, and the names of its keys and its sum.
+) -> tuple[Subgraph, Subgraph]:
+    """One layer's added nodes: those computing its packed keys, and those computing its sum φ.
 
     With ``fast``, φ goes through linearity where that is cheaper (``_linear_partial``); then the
     audit needs nothing of the pre-activation, so at the pre-activation state point the firing
@@ -591,15 +202,14 @@ def _layer_nodes(
     make onnxruntime materialise (and reorder out of its blocked layout) both tensors.
     """
     partial = _linear_partial(layer, graph, prefix) if fast else None
-    at_output = partial is not None and states_at == "pre-activation" and bool(layer.firing_output)
-    nodes, inits, keys = _pack_nodes(layer, states_at, prefix, at_output=at_output, integer=integer)
-    sum_nodes, sum_inits, total = _sum_nodes(layer, opset, prefix, partial)
-    return nodes + sum_nodes, inits + sum_inits, keys, total
+    at_output = partial is not None and states_at == StatePoint.PRE_ACTIVATION and bool(layer.firing_output)
+    keys = _pack_nodes(layer, states_at, prefix, at_output=at_output, integer=integer)
+    return keys, _sum_nodes(layer, opset, prefix, partial)
 
 
 def _pack_nodes(
     layer: Layer, states_at: str, prefix: str, *, at_output: bool = False, integer: bool = True
-) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
+) -> Subgraph:
     """Nodes that turn a layer's state tensor into int32 groups of firing bits (``packing``).
 
     ``x > 0`` gives the bits, read at ``Layer.firing_output`` when ``at_output`` (the same bits).
@@ -646,12 +256,12 @@ def _pack_nodes(
     product = [bits, f"{prefix}/pack_w"] if last else [f"{prefix}/pack_w", bits]
     if integer:
         nodes.append(helper.make_node("MatMulInteger", product, [f"{prefix}/keys"]))
-        return nodes, inits, f"{prefix}/keys"
+        return Subgraph(f"{prefix}/keys", nodes, inits)
     nodes += [
         helper.make_node("MatMul", product, [f"{prefix}/packed"]),
         helper.make_node("Cast", [f"{prefix}/packed"], [f"{prefix}/keys"], to=TensorProto.INT32),
     ]
-    return nodes, inits, f"{prefix}/keys"
+    return Subgraph(f"{prefix}/keys", nodes, inits)
 
 
 def _packing_weights(neurons: int, layout: list[tuple[int, int]], integer: bool) -> np.ndarray:
@@ -663,9 +273,7 @@ def _packing_weights(neurons: int, layout: list[tuple[int, int]], integer: bool)
     return weights
 
 
-def _sum_nodes(
-    layer: Layer, opset: int, prefix: str, partial: tuple[list[onnx.NodeProto], list[TensorProto], str] | None
-) -> tuple[list[onnx.NodeProto], list[TensorProto], str]:
+def _sum_nodes(layer: Layer, opset: int, prefix: str, partial: Subgraph | None) -> Subgraph:
     """Nodes computing φ, the per-sample sum of the layer's pre-activations (SPEC §4).
 
     The sum runs over the pre-activation itself, or over the small ``partial`` sums that
@@ -673,26 +281,21 @@ def _sum_nodes(
     ``aggregate=mean`` divides this sum by the layer's units after the run, so the graph, and
     the session built on it, do not depend on that metric setting.
     """
-    nodes, inits = [], []
-    if partial is not None:
-        nodes, inits, source = partial
-    else:
-        source = layer.name
-        if layer.dtype != TensorProto.FLOAT:
-            nodes.append(helper.make_node("Cast", [source], [f"{prefix}/sum_in"], to=TensorProto.FLOAT))
-            source = f"{prefix}/sum_in"
-    nodes.append(helper.make_node("Flatten", [source], [f"{prefix}/flat"], axis=1))
+    start = partial or Subgraph(layer.name)
+    if partial is None and layer.dtype != TensorProto.FLOAT:
+        start = Subgraph(
+            f"{prefix}/sum_in", [helper.make_node("Cast", [layer.name], [f"{prefix}/sum_in"], to=TensorProto.FLOAT)]
+        )
+    nodes, inits = [helper.make_node("Flatten", [start.output], [f"{prefix}/flat"], axis=1)], []
     if opset >= 13:  # ReduceSum takes its axes as an input from opset 13
         inits.append(numpy_helper.from_array(np.array([1], np.int64), f"{prefix}/axes"))
         nodes.append(helper.make_node("ReduceSum", [f"{prefix}/flat", f"{prefix}/axes"], [f"{prefix}/sum"], keepdims=0))
     else:
         nodes.append(helper.make_node("ReduceSum", [f"{prefix}/flat"], [f"{prefix}/sum"], axes=[1], keepdims=0))
-    return nodes, inits, f"{prefix}/sum"
+    return start.then(Subgraph(f"{prefix}/sum", nodes, inits))
 
 
-def _linear_partial(
-    layer: Layer, graph: onnx.GraphProto, prefix: str
-) -> tuple[list[onnx.NodeProto], list[TensorProto], str] | None:
+def _linear_partial(layer: Layer, graph: onnx.GraphProto, prefix: str) -> Subgraph | None:
     """Nodes giving per sample (and position, for a dense layer) the sum of the pre-activation over
     its neurons, computed from the linear op's input; None where that is not both exact algebra
     and cheaper than a pass over the pre-activation.
@@ -722,10 +325,12 @@ def _linear_partial(
         return None
     attrs = {a.name: helper.get_attribute_value(a) for a in linear.attribute}
     weight, own_bias = constants[inputs[1]], numpy_helper.to_array(constants[inputs[2]]) if inputs[2] else None
-    nodes, x = [], linear.input[0]
+    cast = Subgraph(linear.input[0])
     if layer.dtype != TensorProto.FLOAT:
-        nodes.append(helper.make_node("Cast", [x], [f"{prefix}/sum_x"], to=TensorProto.FLOAT))
-        x = f"{prefix}/sum_x"
+        cast = Subgraph(
+            f"{prefix}/sum_x", [helper.make_node("Cast", [linear.input[0]], [f"{prefix}/sum_x"], to=TensorProto.FLOAT)]
+        )
+    x = cast.output
     found = None
     if linear.op_type == "Conv":
         conv_bias = 0.0 if own_bias is None else float(own_bias.astype(np.float64).sum())
@@ -739,15 +344,12 @@ def _linear_partial(
             found = _dense_partial(
                 layer, weight, 0 if attrs.get("transB", 0) else 1, attrs.get("alpha", 1.0), total, x, prefix
             )
-    if found is None:
-        return None
-    more_nodes, inits, partial = found
-    return nodes + more_nodes, inits, partial
+    return None if found is None else cast.then(found)
 
 
 def _dense_partial(
     layer: Layer, weight: TensorProto, outputs_axis: int, scale: float, bias: float, x: str, prefix: str
-) -> tuple[list[onnx.NodeProto], list[TensorProto], str] | None:
+) -> Subgraph | None:
     """``x · (scale · weight summed over its outputs axis) + bias``: one value per position
     instead of one per neuron, where the product reads few enough values (``_LINEAR_READS``)."""
     reads = weight.dims[1 - outputs_axis] * (1 if layer.dtype == TensorProto.FLOAT else 2)
@@ -762,12 +364,10 @@ def _dense_partial(
         helper.make_node("MatMul", [x, f"{prefix}/sum_w"], [f"{prefix}/partial_w"]),
         helper.make_node("Add", [f"{prefix}/partial_w", f"{prefix}/sum_b"], [f"{prefix}/partial"]),
     ]
-    return nodes, inits, f"{prefix}/partial"
+    return Subgraph(f"{prefix}/partial", nodes, inits)
 
 
-def _conv_partial(
-    layer: Layer, attrs: dict, weight: TensorProto, bias: float, x: str, prefix: str
-) -> tuple[list[onnx.NodeProto], list[TensorProto], str] | None:
+def _conv_partial(layer: Layer, attrs: dict, weight: TensorProto, bias: float, x: str, prefix: str) -> Subgraph | None:
     """φ of a 1-D or 2-D Conv from its input, through window sums, for one value per sample.
 
     Σ over channels and positions of ``conv(x, W) + b`` is ``Σ_{c,i,j} V[c,i,j] · S[c,i,j] + P·Σb``
@@ -821,7 +421,7 @@ def _conv_partial(
         helper.make_node("MatMul", [f"{prefix}/window_flat", f"{prefix}/sum_w"], [f"{prefix}/partial_w"]),
         helper.make_node("Add", [f"{prefix}/partial_w", f"{prefix}/sum_b"], [f"{prefix}/partial"]),
     ]
-    return nodes, inits, f"{prefix}/partial"
+    return Subgraph(f"{prefix}/partial", nodes, inits)
 
 
 def _window_matrix(size: int, kernel: int, stride: int, dilation: int, before: int, after: int) -> np.ndarray | None:

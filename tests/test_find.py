@@ -1,4 +1,4 @@
-"""SPEC §1 (which tensors are layers) on hand-built graphs, exported models and real models.
+"""``find``: SPEC §1 (which tensors are layers) on hand-built graphs, exported models and real models.
 
 Every model is a real ONNX graph; where a test audits one, it runs in a real onnxruntime
 session and the figures are checked against states counted from onnxruntime's own tensors.
@@ -8,7 +8,6 @@ when shape inference gives up, in ``test_prepare``.
 
 from __future__ import annotations
 
-import itertools
 import math
 from pathlib import Path
 
@@ -18,7 +17,9 @@ import pytest
 from models import (
     FLOAT,
     FLOAT16,
+    SHARED_MODELS,
     Net,
+    input_of_type,
     mlp,
     reference_counts,
     reference_entropy,
@@ -30,16 +31,9 @@ from refusals import refused
 from auditor import AuditConfig, audit, prepare
 from auditor.data import Batch
 from auditor.errors import ModelError
-from auditor.graph import Layer, byte_groups, describe, expose, find_layers, packing, word_groups
+from auditor.expose import expose
+from auditor.find import Layer, describe, find_layers
 from auditor.modelfile import load_model
-
-SHARED_MODELS = (
-    "mnist-8_cntk_opset8",
-    "cnn_pytorch25_opset17",
-    "qdq_int8_pytorch21_opset17",
-    "squeezenet1.0_fp16_opset7",
-    "light_resnet50_opset9",
-)
 
 
 def summary(layers: list[Layer]) -> list[tuple[object, ...]]:
@@ -509,6 +503,49 @@ def test_two_data_inputs_are_refused() -> None:
     refused(ModelError, lambda: describe(model), "2 data inputs", "'x'", "'z'")
 
 
+# Element types a model may declare for its input that no numeric data can be fed as.
+UNFEEDABLE = [
+    (onnx.TensorProto.STRING, "string"),
+    (onnx.TensorProto.BFLOAT16, "bfloat16"),
+    (onnx.TensorProto.FLOAT8E4M3FN, "float8e4m3fn"),
+    (onnx.TensorProto.FLOAT8E5M2, "float8e5m2"),
+    (onnx.TensorProto.INT4, "int4"),
+    (onnx.TensorProto.UINT4, "uint4"),
+]
+
+
+@pytest.mark.parametrize(("elem_type", "name"), UNFEEDABLE, ids=[name for _, name in UNFEEDABLE])
+def test_an_input_the_auditor_cannot_feed_is_refused_naming_the_input_and_its_type(elem_type: int, name: str) -> None:
+    model = input_of_type(mlp([4, 3, 2]), elem_type)
+    onnx.checker.check_model(model, full_check=True)  # a valid model, only not one the auditor can feed
+    refused(ModelError, lambda: describe(model), f"model input 'x' takes {name} tensors", "cannot feed", "float")
+
+
+@pytest.mark.parametrize("elem_type", [onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128, 999, -1])
+def test_inputs_of_complex_or_unknown_element_types_are_refused_too(elem_type: int) -> None:
+    model = mlp([4, 3, 2])
+    model.graph.input[0].type.tensor_type.elem_type = elem_type
+    refused(ModelError, lambda: describe(model), "model input 'x' takes", "tensors, which the auditor cannot feed")
+
+
+@pytest.mark.parametrize("kind", ["sequence", "map", "optional", "none"])
+def test_an_input_that_is_not_a_tensor_is_refused_naming_what_it_is(kind: str) -> None:
+    model = mlp([4, 3, 2])
+    value = model.graph.input[0]
+    if kind == "sequence":
+        value.type.CopyFrom(helper.make_sequence_type_proto(helper.make_tensor_type_proto(FLOAT, ["batch", 4])))
+    elif kind == "map":
+        value.type.CopyFrom(
+            helper.make_map_type_proto(onnx.TensorProto.INT64, helper.make_tensor_type_proto(FLOAT, []))
+        )
+    elif kind == "optional":
+        value.type.CopyFrom(helper.make_optional_type_proto(helper.make_tensor_type_proto(FLOAT, ["batch", 4])))
+    else:
+        value.ClearField("type")
+    shown = "no type" if kind == "none" else kind
+    refused(ModelError, lambda: describe(model), f"model input 'x' is a {shown}, not a tensor")
+
+
 # --- Real models from other tools ------------------------------------------------------------
 
 
@@ -569,116 +606,6 @@ def test_pytorch_cnn_layers(shared_models: Path) -> None:
 
 
 # --- expose ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", SHARED_MODELS)
-def test_expose_leaves_the_model_alone_and_builds_a_valid_one(shared_models: Path, name: str) -> None:
-    model = onnx.load(shared_models / f"{name}.onnx")
-    before = model.SerializeToString()
-    structure = describe(model)
-    exposed = expose(model, structure)
-    assert model.SerializeToString() == before
-    onnx.checker.check_model(exposed.model, full_check=True)
-    original = [o.name for o in model.graph.output]
-    outputs = [o.name for o in exposed.model.graph.output]
-    assert outputs[: len(original)] == original
-    assert set(exposed.output_names) == set(outputs[: len(original)]) | set(outputs)
-    assert [out.layer for out in exposed.layers] == structure.layers
-    integer = structure.opset >= 10  # integer packing needs MatMulInteger
-    groups = byte_groups if integer else word_groups
-    assert [out.groups for out in exposed.layers] == [groups(lay.neurons) for lay in structure.layers]
-    assert [(out.groups, out.group_axis) for out in exposed.layers] == [
-        packing(lay, integer=integer) for lay in structure.layers
-    ]
-    floats = expose(model, structure, integer_packing=False)
-    assert [out.groups for out in floats.layers] == [word_groups(lay.neurons) for lay in structure.layers]
-
-
-def old_ir_model() -> onnx.ModelProto:
-    net = Net(("batch", 4), opset=8)
-    logits = net.dense(net.op("Relu", net.dense(net.input, 4, 5)), 5, 3)
-    return net.build(logits, ir_version=3, inits_as_inputs=True)
-
-
-def fp16_conv_model() -> onnx.ModelProto:
-    net = Net(("batch", 2, 4, 4), dtype=FLOAT16)
-    return net.build(net.op("Relu", net.conv(net.input, 2, 30)))
-
-
-@pytest.mark.parametrize(
-    "build",
-    [lambda: mlp([4, 70, 3], head="Softmax"), old_ir_model, fp16_conv_model],
-    ids=["mlp-softmax", "ir3", "fp16-conv"],
-)
-def test_expose_of_hand_built_models_passes_the_checker(build) -> None:
-    model = build()
-    before = model.SerializeToString()
-    exposed = expose(model, describe(model))
-    assert model.SerializeToString() == before
-    onnx.checker.check_model(exposed.model, full_check=True)
-    assert exposed.model.graph.output[0].name == model.graph.output[0].name
-
-
-def test_exposed_outputs_are_typed_for_onnxruntime() -> None:
-    """Keys are int32 groups per position, sums one float32 per sample."""
-    model = mlp([4, 30, 3])
-    structure = describe(model)
-    exposed = expose(model, structure)
-    x = np.random.default_rng(15).standard_normal((9, 4)).astype(np.float32)
-    layer = exposed.layers[0]
-    keys, sums = run(exposed.model, x, [layer.keys, layer.sum])
-    assert keys.dtype == np.int32 and keys.shape == (9, 4)  # 30 neurons: one byte per 8
-    assert sums.dtype == np.float32 and sums.shape == (9,)
-    (pre,) = run(model, x, ["pre1"])
-    bits = (pre > 0).astype(np.int64)
-    bytes_ = [bits[:, start:stop] @ (1 << np.arange(stop - start)) for start, stop in byte_groups(30)]
-    np.testing.assert_array_equal(keys, np.stack(bytes_, axis=1))
-    floats = expose(model, structure, integer_packing=False)
-    (packed,) = run(floats.model, x, [floats.layers[0].keys])
-    assert packed.dtype == np.int32 and packed.shape == (9, 2)  # float packing: groups of 24 and 6 bits
-    np.testing.assert_allclose(sums, pre.sum(axis=1), rtol=1e-5, atol=1e-5)
-
-
-# --- word_groups and byte_groups --------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("neurons", "groups"),
-    [
-        (1, [(0, 1)]),
-        (10, [(0, 10)]),
-        (24, [(0, 24)]),
-        (25, [(0, 24), (24, 25)]),
-        (64, [(0, 24), (24, 48), (48, 64)]),
-        (65, [(0, 24), (24, 48), (48, 64), (64, 65)]),
-    ],
-)
-def test_word_groups_examples(neurons: int, groups: list[tuple[int, int]]) -> None:
-    assert word_groups(neurons) == groups
-
-
-@pytest.mark.parametrize("neurons", [*range(1, 200), 1000, 4096])
-def test_word_groups_tile_the_neurons_without_crossing_words(neurons: int) -> None:
-    groups = word_groups(neurons)
-    assert groups[0][0] == 0 and groups[-1][1] == neurons
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(groups))
-    for start, stop in groups:
-        assert 0 < stop - start <= 24
-        assert start // 64 == (stop - 1) // 64  # never crosses a multiple of 64
-
-
-def test_word_groups_130() -> None:
-    assert word_groups(130) == [(0, 24), (24, 48), (48, 64), (64, 88), (88, 112), (112, 128), (128, 130)]
-
-
-@pytest.mark.parametrize(
-    ("neurons", "groups"), [(1, [(0, 1)]), (8, [(0, 8)]), (9, [(0, 8), (8, 9)]), (20, [(0, 8), (8, 16), (16, 20)])]
-)
-def test_byte_groups_examples(neurons: int, groups: list[tuple[int, int]]) -> None:
-    assert byte_groups(neurons) == groups
-
-
-# --- Regressions found in review -------------------------------------------------------------
 
 
 def test_clip_bound_from_a_constant_node_with_a_scalar_attribute() -> None:
