@@ -10,7 +10,9 @@ become figures).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
 from typing import Any
 
 from auditor.errors import AuditError, require
@@ -18,6 +20,9 @@ from auditor.errors import AuditError, require
 DEVICES = ("auto", "cpu", "cuda")
 AGGREGATES = ("sum", "mean")
 STATE_POINTS = ("pre-activation", "block-output")  # where a layer's state is read (SPEC §1)
+MIN_MEMORY_BUDGET = 64 << 20  # below this, sorting and spilling would dominate any real audit
+MAX_MEMORY_BUDGET = 1 << 50
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
 @dataclass(frozen=True)
@@ -151,3 +156,20 @@ class AuditConfig:
         if "alpha_range" in values:
             values["alpha_range"] = tuple(float(v) for v in values["alpha_range"])
         return cls(**values)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a memory size such as ``512M``, ``4G``, ``1.5G`` or ``1073741824``.
+
+    Units are binary (K = 1024 bytes) and may end in ``B`` or ``iB``. Refuses, with one line,
+    anything that is not a size or lies outside ``MIN_MEMORY_BUDGET``..``MAX_MEMORY_BUDGET``.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*", str(text).upper())
+    if match is None:
+        raise AuditError(f"memory budget must be a size such as 512M or 4G, got {text!r}")
+    size = int(Fraction(match[1]) * _UNITS[match[2]])
+    if size < MIN_MEMORY_BUDGET:
+        raise AuditError(f"memory budget must be at least 64M, got {text!r}")
+    if size > MAX_MEMORY_BUDGET:
+        raise AuditError(f"memory budget must be at most 1P, got {text!r}")
+    return size

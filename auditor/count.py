@@ -25,13 +25,11 @@ import errno
 import itertools
 import math
 import os
-import re
 import shutil
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Protocol
 
@@ -40,32 +38,12 @@ import numpy as np
 from auditor.errors import AuditError, LimitError
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
-MIN_MEMORY_BUDGET = 64 << 20  # below this, sorting and spilling would dominate any real audit
-MAX_MEMORY_BUDGET = 1 << 50
 HISTOGRAM_BITS = 20  # up to 2**20 states: a dense histogram beats sorting
 MERGE_ROWS_MIN = 1 << 16  # a fold or merge step may always take this many rows, however small the budget
 MAX_SPILLED_RUNS = 64  # spilled runs of one store before they are merged into one file
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from a memory size such as ``512M``, ``4G``, ``1.5G`` or ``1073741824``.
-
-    Units are binary (K = 1024 bytes) and may end in ``B`` or ``iB``. Refuses, with one line,
-    anything that is not a size or lies outside ``MIN_MEMORY_BUDGET``..``MAX_MEMORY_BUDGET``.
-    """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*", str(text).upper())
-    if match is None:
-        raise AuditError(f"memory budget must be a size such as 512M or 4G, got {text!r}")
-    size = int(Fraction(match[1]) * _UNITS[match[2]])
-    if size < MIN_MEMORY_BUDGET:
-        raise AuditError(f"memory budget must be at least 64M, got {text!r}")
-    if size > MAX_MEMORY_BUDGET:
-        raise AuditError(f"memory budget must be at most 1P, got {text!r}")
-    return size
 
 
 # --- Keys and runs ---------------------------------------------------------------------------

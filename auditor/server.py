@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -48,10 +48,10 @@ from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
 from auditor.audit import audit
-from auditor.config import DEVICES, SessionSettings
-from auditor.count import MAX_MEMORY_BUDGET, MIN_MEMORY_BUDGET, parse_size
+from auditor.config import SessionSettings
 from auditor.data import Batch, Dataset, open_splits
-from auditor.errors import AuditError, CancelledError, DataError, LimitError, UnauthenticatedError, require
+from auditor.errors import AuditError, CancelledError, DataError, LimitError, UnauthenticatedError
+from auditor.flags import ServeOptions
 from auditor.jobs import AuditQueue, Jobs, JobStore, Progress, QueueFullError
 from auditor.persist import MAX_FILES, PAGE_SIZE, ModelStore, ReportStore
 from auditor.prepare import Prepared, describe_model, prepare
@@ -75,55 +75,6 @@ _MODEL_WORKERS = 2
 _LOOKUP_WORKERS = 4
 # An absolute path of two parts or more; a refusal never shows one (the server's folders are its own).
 _SERVER_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"/]+/[^\s'\"]*")
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """Every setting of the server; ``auditor serve`` flags map one to one onto these fields.
-
-    ``data_dir`` is where named datasets (mnist, fashion-mnist) are read or downloaded to
-    (default: ``$AUDITOR_DATA_DIR``, then the user cache). ``device`` is used for audits whose
-    settings leave the device at "auto". ``metrics_port`` None serves no metrics; 0 picks a port.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 50051
-    store: Path = field(default_factory=lambda: Path.home() / ".local" / "share" / "onnx-auditor")
-    data_dir: Path | None = None
-    max_concurrent: int = 2
-    max_queued: int = 64
-    idle_timeout: float = 60.0
-    max_model_mb: int = 1024
-    max_batch_mb: int = 64
-    audit_memory: int = 1 << 30
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    token_file: Path | None = None
-    grace: float = 10.0
-    device: str = "auto"
-    metrics_port: int | None = None
-
-    def __post_init__(self) -> None:
-        require(
-            [
-                (self.max_concurrent >= 1, f"--max-concurrent must be >= 1, got {self.max_concurrent}"),
-                (self.max_queued >= 0, f"--max-queued must be >= 0, got {self.max_queued}"),
-                (self.idle_timeout > 0, f"--idle-timeout must be > 0 seconds, got {self.idle_timeout}"),
-                (self.max_model_mb >= 1, f"--max-model-mb must be >= 1, got {self.max_model_mb}"),
-                (self.max_batch_mb >= 1, f"--max-batch-mb must be >= 1, got {self.max_batch_mb}"),
-                (
-                    MIN_MEMORY_BUDGET <= self.audit_memory <= MAX_MEMORY_BUDGET,
-                    f"--audit-memory must be between 64M and 1P, got {self.audit_memory} bytes",
-                ),
-                (self.grace >= 0, f"--grace must be >= 0 seconds, got {self.grace}"),
-                ((self.tls_cert is None) == (self.tls_key is None), "give --tls-cert and --tls-key together"),
-                (self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}"),
-                (
-                    self.metrics_port is None or 0 <= self.metrics_port <= 65535,
-                    f"--metrics-port must be in 0..65535, got {self.metrics_port}",
-                ),
-            ]
-        )
 
 
 # ---- one call: status codes and its log line ----------------------------------------------------
@@ -665,45 +616,6 @@ def build_server(options: ServeOptions) -> tuple[Server, int]:
     """A ready-to-start server and the port it bound (port 0 picks a free one, as tests do)."""
     server = Server(options)
     return server, server.port
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``auditor serve`` flags, one per ``ServeOptions`` field."""
-    d = ServeOptions()
-    parser.add_argument("--host", default=d.host, help=f"address to listen on (default: {d.host}; 0.0.0.0 = all)")
-    parser.add_argument("--port", type=int, default=d.port, help=f"default: {d.port}; 0 picks a free port")
-    parser.add_argument("--store", type=Path, default=d.store, help=f"reports and models folder (default: {d.store})")
-    parser.add_argument(
-        "--data-dir", type=Path, default=None, help="named datasets' folder (default: $AUDITOR_DATA_DIR)"
-    )
-    parser.add_argument("--max-concurrent", type=int, default=d.max_concurrent, help="audits running at once")
-    parser.add_argument(
-        "--max-queued", type=int, default=d.max_queued, help=f"audits waiting for a slot (default: {d.max_queued})"
-    )
-    parser.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=d.idle_timeout,
-        metavar="SECONDS",
-        help=f"close a stream that sends nothing this long (default: {d.idle_timeout:g})",
-    )
-    parser.add_argument("--max-model-mb", type=int, default=d.max_model_mb, help="largest upload, data files included")
-    parser.add_argument("--max-batch-mb", type=int, default=d.max_batch_mb, help="largest message a client may send")
-    parser.add_argument(
-        "--audit-memory",
-        type=parse_size,
-        default=d.audit_memory,
-        metavar="SIZE",
-        help="memory budget of each audit, e.g. 512M or 4G (default: 1G); see docs/service.md",
-    )
-    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain; serve TLS (needs --tls-key)")
-    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    parser.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send")
-    parser.add_argument("--grace", type=float, default=d.grace, help="seconds in-flight audits get on SIGTERM")
-    parser.add_argument("--device", choices=DEVICES, default=d.device, help="device for audits that leave it to auto")
-    parser.add_argument(
-        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port (0 picks one)"
-    )
 
 
 def run_serve(args: argparse.Namespace) -> int:

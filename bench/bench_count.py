@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from auditor.count import LayerCounter, MemoryBudget, hash_rows, parse_size
+from auditor.config import parse_size
+from auditor.count import LayerCounter, MemoryBudget, hash_rows
 
 WORKLOADS = {  # keys, distinct, words, keys per batch
     "narrow64": (30_000_000, 29_000_000, 1, 1_000_000),

@@ -14,7 +14,7 @@ import pytest
 from refusals import refused
 
 from auditor import AuditConfig
-from auditor.config import Feeding, MetricSettings, SessionSettings
+from auditor.config import Feeding, MetricSettings, SessionSettings, parse_size
 from auditor.errors import AuditError
 
 
@@ -127,3 +127,30 @@ def test_every_setting_is_read_through_exactly_one_view() -> None:
 )
 def test_a_prepared_session_serves_settings_it_satisfies(wanted: tuple, prepared: tuple, served: bool) -> None:
     assert SessionSettings(*wanted).satisfied_by(SessionSettings(*prepared)) is served
+
+
+# --- Memory sizes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("512M", 512 << 20),
+        ("4G", 4 << 30),
+        ("1.5G", 3 << 29),
+        ("64MiB", 64 << 20),
+        ("2gb", 2 << 30),
+        (" 1G ", 1 << 30),
+        (str(100 << 20), 100 << 20),
+        ("65536K", 64 << 20),
+    ],
+)
+def test_parse_size_reads_binary_units(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["1M", "0", "63M", "-1G", "", "G", "abc", "1.2.3G", "1e9", "4X", "2P", "1 G B"])
+def test_parse_size_refuses_with_one_line(text: str) -> None:
+    with pytest.raises(AuditError) as caught:
+        parse_size(text)
+    assert "memory budget" in caught.value.message and "\n" not in caught.value.message

@@ -30,7 +30,6 @@ from auditor.count import (
     count_of_counts,
     join_groups,
     make_store,
-    parse_size,
     summarize,
 )
 from auditor.data import Batch
@@ -651,30 +650,6 @@ def test_histograms_of_disjoint_states_add() -> None:
 
 
 # --- Budgets: sizes, spill folders, and cleaning up ----------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "size"),
-    [
-        ("512M", 512 << 20),
-        ("4G", 4 << 30),
-        ("1.5G", 3 << 29),
-        ("64MiB", 64 << 20),
-        ("2gb", 2 << 30),
-        (" 1G ", 1 << 30),
-        (str(100 << 20), 100 << 20),
-        ("65536K", 64 << 20),
-    ],
-)
-def test_parse_size_reads_binary_units(text: str, size: int) -> None:
-    assert parse_size(text) == size
-
-
-@pytest.mark.parametrize("text", ["1M", "0", "63M", "-1G", "", "G", "abc", "1.2.3G", "1e9", "4X", "2P", "1 G B"])
-def test_parse_size_refuses_with_one_line(text: str) -> None:
-    with pytest.raises(AuditError) as caught:
-        parse_size(text)
-    assert "memory budget" in caught.value.message and "\n" not in caught.value.message
 
 
 def spill_something(budget: MemoryBudget) -> RunStore:
