@@ -22,7 +22,16 @@ from refusals import refused
 
 from auditor.errors import AuditError, DataError, ModelError
 from auditor.graph import ModelInput, describe, with_outputs
-from auditor.run import Runner, create_session, cuda_usable, ordered_map, probe_shapes, workers_for
+from auditor.run import (
+    Runner,
+    create_session,
+    cuda_driver_loads,
+    cuda_probe,
+    cuda_usable,
+    ordered_map,
+    probe_shapes,
+    workers_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 X = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
@@ -150,6 +159,13 @@ def test_device_auto_runs_on_cuda_when_it_can_and_on_the_cpu_otherwise() -> None
     else:
         assert session.providers == ["CPUExecutionProvider"]
     np.testing.assert_allclose(session.run(X, ["logits"])["logits"], run(mlp([4, 5, 3]), X, ["logits"])[0], rtol=1e-5)
+
+
+def test_the_driver_shortcut_never_changes_whether_cuda_is_usable() -> None:
+    """Skipping the probe where the CUDA driver does not load gives the probe's own answer."""
+    assert cuda_usable() == cuda_probe()
+    if not cuda_driver_loads():
+        assert not cuda_probe()
 
 
 def test_device_cpu_never_uses_cuda() -> None:
