@@ -477,3 +477,47 @@ def test_a_reader_that_stops_early_is_not_an_error() -> None:
     proc.stdout.close()  # the reader is gone before anything is written
     assert proc.wait(timeout=120) == 0
     assert proc.stderr.read() == ""
+
+
+# --- What each subcommand imports ---------------------------------------------------------------
+
+HEAVY = ("grpc", "auditor._proto", "auditor.client", "auditor.server", "onnxruntime", "matplotlib")
+_IMPORTED = """
+import sys
+from auditor.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+heavy = {heavy!r}
+print("LOADED:", *sorted(m for m in heavy if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "allowed"),
+    [
+        (["--help"], ()),
+        (["audit", "--help"], ()),
+        (["serve", "--help"], ()),
+        (["layers", str(EXAMPLE)], ()),
+        (["compare", "REPORT", "REPORT"], ()),
+        (["render", "REPORT", "--html", "PAGE"], ("matplotlib",)),
+        (["audit", str(EXAMPLE), "--data", "mnist", "--limit", "10", "--json", "REPORT2"], ("onnxruntime",)),
+    ],
+)
+def test_each_subcommand_imports_only_what_it_runs(
+    args: list[str], allowed: tuple[str, ...], both_report: dict, tmp_path: Path
+) -> None:
+    """--help, layers, compare and render never load onnxruntime or the gRPC stubs; only drawing
+    the page loads matplotlib (docs/performance.md, "The whole command")."""
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(both_report))
+    names = {"REPORT": str(report), "PAGE": str(tmp_path / "page.html"), "REPORT2": str(tmp_path / "r2.json")}
+    argv = [names.get(arg, arg) for arg in args]
+    code = _IMPORTED.format(heavy=HEAVY)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    loaded = done.stdout.strip().splitlines()[-1].split()
+    assert loaded[0] == "LOADED:" and sorted(loaded[1:]) == sorted(allowed), done.stdout
