@@ -294,7 +294,9 @@ def _download(name: str, files: list[str], folder: Path) -> None:
     A mirror that answers with other bytes stops the download with DataError rather than being
     skipped: a wrong file is a problem to report, not a network hiccup.
     """
-    import http.client  # only a download needs them (and the email parser they import)
+    if not files:
+        return
+    import http.client  # only a download needs it (and the email parser it imports)
 
     for done, file in enumerate(files):
         failures = []

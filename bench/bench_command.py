@@ -13,12 +13,14 @@ its start to its exit, with its imports and its data loading included:
 - ``help``: ``python -m auditor.cli --help``;
 - ``small``: an audit of the first 100 MNIST test images with ``examples/lenet5_3_9_4.onnx``.
 
-A round runs ``audit`` and ``plain`` back to back, in an order that alternates between rounds,
-then ``help`` and ``small``. The figure printed for audit ÷ plain is the median over rounds of
-each round's ratio, because a shared machine makes single timings meaningless; the load average
-is printed with every round. Peak memory is each process's own maximum resident set
-(``wait4``). The children run with bytecode caching on, as an installed package does, after
-one warm-up run of each command that writes the caches and warms the page cache.
+A round runs ``audit`` and ``plain`` back to back, in an order that rotates between rounds,
+then ``help`` and ``small``. ``--against CHECKOUT`` runs the three auditor commands from another
+checkout too (``audit@against`` joins the rotation): a before/after in the same rounds. The
+figure printed for audit ÷ plain is the median over rounds of each round's ratio, because a
+shared machine makes single timings meaningless; the load average is printed with every round.
+Peak memory is each process's own maximum resident set (``wait4``). The children run with
+bytecode caching on, as an installed package does, after one warm-up run of each command that
+writes the caches and warms the page cache.
 
 ``--breakdown`` runs, in one fresh process per round, each stage of the two commands one after
 another with two clocks around each, wall and CPU (all threads; steal time and waiting for a core
@@ -39,67 +41,87 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SMALL_MODEL = ROOT / "examples" / "lenet5_3_9_4.onnx"
 PLAIN = Path(__file__).resolve().with_name("plain_mnist.py")
+AUDITOR_COMMANDS = ("audit", "help", "small")
 STAGES = {
     "audit": ("import", "data", "session", "audit", "report"),
     "plain": ("import", "data", "session", "inference"),
 }
 
 
-def commands(model: Path, folder: Path, data_dir: Path) -> dict[str, list[str]]:
-    """The four commands, each a whole process."""
+@dataclass(frozen=True)
+class Command:
+    """One whole process: its arguments and its environment."""
+
+    argv: list[str]
+    env: dict[str, str]
+
+
+def commands(model: Path, folder: Path, data_dir: Path, against: Path | None) -> dict[str, Command]:
+    """The four commands, each a whole process, and the auditor's three again from ``against``."""
     cli = [sys.executable, "-m", "auditor.cli"]
     small = ["audit", str(SMALL_MODEL), "--data", "mnist", "--limit", "100", "--json", str(folder / "s.json")]
-    return {
-        "audit": [*cli, "audit", str(model), "--data", "mnist", "--split", "train", "--json", str(folder / "r.json")],
-        "plain": [sys.executable, str(PLAIN), str(model), str(data_dir / "mnist"), "train"],
-        "help": [*cli, "--help"],
-        "small": [*cli, *small],
+    audit = ["audit", str(model), "--data", "mnist", "--split", "train", "--json", str(folder / "r.json")]
+    ours = child_env(ROOT, data_dir)
+    runs = {
+        "audit": Command([*cli, *audit], ours),
+        "plain": Command([sys.executable, str(PLAIN), str(model), str(data_dir / "mnist"), "train"], ours),
+        "help": Command([*cli, "--help"], ours),
+        "small": Command([*cli, *small], ours),
     }
+    if against is not None:
+        theirs = child_env(against, data_dir)
+        for name in AUDITOR_COMMANDS:
+            runs[f"{name}@against"] = Command(runs[name].argv, theirs)
+    return runs
 
 
-def child_env(data_dir: Path) -> dict[str, str]:
-    """The environment of every child: this checkout first on the path, bytecode caching on."""
+def child_env(checkout: Path, data_dir: Path) -> dict[str, str]:
+    """The environment of a child: ``checkout`` first on the path, bytecode caching on."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(checkout), env.get("PYTHONPATH")) if p)
     env["AUDITOR_DATA_DIR"] = str(data_dir)
     return env
 
 
-def measure(command: list[str], env: dict[str, str]) -> dict[str, float]:
+def measure(command: Command) -> dict[str, float]:
     """Wall seconds, CPU seconds and peak resident MiB of one process, start to exit."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command.argv, env=command.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     stderr = process.stderr.read().decode(errors="replace")
     process.stderr.close()
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed ({process.returncode}):\n{stderr}")
+        sys.exit(f"{' '.join(command.argv)} failed ({process.returncode}):\n{stderr}")
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_mib": usage.ru_maxrss / 1024}
 
 
-def rounds(runs: dict[str, list[str]], env: dict[str, str], count: int) -> dict[str, list[dict[str, float]]]:
+def rounds(runs: dict[str, Command], count: int) -> dict[str, list[dict[str, float]]]:
     """``count`` paired rounds; prints each and returns every measurement by command."""
     for command in runs.values():
-        measure(command, env)  # warm-up: bytecode caches written, files in the page cache
+        measure(command)  # warm-up: bytecode caches written, files in the page cache
     results: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    paired = [name for name in runs if name.startswith(("audit", "plain"))]
     for r in range(count):
         load = os.getloadavg()[0]
-        for name in ("audit", "plain") if r % 2 == 0 else ("plain", "audit"):
-            results[name].append(measure(runs[name], env))
-        for name in ("help", "small"):
-            results[name].append(measure(runs[name], env))
+        for name in paired[r % len(paired) :] + paired[: r % len(paired)]:
+            results[name].append(measure(runs[name]))
+        for name in runs:
+            if name not in paired:
+                results[name].append(measure(runs[name]))
         walls = {name: results[name][-1]["wall"] for name in runs}
         print(
-            f"round {r + 1}: load {load:.1f}  audit {walls['audit']:.2f}s  plain {walls['plain']:.2f}s  "
-            f"→ {walls['audit'] / walls['plain']:.3f}×   help {walls['help']:.3f}s  small {walls['small']:.3f}s",
+            f"round {r + 1}: load {load:.1f}  "
+            + "  ".join(f"{name} {wall:.3f}s" for name, wall in walls.items())
+            + f"  → audit/plain {walls['audit'] / walls['plain']:.3f}×",
             flush=True,
         )
     return results
@@ -107,19 +129,20 @@ def rounds(runs: dict[str, list[str]], env: dict[str, str], count: int) -> dict[
 
 def report(results: dict[str, list[dict[str, float]]]) -> None:
     """Medians of the per-round ratios and of each command's wall time, and peak memory."""
-    pairs = list(zip(results["audit"], results["plain"], strict=True))
-    walls = [a["wall"] / p["wall"] for a, p in pairs]
-    cpus = [a["cpu"] / p["cpu"] for a, p in pairs]
-    print(
-        f"audit ÷ plain, whole processes: wall {statistics.median(walls):.3f}× "
-        f"(rounds {min(walls):.3f}–{max(walls):.3f}), CPU {statistics.median(cpus):.3f}×"
-    )
+    for audit in (name for name in results if name.startswith("audit")):
+        pairs = list(zip(results[audit], results["plain"], strict=True))
+        walls = [a["wall"] / p["wall"] for a, p in pairs]
+        cpus = [a["cpu"] / p["cpu"] for a, p in pairs]
+        print(
+            f"{audit} ÷ plain, whole processes: wall {statistics.median(walls):.3f}× "
+            f"(rounds {min(walls):.3f}–{max(walls):.3f}), CPU {statistics.median(cpus):.3f}×"
+        )
     for name, runs in results.items():
         wall = [r["wall"] for r in runs]
         cpu = statistics.median(r["cpu"] for r in runs)
         peak = max(r["peak_mib"] for r in runs)
         print(
-            f"{name:6s} median {statistics.median(wall):6.3f} s (range {min(wall):.3f}–{max(wall):.3f}), "
+            f"{name:14s} median {statistics.median(wall):6.3f} s (range {min(wall):.3f}–{max(wall):.3f}), "
             f"CPU {cpu:6.3f} s, peak memory {peak:4.0f} MiB"
         )
 
@@ -233,6 +256,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="paired rounds (default 5)")
     parser.add_argument("--breakdown", action="store_true", help="per-stage wall time instead of the rounds")
+    parser.add_argument(
+        "--against", type=Path, metavar="CHECKOUT", help="also run the auditor's commands from this checkout"
+    )
     parser.add_argument("--stages", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -244,12 +270,12 @@ def main() -> int:
         return 0
     folder = args.folder or Path(tempfile.mkdtemp(prefix="bench-command-"))
     folder.mkdir(parents=True, exist_ok=True)
-    model, env = lenet5_16(folder), child_env(data_dir)
+    model, env = lenet5_16(folder), child_env(ROOT, data_dir)
     print(f"{os.cpu_count()} CPUs, {args.rounds} rounds; load is the 1-minute average; model {model}")
     if args.breakdown:
         breakdown(model, folder, data_dir, env, args.rounds)
     else:
-        report(rounds(commands(model, folder, data_dir), env, args.rounds))
+        report(rounds(commands(model, folder, data_dir, args.against), args.rounds))
     return 0
 
 
