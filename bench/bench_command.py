@@ -57,10 +57,12 @@ STAGES = {
 
 @dataclass(frozen=True)
 class Command:
-    """One whole process: its arguments and its environment."""
+    """One whole process: its arguments, its environment and its working folder (``python -m``
+    puts the working folder first on the path, so it decides which checkout runs)."""
 
     argv: list[str]
     env: dict[str, str]
+    cwd: Path = ROOT
 
 
 def commands(model: Path, folder: Path, data_dir: Path, against: Path | None) -> dict[str, Command]:
@@ -78,7 +80,7 @@ def commands(model: Path, folder: Path, data_dir: Path, against: Path | None) ->
     if against is not None:
         theirs = child_env(against, data_dir)
         for name in AUDITOR_COMMANDS:
-            runs[f"{name}@against"] = Command(runs[name].argv, theirs)
+            runs[f"{name}@against"] = Command(runs[name].argv, theirs, against)
     return runs
 
 
@@ -93,7 +95,9 @@ def child_env(checkout: Path, data_dir: Path) -> dict[str, str]:
 def measure(command: Command) -> dict[str, float]:
     """Wall seconds, CPU seconds and peak resident MiB of one process, start to exit."""
     start = time.perf_counter()
-    process = subprocess.Popen(command.argv, env=command.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command.argv, env=command.env, cwd=command.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     stderr = process.stderr.read().decode(errors="replace")
@@ -151,16 +155,22 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
 
 
 def breakdown(model: Path, folder: Path, data_dir: Path, env: dict[str, str], count: int) -> None:
-    """Per-stage wall seconds of both commands, each stage alone, medians of ``count`` processes."""
-    for which in STAGES:
-        command = [sys.executable, __file__, "--stages", which, "--model", str(model), "--folder", str(folder)]
+    """Per-stage wall and CPU seconds of both commands, each stage alone: medians of ``count``
+    paired rounds, the two commands' processes alternating."""
+    argv = {
+        which: [sys.executable, __file__, "--stages", which, "--model", str(model), "--folder", str(folder)]
+        for which in STAGES
+    }
+    seen: dict[str, list[dict[str, float]]] = {which: [] for which in STAGES}
+    for command in argv.values():
         subprocess.run(command, env=env, check=True, capture_output=True)  # warm-up
-        seen = []
-        for _ in range(count):
-            done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
-            seen.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for r in range(count):
+        for which in list(STAGES)[r % 2 :] + list(STAGES)[: r % 2]:
+            done = subprocess.run(argv[which], env=env, check=True, capture_output=True, text=True)
+            seen[which].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for which, stages in STAGES.items():
         for clock in ("", " CPU"):
-            medians = {stage: statistics.median(s[stage + clock] for s in seen) for stage in STAGES[which]}
+            medians = {stage: statistics.median(s[stage + clock] for s in seen[which]) for stage in stages}
             parts = ", ".join(f"{stage} {seconds:.3f}" for stage, seconds in medians.items())
             what = "wall" if not clock else "CPU "
             print(f"{which:6s} {what} seconds (medians of {count}): {parts}; sum {sum(medians.values()):.3f}")
