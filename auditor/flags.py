@@ -90,7 +90,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-mb", type=int, default=d.max_batch_mb, help="largest message a client may send")
     parser.add_argument(
         "--audit-memory",
-        type=parse_size,
+        type=_memory_size,
         default=d.audit_memory,
         metavar="SIZE",
         help="memory budget of each audit, e.g. 512M or 4G (default: 1G); see docs/service.md",
@@ -103,6 +103,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port (0 picks one)"
     )
+
+
+def _memory_size(text: str) -> int:
+    """``parse_size`` as an argparse type: its refusal becomes the parser's one-line usage error."""
+    try:
+        return parse_size(text)
+    except AuditError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @dataclass(frozen=True)

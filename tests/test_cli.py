@@ -382,6 +382,8 @@ def test_reports_needs_a_server(capsys: pytest.CaptureFixture[str]) -> None:
         ["audit", "m.onnx", "--data", "mnist", "--limit", "ten"],
         ["audit", "m.onnx", "--data", "mnist", "--split", "validation"],
         ["gate", "m.onnx", "--data", "mnist", "--min-aiq", "high"],
+        ["serve", "--audit-memory", "1K"],
+        ["serve", "--audit-memory", "lots"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
