@@ -3,9 +3,10 @@ a folder of images (:mod:`auditor.images`), streamed in batches.
 
 The IDX files are looked up in ``$AUDITOR_DATA_DIR/<name>/``, then in the user cache
 (:func:`data_home`), and downloaded from public mirrors when missing. Every file is checked
-against its published size and SHA-256 before it is read, once per process. Images are
-decompressed one batch at a time, so a split is held whole only when the caller asks for it
-(:func:`load_arrays`).
+against its published size and SHA-256 before it is read, once per process; its decompressed
+copy, kept beside it or in the user cache and checked as well, is read in its place
+(:mod:`auditor.idxcache`). Images are read one batch at a time, so a split is held whole only
+when the caller asks for it (:func:`load_arrays`).
 
 A ``.npz`` holds one split (keys ``x`` and optional ``y``) or two (``x_train``/``y_train``/
 ``x_test``/``y_test``); each member is decompressed batch by batch as it is read, so taking
@@ -21,11 +22,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.client
 import os
 import struct
 import threading
-import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +37,7 @@ from typing import BinaryIO
 import numpy as np
 
 from auditor.errors import DataError, NotFoundError, first_line
+from auditor.idxcache import raw_copy
 from auditor.records import KNOWN_DATASETS, SPLIT_CHOICES, SPLITS, ImageOptions
 
 # The original distribution files, (bytes, sha256), as listed in ../shared/data/README.md.
@@ -294,6 +294,10 @@ def _download(name: str, files: list[str], folder: Path) -> None:
     A mirror that answers with other bytes stops the download with DataError rather than being
     skipped: a wrong file is a problem to report, not a network hiccup.
     """
+    if not files:
+        return
+    import http.client  # only a download needs it (and the email parser it imports)
+
     for done, file in enumerate(files):
         failures = []
         for base in _mirrors(name):
@@ -324,6 +328,8 @@ def _fetch(name: str, url: str, dest: Path) -> None:
     At most one byte more than the published size is read: enough to tell a wrong file, and a
     bound on what a bad mirror can write to disk.
     """
+    import urllib.request
+
     size, expected = _FILES[name][dest.name]
     part = dest.with_name(f"{dest.name}.{os.getpid()}-{threading.get_ident()}.part")
     digest = hashlib.sha256()
@@ -349,14 +355,14 @@ def _fetch(name: str, url: str, dest: Path) -> None:
 
 @contextmanager
 def _idx_open(path: Path, magic: int) -> Iterator[tuple[BinaryIO, tuple[int, ...]]]:
-    """Open a gzipped IDX file after checking its header against ``magic``.
+    """Open an IDX file, gzipped (``.gz``) or not, after checking its header against ``magic``.
 
-    Yields the decompressing stream, positioned at the first record, and the shape the header
-    declares (count first). Read errors inside the block become DataError.
+    Yields the stream, positioned at the first record, and the shape the header declares (count
+    first). Read errors inside the block become DataError.
     """
     ndim = magic & 0xFF
     try:
-        with gzip.open(path, "rb") as stream:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as stream:
             header = stream.read(4 * (1 + ndim))
             if len(header) != 4 * (1 + ndim) or int.from_bytes(header[:4], "big") != magic:
                 raise DataError(
@@ -393,7 +399,8 @@ def _idx_batches(path: Path, count: int, batch_size: int) -> Iterator[np.ndarray
 def _idx_dataset(name: str, split: str, limit: int | None, data_dir: Path | None) -> Dataset:
     """One split of a known dataset: labels read whole (they are small), images left to stream."""
     folder = locate(name, data_dir=data_dir)
-    images, labels = (folder / file for file in _SPLIT_FILES[split])
+    # the verified originals' decompressed copies when they can be kept (auditor.idxcache)
+    images, labels = (raw_copy(name, folder / file, data_home()) or folder / file for file in _SPLIT_FILES[split])
     with _idx_open(labels, _IDX_LABELS) as (stream, label_shape):
         y = _idx_read(stream, labels, label_shape, label_shape[0])
     shape = _idx_header(images, _IDX_IMAGES)

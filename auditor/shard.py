@@ -41,6 +41,7 @@ from auditor.errors import AuditError, first_line
 from auditor.keys import hash_rows
 from auditor.modelfile import LoadedModel, external_tensors
 from auditor.prepare import describe_model, prepare, structure_of
+from auditor.raycluster import MAX_SHARDS
 from auditor.records import DataSpec
 from auditor.report import Report
 from auditor.run import gpu_math_warnings
@@ -50,7 +51,6 @@ from auditor.summary import summarize as summarize_report
 from auditor.tally import SplitFigures, SplitResult
 from auditor.weights import weight_norms
 
-MAX_SHARDS = 4096
 _POLL_S = 0.5
 
 

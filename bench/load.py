@@ -37,10 +37,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from auditor.client import Connection, remote_audit
+from auditor.client import remote_audit
 from auditor.config import AuditConfig
 from auditor.data import load_arrays
 from auditor.errors import AuditError
+from auditor.options import Connection
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = [REPO.parent / "shared" / "models" / "mnist-8_cntk_opset8.onnx", REPO / "examples" / "lenet300_11_4.onnx"]

@@ -11,7 +11,8 @@ from models import mlp, save
 from refusals import cli_refused
 
 from auditor.cli import main
-from auditor.server import ServeOptions, build_server
+from auditor.options import ServeOptions
+from auditor.server import build_server
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "examples" / "lenet300_11_4.onnx"
