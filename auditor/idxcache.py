@@ -2,8 +2,9 @@
 split of MNIST or Fashion-MNIST does not inflate its gzip file again.
 
 The gzip originals stay what is trusted: ``auditor.data`` checks each against its published
-size and SHA-256 before anything is read. Beside the original (or, where that folder cannot be
-written, in ``<cache>/<name>/``) this module keeps the decompressed file, named without ``.gz``.
+size and SHA-256 before anything is read. In the user cache, ``<cache>/<name>/``, this module
+keeps the decompressed file, named without ``.gz``; never beside the original, whose folder may be
+shared (a team's data folder, CI's ``../shared/data``) and is only ever read.
 A copy is used only when its size and SHA-256 match those of the original's content, listed in
 ``RAW`` below (checked once per process, like the originals); a copy that does not match is
 made again, and where no copy can be written the caller reads the gzip stream as before.
@@ -47,20 +48,16 @@ _CHECKED: set[tuple[str, int, int]] = set()
 def raw_copy(name: str, original: Path, cache: Path) -> Path | None:
     """The checked decompressed copy of ``original``, a verified gzip file of dataset ``name``.
 
-    An existing copy beside ``original`` or in ``cache/name`` is used when it checks out;
-    otherwise one is written to the first of those folders that takes it. None when the file is
-    not one ``RAW`` knows, or no copy can be written (no writable folder, disk full).
+    An existing copy in ``cache/name`` is used when it checks out; otherwise one is written
+    there. None when the file is not one ``RAW`` knows, or no copy can be written (the cache
+    cannot be written, disk full).
     """
     expected = RAW.get(name, {}).get(original.name)
     if expected is None:
         return None
-    places = [folder / original.name.removesuffix(".gz") for folder in (original.parent, cache / name)]
-    for path in places:
-        if _checks_out(path, expected):
-            return path
-    for path in places:
-        if _write(original, path, expected):
-            return path
+    path = cache / name / original.name.removesuffix(".gz")
+    if _checks_out(path, expected) or _write(original, path, expected):
+        return path
     return None
 
 

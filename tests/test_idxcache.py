@@ -1,5 +1,5 @@
-"""auditor.idxcache on the real MNIST files: decompressed copies made once, checked, remade when
-wrong, kept in the cache when they cannot sit beside the originals, and skipped when nowhere."""
+"""auditor.idxcache on the real MNIST files: decompressed copies made once in the user cache (never
+beside the originals), checked, remade when wrong, and skipped when they cannot be kept."""
 
 from __future__ import annotations
 
@@ -38,12 +38,14 @@ def read_test_split(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([b.x for b in batches]), np.concatenate([b.y for b in batches])
 
 
-def test_the_copy_is_made_beside_the_original_and_holds_its_content(mnist_copy: Path) -> None:
+def test_the_copy_is_made_in_the_cache_and_holds_its_content(mnist_copy: Path, tmp_path: Path) -> None:
+    before = sorted(mnist_copy.iterdir())
     x, y = read_test_split(mnist_copy.parent)
+    assert sorted(mnist_copy.iterdir()) == before  # the data folder is only read
+    cache = tmp_path / "cache" / "onnx-auditor" / "mnist"
     for file in TEST_FILES:
-        copy = mnist_copy / file.removesuffix(".gz")
-        assert copy.read_bytes() == gzip_content(mnist_copy / file)
-    assert not (mnist_copy / "train-images-idx3-ubyte").exists()  # only the split that was opened
+        assert (cache / file.removesuffix(".gz")).read_bytes() == gzip_content(mnist_copy / file)
+    assert not (cache / "train-images-idx3-ubyte").exists()  # only the split that was opened
     raw = gzip_content(mnist_copy / TEST_FILES[0])
     np.testing.assert_array_equal(x, np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28))
     assert y.dtype == np.int64 and len(y) == len(x) == 10000
@@ -53,7 +55,7 @@ def test_the_copy_is_made_beside_the_original_and_holds_its_content(mnist_copy: 
 def test_a_copy_that_does_not_check_out_is_made_again(mnist_copy: Path, tmp_path: Path) -> None:
     original = mnist_copy / TEST_FILES[0]
     copy = idxcache.raw_copy("mnist", original, tmp_path / "cache")
-    assert copy == mnist_copy / "t10k-images-idx3-ubyte"
+    assert copy == tmp_path / "cache" / "mnist" / "t10k-images-idx3-ubyte"
     content = bytearray(copy.read_bytes())
     content[5000] ^= 0xFF  # same size, one pixel changed
     copy.write_bytes(bytes(content))
@@ -61,17 +63,8 @@ def test_a_copy_that_does_not_check_out_is_made_again(mnist_copy: Path, tmp_path
     assert copy.read_bytes() == gzip_content(original)
 
 
-def test_the_copy_goes_to_the_cache_when_it_cannot_sit_beside_the_original(mnist_copy: Path, tmp_path: Path) -> None:
-    (mnist_copy / "t10k-images-idx3-ubyte").mkdir()  # the name is taken: no file can be renamed there
-    original = mnist_copy / TEST_FILES[0]
-    copy = idxcache.raw_copy("mnist", original, tmp_path / "cache")
-    assert copy == tmp_path / "cache" / "mnist" / "t10k-images-idx3-ubyte"
-    assert copy.read_bytes() == gzip_content(original)
-
-
 def test_with_nowhere_to_keep_a_copy_the_gzip_stream_is_read(mnist_copy: Path, tmp_path: Path) -> None:
-    for file in TEST_FILES:
-        (mnist_copy / file.removesuffix(".gz")).mkdir()
+    for file in TEST_FILES:  # the names are taken: no copy can be renamed into the cache
         (tmp_path / "cache" / "onnx-auditor" / "mnist" / file.removesuffix(".gz")).mkdir(parents=True)
     assert idxcache.raw_copy("mnist", mnist_copy / TEST_FILES[0], tmp_path / "cache" / "onnx-auditor") is None
     x, y = read_test_split(mnist_copy.parent)
