@@ -547,10 +547,10 @@ def _read_baseline(args: argparse.Namespace, relative: dict[str, float | None], 
 
 def run_shrink(args: argparse.Namespace) -> int:
     """``shrink``: measure, cut, verify, and write the model and the reports asked for."""
-    from auditor.data import open_dataset
     from auditor.page import render_page
     from auditor.shrink import MAX_ALIGN, check_drop, save_model, shrink
     from auditor.shrinkreport import html_section, render_text
+    from auditor.splits import open_dataset
 
     if args.max_accuracy_drop is not None:
         check_drop(args.max_accuracy_drop)

@@ -30,12 +30,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
+from auditor.batches import skipped_warnings, tagged
 from auditor.config import AuditConfig
-from auditor.data import open_splits, skipped_warnings, tagged
 from auditor.errors import AuditError, ModelError
 from auditor.options import Connection, add_connection_arguments, connection_from_args
 from auditor.records import AuditSpec, DatasetRef, DataSpec, Job
 from auditor.report import Report
+from auditor.splits import open_splits
 from auditor.transport import CHANNEL_OPTIONS, bearer_metadata, error_from_status, retryable
 from auditor.usage import Parser
 

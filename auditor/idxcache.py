@@ -1,7 +1,7 @@
 """Decompressed copies of the IDX files, made once and checked whenever used, so that opening a
 split of MNIST or Fashion-MNIST does not inflate its gzip file again.
 
-The gzip originals stay what is trusted: ``auditor.data`` checks each against its published
+The gzip originals stay what is trusted: ``auditor.idx`` checks each against its published
 size and SHA-256 before anything is read. In the user cache, ``<cache>/<name>/``, this module
 keeps the decompressed file, named without ``.gz``; never beside the original, whose folder may be
 shared (a team's data folder, CI's ``../shared/data``) and is only ever read.

@@ -48,7 +48,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from auditor.data import Batch, Dataset
+from auditor.batches import Batch, Dataset
 from auditor.errors import DataError, first_line
 from auditor.records import MAX_PIXELS, SPLITS, ImageOptions
 from auditor.sinks import shape_text

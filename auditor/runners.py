@@ -22,7 +22,7 @@ from auditor.config import AuditConfig
 from auditor.records import DataSpec
 
 if TYPE_CHECKING:
-    from auditor.data import Dataset
+    from auditor.batches import Dataset
     from auditor.options import Connection
     from auditor.report import Report
 
@@ -95,7 +95,7 @@ class LocalRunner:
     spill_dir: Path | None = None
 
     def run(self, model: Path, data: DataSpec, config: AuditConfig, progress: Progress | None = None) -> Report:
-        from auditor.data import open_splits
+        from auditor.splits import open_splits
 
         def open_data(spec: DataSpec) -> list[Dataset]:
             return open_splits(spec.source, spec.split, limit=spec.limit, images=spec.images)
@@ -125,11 +125,11 @@ class RayRunner:
     shards: int = 1
 
     def run(self, model: Path, data: DataSpec, config: AuditConfig, progress: Progress | None = None) -> Report:
-        from auditor.data import open_splits
         from auditor.modelfile import load_model
         from auditor.prepare import structure_of
         from auditor.raycluster import connected
         from auditor.shard import RayExecutor, audit_sharded, plan
+        from auditor.splits import open_splits
 
         loaded = load_model(model)
         data = for_model(data, lambda: structure_of(loaded).input.shape)

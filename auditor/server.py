@@ -48,8 +48,8 @@ from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
 from auditor.audit import audit
+from auditor.batches import Batch, Dataset
 from auditor.config import SessionSettings
-from auditor.data import Batch, Dataset, open_splits
 from auditor.errors import AuditError, CancelledError, DataError, LimitError, UnauthenticatedError
 from auditor.exits import TERMINATING
 from auditor.jobs import AuditQueue, Jobs, JobStore, Progress, QueueFullError
@@ -60,6 +60,7 @@ from auditor.records import DONE, KNOWN_DATASETS, AuditSpec, Job, StoredReport, 
 from auditor.report import ModelInfo, Report
 from auditor.service_metrics import ServiceMetrics
 from auditor.sinks import for_terminal
+from auditor.splits import open_splits
 from auditor.streams import Messages, ProgressStream, client_batches, expect_no_batches
 from auditor.transport import NO_RETRY, SERVICE, read_token, status_of
 

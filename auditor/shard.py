@@ -34,9 +34,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from auditor.audit import tally
+from auditor.batches import Batch, Dataset, skipped_warning
 from auditor.config import AuditConfig
 from auditor.count import CountOfCounts, StateSummary
-from auditor.data import Batch, Dataset, open_splits, skipped_warning
 from auditor.errors import AuditError, first_line
 from auditor.keys import hash_rows
 from auditor.modelfile import LoadedModel, external_tensors
@@ -45,6 +45,7 @@ from auditor.raycluster import MAX_SHARDS
 from auditor.records import DataSpec
 from auditor.report import Report
 from auditor.run import gpu_math_warnings
+from auditor.splits import open_splits
 from auditor.stores import MemoryBudget, RunStore
 from auditor.summary import TOP_STATES
 from auditor.summary import summarize as summarize_report

@@ -181,8 +181,9 @@ def stages_of_audit(model: Path, folder: Path) -> dict[str, float]:
     clock = _Clock()
     from auditor import cli
     from auditor.audit import audit
-    from auditor.data import Batch, open_splits
+    from auditor.batches import Batch
     from auditor.prepare import prepare
+    from auditor.splits import open_splits
 
     clock.lap("import")
     datasets = open_splits("mnist", "train")

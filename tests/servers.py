@@ -26,7 +26,7 @@ from models import mlp
 from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
-from auditor.data import Batch
+from auditor.batches import Batch
 from auditor.options import Connection, ServeOptions
 from auditor.server import Server
 

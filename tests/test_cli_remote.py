@@ -139,7 +139,7 @@ def test_remote_audit_of_an_image_folder_equals_a_local_one(
 ) -> None:
     from PIL import Image
 
-    from auditor.data import load_arrays
+    from auditor.splits import load_arrays
 
     x, _ = load_arrays("mnist", "test", limit=60)
     for i, image in enumerate(x):

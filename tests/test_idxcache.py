@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from auditor import idxcache
-from auditor.data import locate, open_dataset
+from auditor.idx import locate
+from auditor.splits import open_dataset
 
 TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 

@@ -18,10 +18,10 @@ from models import Net, dense_model, lenet_model, mnist_layers, qdq_mlp, save
 from onnx import numpy_helper
 
 from auditor import AuditConfig, Report, audit
-from auditor.data import open_splits
 from auditor.find import find_layers
 from auditor.page import render_page
 from auditor.report import ReportError
+from auditor.splits import open_splits
 from auditor.weights import EXACT_SPECTRAL_ELEMENTS, spectral_norm, weight_norms
 
 # x (2) → Gemm W1 → Relu → Gemm W2 → logits (1); weights given as (in, out).
