@@ -20,8 +20,8 @@ from functools import partial
 import numpy as np
 
 from auditor.allocator import keep_freed_memory
+from auditor.batches import Batch, Dataset, skipped_warnings, tagged
 from auditor.config import AuditConfig, Feeding
-from auditor.data import Batch, Dataset, skipped_warnings, tagged
 from auditor.devrun import DEVICE_WORKERS, DeviceRun
 from auditor.errors import CancelledError, DataError
 from auditor.feed import Feed, feed

@@ -1,5 +1,10 @@
 """The ``auditor`` command: thin subcommands over the library and the gRPC client.
 
+Building the parser imports only light modules (``auditor.flags`` for the service's flags), and
+each subcommand imports what it runs when it runs: ``--help``, ``layers``, ``render`` and
+``compare`` never load onnxruntime or the gRPC stubs, and only ``--html`` and ``render`` load
+matplotlib (docs/performance.md, "The whole command").
+
 Exit codes: 0 when all is well, 1 when a gate threshold fails, 2 for bad input or usage.
 Every refusal is one line on stderr, never a traceback.
 """
@@ -19,7 +24,7 @@ from typing import TextIO
 from auditor import grpclogs  # noqa: F401  (first: gRPC reads its log level when it is first imported)
 
 # isort: on
-from auditor import client, server
+from auditor import options
 from auditor.compare import compare, render_comparison
 from auditor.config import AGGREGATES, DEVICES, GPU_MATHS, STATE_POINTS, AuditConfig
 from auditor.errors import AuditError, first_line
@@ -36,13 +41,20 @@ from auditor.gate import (
     summary_markdown,
     threshold_problem,
 )
-from auditor.images import MAX_SIDE
-from auditor.page import render_page
-from auditor.raycluster import ADDRESS_FORMS
-from auditor.records import DONE, KNOWN_DATASETS, SPLIT_CHOICES, SPLITS, DatasetRef, DataSpec, ImageOptions, Job
+from auditor.raycluster import ADDRESS_FORMS, MAX_SHARDS
+from auditor.records import (
+    DONE,
+    KNOWN_DATASETS,
+    MAX_SIDE,
+    SPLIT_CHOICES,
+    SPLITS,
+    DatasetRef,
+    DataSpec,
+    ImageOptions,
+    Job,
+)
 from auditor.report import REPORT_MAX_BYTES, SCHEMA, Report, ReportError, format_table, render_table
 from auditor.runners import LocalRunner, RayRunner, RemoteRunner, Runner
-from auditor.shard import MAX_SHARDS
 from auditor.sinks import for_terminal, lines_for_terminal
 from auditor.usage import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, format_size
 
@@ -154,14 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     shrink.set_defaults(handler=run_shrink)
 
     serve = commands.add_parser("serve", help="run the gRPC auditing service")
-    server.add_serve_arguments(serve)
-    serve.set_defaults(handler=server.run_serve)
+    options.add_serve_arguments(serve)
+    serve.set_defaults(handler=run_serve)
 
     reports = commands.add_parser("reports", help="list stored reports on a server, or fetch one by id")
     reports.add_argument("id", nargs="?", help="report id to fetch (omit to list)")
     reports.add_argument("--model-sha256", help="list only reports of this model")
     reports.add_argument("--json", type=str, metavar="PATH", help="write the fetched report as JSON ('-' = stdout)")
-    client.add_connection_arguments(reports)
+    options.add_connection_arguments(reports)
     reports.set_defaults(handler=run_reports)
 
     jobs = commands.add_parser("jobs", help="list a server's jobs, or show, wait for or cancel one")
@@ -172,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--cancel", action="store_true", help="cancel the job (queued or running)")
     jobs.add_argument("--json", type=str, metavar="PATH", help="write the job's report as JSON ('-' = stdout)")
     jobs.add_argument("--html", type=Path, metavar="PATH", help="write the job's report as one HTML page")
-    client.add_connection_arguments(jobs)
+    options.add_connection_arguments(jobs)
     jobs.set_defaults(handler=run_jobs)
     return parser
 
@@ -278,7 +290,7 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--json", type=str, metavar="PATH", help="write the report as JSON ('-' = stdout)")
     run.add_argument("--html", type=Path, metavar="PATH", help="write the report as one self-contained HTML page")
     run.add_argument("--no-progress", action="store_true", help="never show a progress bar")
-    client.add_connection_arguments(parser)
+    options.add_connection_arguments(parser)
 
 
 def _add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
@@ -387,7 +399,7 @@ def data_from_args(args: argparse.Namespace) -> DataSpec:
 
 def choose_runner(args: argparse.Namespace) -> Runner:
     """Where the audit runs: on ``--server``, on the Ray cluster at ``--ray``, or here."""
-    connection = client.connection_from_args(args)
+    connection = options.connection_from_args(args)
     if args.shards is not None and args.ray is None:
         raise AuditError(f"--shards needs --ray ADDRESS ({ADDRESS_FORMS})")
     if connection is not None:
@@ -455,6 +467,8 @@ def _write_report(report: Report, args: argparse.Namespace) -> None:
     if args.json:
         _write(report.to_json(), args.json)
     if args.html:
+        from auditor.page import render_page
+
         args.html.write_text(render_page(report))
 
 
@@ -533,9 +547,10 @@ def _read_baseline(args: argparse.Namespace, relative: dict[str, float | None], 
 
 def run_shrink(args: argparse.Namespace) -> int:
     """``shrink``: measure, cut, verify, and write the model and the reports asked for."""
-    from auditor.data import open_dataset
+    from auditor.page import render_page
     from auditor.shrink import MAX_ALIGN, check_drop, save_model, shrink
     from auditor.shrinkreport import html_section, render_text
+    from auditor.splits import open_dataset
 
     if args.max_accuracy_drop is not None:
         check_drop(args.max_accuracy_drop)
@@ -582,6 +597,8 @@ def _stage_printer() -> Callable[[str], None] | None:
 
 
 def run_render(args: argparse.Namespace) -> int:
+    from auditor.page import render_page
+
     _write(render_page(read_report(args.report, "report")).rstrip("\n"), args.html)
     return EXIT_OK
 
@@ -614,8 +631,16 @@ def read_report(source: str, what: str) -> Report:
         raise AuditError(f"{what} {source} is not an {SCHEMA} report ({exc})") from None
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from auditor.server import run_serve
+
+    return run_serve(args)
+
+
 def run_reports(args: argparse.Namespace) -> int:
-    connection = client.connection_from_args(args)
+    from auditor import client
+
+    connection = options.connection_from_args(args)
     if connection is None:
         raise AuditError("reports are kept by the server; give --server HOST:PORT")
     if args.id is None:
@@ -632,7 +657,9 @@ def run_reports(args: argparse.Namespace) -> int:
 
 def _submit_job(args: argparse.Namespace) -> int:
     """``audit --detach``: queue the audit as a job on the server and print its id (one line)."""
-    connection = client.connection_from_args(args)
+    from auditor import client
+
+    connection = options.connection_from_args(args)
     if connection is None:
         raise AuditError("--detach runs the audit as a job on a server; give --server HOST:PORT")
     if args.data not in KNOWN_DATASETS:
@@ -654,7 +681,9 @@ JOB_COLUMNS = ("id", "model", "dataset", "state", "samples", "queue")
 
 def run_jobs(args: argparse.Namespace) -> int:
     """List jobs, or show one (``--wait`` for it, ``--cancel`` it); exit 2 for a failed or cancelled job."""
-    connection = client.connection_from_args(args)
+    from auditor import client
+
+    connection = options.connection_from_args(args)
     if connection is None:
         raise AuditError("jobs are kept by the server; give --server HOST:PORT")
     if args.id is None:

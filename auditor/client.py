@@ -13,7 +13,6 @@ The client shares ``auditor.transport`` with the server and imports no server co
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import random
@@ -21,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,13 +30,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
+from auditor.batches import skipped_warnings, tagged
 from auditor.config import AuditConfig
-from auditor.data import open_splits, skipped_warnings, tagged
 from auditor.errors import AuditError, ModelError
-from auditor.flags import number
+from auditor.options import Connection, add_connection_arguments, connection_from_args
 from auditor.records import AuditSpec, DatasetRef, DataSpec, Job
 from auditor.report import Report
-from auditor.transport import CHANNEL_OPTIONS, bearer_metadata, error_from_status, read_token, retryable
+from auditor.splits import open_splits
+from auditor.transport import CHANNEL_OPTIONS, bearer_metadata, error_from_status, retryable
 from auditor.usage import Parser
 
 T = TypeVar("T")
@@ -45,41 +45,12 @@ UPLOAD_CHUNK = 1 << 20  # well under gRPC's 4 MB default message size
 RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 15.0
 RETRY_WINDOW_S = 60.0  # without --timeout: how long a run of failures is retried
-MAX_TIMEOUT = 30 * 24 * 3600.0  # --timeout: a month; gRPC deadlines overflow far beyond
 
 
-@dataclass(frozen=True)
-class Connection:
-    """Where the server is and how to talk to it."""
-
-    target: str  # "host:port"
-    token: str | None = None
-    tls_ca: Path | None = None  # PEM root certificate; None = plaintext
-    timeout: float | None = None  # seconds a whole command may take, retries included
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--server`` and its companions; without ``--server`` the command runs locally."""
-    group = parser.add_argument_group("server (without --server, everything runs locally)")
-    group.add_argument("--server", metavar="HOST:PORT", help="audit on this auditor server")
-    group.add_argument("--token-file", type=Path, metavar="PATH", help="file holding the server's bearer token")
-    group.add_argument("--tls-ca", type=Path, metavar="PEM", help="root certificate: talk TLS to the server")
-    group.add_argument(
-        "--timeout",
-        type=number(0, MAX_TIMEOUT, above=True),
-        metavar="SECONDS",
-        help="give up after this long, retries included (default: wait; retry failures for 60 s)",
-    )
 
 
-def connection_from_args(args: argparse.Namespace) -> Connection | None:
-    """The connection the arguments name, or None when ``--server`` is absent."""
-    if not args.server:
-        return None
-    if args.timeout is not None and not args.timeout > 0:
-        raise AuditError(f"--timeout must be a positive number of seconds, got {args.timeout}")
-    token = read_token(args.token_file) if args.token_file is not None else None
-    return Connection(args.server, token, args.tls_ca, args.timeout)
 
 
 # ---- audits ---------------------------------------------------------------------------------

@@ -25,14 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from auditor.batches import Batch
 from auditor.config import AuditConfig
-from auditor.data import Batch, open_splits
 from auditor.errors import AuditError, first_line
 from auditor.modelfile import load_model
 from auditor.raycluster import connected
 from auditor.records import DatasetRef, DataSpec
 from auditor.report import Report
 from auditor.shard import CHUNK_BYTES, RayExecutor, audit_sharded, audit_streamed
+from auditor.splits import open_splits
 
 Progress = Callable[[str, int], None]
 

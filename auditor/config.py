@@ -179,3 +179,5 @@ class AuditConfig:
         if "alpha_range" in values:
             values["alpha_range"] = tuple(float(v) for v in values["alpha_range"])
         return cls(**values)
+
+

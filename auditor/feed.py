@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from auditor import metrics
+from auditor.batches import Batch
 from auditor.config import Feeding
-from auditor.data import Batch
 from auditor.errors import DataError
 from auditor.find import ModelInput
 from auditor.sinks import shape_text

@@ -48,14 +48,12 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from auditor.data import Batch, Dataset
+from auditor.batches import Batch, Dataset
 from auditor.errors import DataError, first_line
-from auditor.records import SPLITS, ImageOptions
+from auditor.records import MAX_PIXELS, SPLITS, ImageOptions
 from auditor.sinks import shape_text
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
-MAX_PIXELS = 1 << 26  # 67M pixels (a 50-megapixel photo fits), under Pillow's own bomb warning
-MAX_SIDE = math.isqrt(MAX_PIXELS)  # the largest --resize or --crop whose square fits MAX_PIXELS
 MAX_FILE_BYTES = 1 << 28  # 256 MiB
 WORKERS = min(4, os.cpu_count() or 1)  # decoding threads; at most this many full-size images at once
 

@@ -1,16 +1,18 @@
 """The report as one self-contained HTML page: the headline, per-layer tables and the figures.
 
-The page is drawn from the report's JSON form only (a ``Report`` or its ``to_dict()``), so a
-report fetched from a server renders exactly as a local one. Styles and figures are inline and
-nothing points at the network, so the file works offline and as an e-mail attachment. Every
-figure's numbers are also in a table, for readers and printers without the figures.
+The page is drawn from a ``Report``'s attributes only, so a report read back from JSON
+(``Report.load``) or fetched from a server renders exactly as the audit that wrote it. Styles
+and figures are inline and nothing points at the network, so the file works offline and as an
+e-mail attachment. Every figure's numbers are also in a table, for readers and printers without
+the figures.
 
 The figures are matplotlib drawings saved as SVG and inlined; matplotlib is imported only when a
 page is rendered, and draws on its own Figure objects (no pyplot state). A figure whose data
-the report lacks (a report written before the key existed, or one split only) is replaced by a
-short note saying why. No text from the model (layer names) is drawn into a figure: figures
-number the layers, and the tables name them. The split names a figure shows come from the
-report, so every text of a figure is drawn literally (no mathtext), escaped and elided.
+the report lacks (the field is None: a report written before the key existed, or one split
+only) is replaced by a short note saying why. No text from the model (layer names) is drawn
+into a figure: figures number the layers, and the tables name them. The split names a figure
+shows come from the report, so every text of a figure is drawn literally (no mathtext),
+escaped and elided.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from auditor.report import Report
+from auditor.report import CnaMargin, LayerInfo, LayerStats, Report, SplitReport, WeightNorms
 from auditor.sinks import for_figure, for_html
 
 SPLIT_COLORS = {"train": "#0072b2", "test": "#d55e00"}  # Okabe–Ito blue and vermillion: colour-blind safe
@@ -53,27 +55,25 @@ summary{display:none}}
 """
 
 
-def render_page(report: Report | Mapping[str, Any], sections: Sequence[str] = ()) -> str:
-    """The whole page for ``report`` (a ``Report`` or its ``auditor.report/v1`` dict), as HTML text.
+def render_page(report: Report, sections: Sequence[str] = ()) -> str:
+    """The whole page for ``report``, as HTML text.
 
     ``sections`` are ready HTML sections placed after the headline (``auditor shrink`` adds its own).
     """
-    data = report.to_dict() if isinstance(report, Report) else report
     figures = _Figures()
-    model = data["model"]
-    title = f"Audit of {model['name']}"
+    title = f"Audit of {report.model.name}"
     body = [
         f"<h1>{_e(title)}</h1>",
         '<p class="sub">onnx-auditor report (schema <code>auditor.report/v1</code>). Metrics follow the '
         "auditor's SPEC: aIQ is on the 0–1 scale; entropies are in bits.</p>",
-        _warnings(data.get("warnings") or []),
-        _headline(data),
+        _warnings(report.warnings),
+        _headline(report),
         *sections,
-        _layers(data, figures),
-        _states(data, figures),
-        _cna(data, figures),
-        _weights(data),
-        _settings(data),
+        _layers(report, figures),
+        _states(report.splits, figures),
+        _cna(report.splits, report.cna_margin, figures),
+        _weights(report.weights),
+        _settings(report.config),
     ]
     return "\n".join(
         [
@@ -100,42 +100,42 @@ def _warnings(warnings: Sequence[str]) -> str:
     return f'<section class="warnings"><h2>Warnings ({len(warnings)})</h2><ul>{items}</ul></section>'
 
 
-def _headline(data: Mapping[str, Any]) -> str:
-    model, splits = data["model"], data["splits"]
-    shape = " × ".join("?" if d is None else str(d) for d in model.get("input_shape") or [])
+def _headline(report: Report) -> str:
+    model, splits = report.model, report.splits
+    shape = " × ".join("?" if d is None else str(d) for d in model.input_shape or [])
     identity = [
-        ("model", _e(model["name"])),
-        ("file sha256", f"<code>{_e(model['sha256'])}</code>"),
-        ("producer", _e(model.get("producer") or "unknown")),
-        ("opset", _e(model.get("opset"))),
-        ("input", f"{_e(model.get('input_name'))} ({_e(shape)}, {_e(model.get('input_dtype'))})"),
-        ("providers that ran", _e(", ".join(data.get("providers") or []))),
-        ("layers found", _e(_layer_count(model.get("layers") or []))),
+        ("model", _e(model.name)),
+        ("file sha256", f"<code>{_e(model.sha256)}</code>"),
+        ("producer", _e(model.producer or "unknown")),
+        ("opset", _e(model.opset)),
+        ("input", f"{_e(model.input_name)} ({_e(shape)}, {_e(model.input_dtype)})"),
+        ("providers that ran", _e(", ".join(report.providers or []))),
+        ("layers found", _e(_layer_count(model.layers or []))),
     ]
     identity_rows = [[f"<th>{key}</th>", value] for key, value in identity]
     parts = ["<h2>Headline</h2>", _table(["", ""], identity_rows, head=False, align=False)]
     names = list(splits)
-    beta_text = ", ".join(_num(b, "g") for b in dict.fromkeys(split.get("beta") for split in splits.values()))
+    beta_text = ", ".join(_num(b, "g") for b in dict.fromkeys(split.beta for split in splits.values()))
     rows = [
-        ["samples", *(_num(splits[s]["samples"]) for s in names)],
-        ["accuracy (top-1)", *(_num(splits[s]["accuracy"]) for s in names)],
-        ["network efficiency η_N", *(_num(splits[s]["network_efficiency"]) for s in names)],
-        [f"aIQ (β = {beta_text}, 0–1 scale)", *(_num(splits[s]["aiq"]) for s in names)],
-        ["CNA", *(_num(splits[s]["cna"]) for s in names)],
+        ["samples", *(_num(splits[s].samples) for s in names)],
+        ["accuracy (top-1)", *(_num(splits[s].accuracy) for s in names)],
+        ["network efficiency η_N", *(_num(splits[s].network_efficiency) for s in names)],
+        [f"aIQ (β = {beta_text}, 0–1 scale)", *(_num(splits[s].aiq) for s in names)],
+        ["CNA", *(_num(splits[s].cna) for s in names)],
     ]
     parts.append(_table(["metric", *names], rows))
-    margin = data.get("cna_margin")
-    if margin:
+    margin = report.cna_margin
+    if margin is not None:
         rows = [
-            ["area between the curves CNA_A", _num(margin["area"])],
+            ["area between the curves CNA_A", _num(margin.area)],
             [
                 "margin_max (paper: largest softmax margin on a random fraction of training samples)",
-                _num(margin["margin_max"]),
+                _num(margin.margin_max),
             ],
-            ["CNA-Margin with margin_max", _num(margin["cna_margin_max"])],
-            ["margin_p5 (reference code: 5th percentile of the logit margin)", _num(margin["margin_p5"])],
-            ["CNA-Margin with margin_p5", _num(margin["cna_margin_p5"])],
-            ["smoothing window, curve points", f"{_num(margin.get('window'))}, {_num(margin.get('points'))}"],
+            ["CNA-Margin with margin_max", _num(margin.cna_margin_max)],
+            ["margin_p5 (reference code: 5th percentile of the logit margin)", _num(margin.margin_p5)],
+            ["CNA-Margin with margin_p5", _num(margin.cna_margin_p5)],
+            ["smoothing window, curve points", f"{_num(margin.window)}, {_num(margin.points)}"],
         ]
         parts += ["<h3>CNA-Margin</h3>", _table(["", "value"], rows)]
     else:
@@ -143,10 +143,10 @@ def _headline(data: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _layers(data: Mapping[str, Any], figures: _Figures) -> str:
-    splits = data["splits"]
+def _layers(report: Report, figures: _Figures) -> str:
+    splits = report.splits
     order = _layer_order(splits)
-    info = {layer["name"]: layer for layer in data["model"].get("layers") or []}
+    info = {layer.name: layer for layer in report.model.layers or []}
     parts = [
         "<h2>Layers</h2>",
         '<p class="sub">Efficiency layers in depth order (layer 1 is the shallowest). The entropy of a layer\'s '
@@ -188,15 +188,14 @@ def _layers(data: Mapping[str, Any], figures: _Figures) -> str:
         "",
     ]
     for split, figures_of_split in splits.items():
-        by_name = {layer["name"]: layer for layer in figures_of_split["layers"]}
+        by_name = {layer.name: layer for layer in figures_of_split.layers}
         rows = []
         for index, name in enumerate(order, 1):
             layer = by_name.get(name)
             if layer is None:
                 continue
-            found = info.get(name, {})
-            kind = f"{found.get('op', '?')} → {found.get('activation') or 'none'}"
-            wide = bool(layer.get("wider_than_data"))
+            kind = _kind(info.get(name))
+            wide = bool(layer.wider_than_data)
             rows.append(
                 (
                     wide,
@@ -204,27 +203,26 @@ def _layers(data: Mapping[str, Any], figures: _Figures) -> str:
                         str(index),
                         _e(name),
                         _e(kind),
-                        _num(layer["neurons"]),
-                        _num(layer["suggested_neurons"]),
-                        _num(layer["positions"]),
-                        _num(layer["states_total"]),
-                        _num(layer["states_distinct"]),
-                        _num(layer["entropy_bits"]),
-                        _num(layer["max_entropy_bits"], ".2f"),
-                        _num(layer["efficiency"]),
+                        _num(layer.neurons),
+                        _num(layer.suggested_neurons),
+                        _num(layer.positions),
+                        _num(layer.states_total),
+                        _num(layer.states_distinct),
+                        _num(layer.entropy_bits),
+                        _num(layer.max_entropy_bits, ".2f"),
+                        _num(layer.efficiency),
                         '<span class="mark">▲ wider than the data</span>' if wide else "",
                     ],
                 )
             )
         parts += [
-            f"<h3>{_e(split)}: {_num(figures_of_split['samples'])} samples</h3>",
+            f"<h3>{_e(split)}: {_num(figures_of_split.samples)} samples</h3>",
             _table(header, [cells for _, cells in rows], marked=[wide for wide, _ in rows]),
         ]
     return "\n".join(parts)
 
 
-def _states(data: Mapping[str, Any], figures: _Figures) -> str:
-    splits = data["splits"]
+def _states(splits: Mapping[str, SplitReport], figures: _Figures) -> str:
     order = _layer_order(splits)
     parts = [
         "<h2>State distributions</h2>",
@@ -233,9 +231,9 @@ def _states(data: Mapping[str, Any], figures: _Figures) -> str:
         "is a straight line.</p>",
     ]
     tops = {
-        (split, layer["name"]): _floats(layer.get("top_probabilities"))
+        (split, layer.name): _floats(layer.top_probabilities)
         for split, figures_of_split in splits.items()
-        for layer in figures_of_split["layers"]
+        for layer in figures_of_split.layers
     }
     if not order or all(top is None for top in tops.values()):
         return "\n".join(
@@ -257,17 +255,17 @@ def _states(data: Mapping[str, Any], figures: _Figures) -> str:
     rows = []
     for index, name in enumerate(order, 1):
         for split, figures_of_split in splits.items():
-            layer = next((x for x in figures_of_split["layers"] if x["name"] == name), None)
+            layer = _layer_named(figures_of_split, name)
             top = tops.get((split, name))
             if layer is None or top is None:
                 continue
-            quantiles = layer.get("probability_quantiles") or {}
+            quantiles = layer.probability_quantiles or {}
             rows.append(
                 [
                     str(index),
                     _e(name),
                     _e(split),
-                    _num(layer["states_distinct"]),
+                    _num(layer.states_distinct),
                     _num(len(top)),
                     *(_num(quantiles.get(q), ".3g") for q in QUANTILES),
                 ]
@@ -286,8 +284,7 @@ def _states(data: Mapping[str, Any], figures: _Figures) -> str:
     return "\n".join(parts)
 
 
-def _cna(data: Mapping[str, Any], figures: _Figures) -> str:
-    splits, margin = data["splits"], data.get("cna_margin")
+def _cna(splits: Mapping[str, SplitReport], margin: CnaMargin | None, figures: _Figures) -> str:
     parts = [
         "<h2>CNA</h2>",
         '<p class="sub">Each sample is a point (α, β): α is the entropy of its input values, β the slope of its '
@@ -295,7 +292,7 @@ def _cna(data: Mapping[str, Any], figures: _Figures) -> str:
         "train and test slope–entropy curves (smoothed, jointly normalised, resampled; SPEC §5) times the "
         "margin.</p>",
     ]
-    curves = (margin or {}).get("curves") or {}
+    curves = (None if margin is None else margin.curves) or {}
     grid, train, test = (_floats(curves.get(key)) for key in ("alpha", "train", "test"))
     if margin is None:
         parts.append(
@@ -309,12 +306,12 @@ def _cna(data: Mapping[str, Any], figures: _Figures) -> str:
     else:
         parts.append(
             figures.add(
-                f"Slope–entropy curves of train and test; the shaded area is CNA_A = {margin['area']:.4f}.",
+                f"Slope–entropy curves of train and test; the shaded area is CNA_A = {margin.area:.4f}.",
                 _curves_figure,
                 grid,
                 train,
                 test,
-                margin["area"],
+                margin.area,
             )
         )
         rows = "".join(
@@ -327,7 +324,7 @@ def _cna(data: Mapping[str, Any], figures: _Figures) -> str:
         )
     points = {}
     for split, figures_of_split in splits.items():
-        pairs = figures_of_split.get("cna_points") or {}
+        pairs = figures_of_split.cna_points or {}
         alpha, beta = _floats(pairs.get("alpha")), _floats(pairs.get("beta"))
         if alpha is not None and beta is not None and len(alpha) == len(beta) > 0:
             points[split] = (alpha, beta)
@@ -342,7 +339,7 @@ def _cna(data: Mapping[str, Any], figures: _Figures) -> str:
             "Per-sample input entropy α against slope β (a downsample of each split).",
             _scatter_figure,
             points,
-            {s: splits[s].get("cna") for s in points},
+            {s: splits[s].cna for s in points},
         )
     )
     rows = [
@@ -353,7 +350,7 @@ def _cna(data: Mapping[str, Any], figures: _Figures) -> str:
             _num(float(alpha.max()), ".4g"),
             _num(float(beta.min()), ".4g"),
             _num(float(beta.max()), ".4g"),
-            _num(splits[split].get("cna")),
+            _num(splits[split].cna),
         ]
         for split, (alpha, beta) in points.items()
     ]
@@ -361,15 +358,14 @@ def _cna(data: Mapping[str, Any], figures: _Figures) -> str:
     return "\n".join(parts)
 
 
-def _weights(data: Mapping[str, Any]) -> str:
-    weights = data.get("weights")
+def _weights(weights: WeightNorms | None) -> str:
     parts = [
         "<h2>Weights</h2>",
         '<p class="sub">Data-free baselines, read from the weights alone: each layer\'s weight as a matrix '
         "(outputs × inputs; a Conv kernel bank as C_out × C_in·kH·kW), its Frobenius norm ‖W‖_F and spectral "
         "norm ‖W‖₂, their products over the layers listed, and the ℓ2 path norm (biases excluded).</p>",
     ]
-    if not isinstance(weights, Mapping):
+    if weights is None:
         return "\n".join(
             [
                 *parts,
@@ -379,38 +375,32 @@ def _weights(data: Mapping[str, Any]) -> str:
         )
     rows = [
         [
-            _e(layer.get("layer")),
-            _e(layer.get("op")),
-            f"<code>{_e(layer.get('weight'))}</code>",
-            _e(" × ".join(str(d) for d in layer.get("matrix") or [])),
-            _num(layer.get("frobenius")),
-            _num(layer.get("spectral")),
+            _e(layer.layer),
+            _e(layer.op),
+            f"<code>{_e(layer.weight)}</code>",
+            _e(" × ".join(str(d) for d in layer.matrix or [])),
+            _num(layer.frobenius),
+            _num(layer.spectral),
         ]
-        for layer in _mappings(weights.get("layers"))
+        for layer in weights.layers
     ]
     parts.append(_table(["layer", "op", "weight", "matrix", "‖W‖_F", "‖W‖₂"], rows))
-    covers = ", ".join(str(name) for name in weights.get("covers") or []) or "no layer"
-    note = weights.get("path_norm_note")
+    covers = ", ".join(str(name) for name in weights.covers or []) or "no layer"
+    note = weights.path_norm_note
     totals = [
-        [f"<th>Π ‖W‖_F over {_e(covers)}</th>", _num(weights.get("frobenius_product"))],
-        [f"<th>Π ‖W‖₂ over {_e(covers)}</th>", _num(weights.get("spectral_product"))],
-        ["<th>ℓ2 path norm</th>", _num(weights.get("path_norm")) + (f" ({_e(note)})" if note else "")],
+        [f"<th>Π ‖W‖_F over {_e(covers)}</th>", _num(weights.frobenius_product)],
+        [f"<th>Π ‖W‖₂ over {_e(covers)}</th>", _num(weights.spectral_product)],
+        ["<th>ℓ2 path norm</th>", _num(weights.path_norm) + (f" ({_e(note)})" if note else "")],
     ]
     parts.append(_table(["", ""], totals, head=False, align=False))
-    missing = _mappings(weights.get("without_weights"))
+    missing = weights.without_weights
     if missing:
-        items = "".join(f"<li>{_e(m.get('layer'))}: {_e(m.get('reason'))}</li>" for m in missing)
+        items = "".join(f"<li>{_e(m.layer)}: {_e(m.reason)}</li>" for m in missing)
         parts.append(f'<p class="note">Layers without weight figures ({len(missing)}):</p><ul>{items}</ul>')
     return "\n".join(parts)
 
 
-def _mappings(value: Any) -> list[Mapping[str, Any]]:
-    """The mappings of a list from the report (anything else in it, or a non-list, is skipped)."""
-    return [item for item in value if isinstance(item, Mapping)] if isinstance(value, list) else []
-
-
-def _settings(data: Mapping[str, Any]) -> str:
-    config = data.get("config") or {}
+def _settings(config: Mapping[str, Any]) -> str:
     rows = [[_e(key), _e(_setting(value))] for key, value in config.items()]
     return "\n".join(["<h2>Settings</h2>", _table(["setting", "value"], rows, align=False)])
 
@@ -490,18 +480,24 @@ def _legend_outside(axes: Any) -> None:
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
 
 
-def _widths(splits: Mapping[str, Any], order: Sequence[str]) -> np.ndarray:
+def _widths(splits: Mapping[str, SplitReport], order: Sequence[str]) -> np.ndarray:
     """Each layer's neuron count, from whichever split has the layer."""
-    return np.nanmax(np.vstack(list(_per_split(splits, order, "neurons").values())), axis=0)
+    return np.nanmax(np.vstack(list(_per_split(splits, order, _neurons).values())), axis=0)
 
 
-def _per_split(splits: Mapping[str, Any], order: Sequence[str], key: str) -> dict[str, np.ndarray]:
-    """``key`` of each layer in ``order`` for every split, NaN where a split lacks the layer."""
+def _per_split(
+    splits: Mapping[str, SplitReport], order: Sequence[str], figure: Callable[[LayerStats], float | None]
+) -> dict[str, np.ndarray]:
+    """``figure`` of each layer in ``order`` for every split, NaN where a split lacks the layer."""
     values = {}
     for split, figures_of_split in splits.items():
-        by_name = {layer["name"]: layer.get(key) for layer in figures_of_split["layers"]}
+        by_name = {layer.name: figure(layer) for layer in figures_of_split.layers}
         values[split] = np.array([_finite(by_name.get(name)) for name in order], dtype=float)
     return values
+
+
+def _neurons(layer: LayerStats) -> float | None:
+    return layer.neurons
 
 
 def _bar_offsets(count: int, width: float = 0.8) -> tuple[float, list[float]]:
@@ -509,14 +505,14 @@ def _bar_offsets(count: int, width: float = 0.8) -> tuple[float, list[float]]:
     return bar, [(i - (count - 1) / 2) * bar for i in range(count)]
 
 
-def _efficiency_figure(splits: Mapping[str, Any], order: Sequence[str]) -> Any:
+def _efficiency_figure(splits: Mapping[str, SplitReport], order: Sequence[str]) -> Any:
     figure, axes, x = _layers_figure(len(order), 3.0)
-    efficiency = _per_split(splits, order, "efficiency")
+    efficiency = _per_split(splits, order, lambda layer: layer.efficiency)
     bar, offsets = _bar_offsets(len(efficiency))
     for i, (split, values) in enumerate(efficiency.items()):
         color = _split_color(split, i)
         axes.bar(x + offsets[i], values, bar, color=color, label=split)
-        network = _finite(splits[split].get("network_efficiency"))
+        network = _finite(splits[split].network_efficiency)
         if not math.isnan(network):
             axes.axhline(network, color=color, linestyle="--", linewidth=1, label=f"η_N {split} = {network:.3f}")
     axes.set_ylim(0, 1)
@@ -525,10 +521,10 @@ def _efficiency_figure(splits: Mapping[str, Any], order: Sequence[str]) -> Any:
     return figure
 
 
-def _entropy_figure(splits: Mapping[str, Any], order: Sequence[str]) -> Any:
+def _entropy_figure(splits: Mapping[str, SplitReport], order: Sequence[str]) -> Any:
     figure, axes, x = _layers_figure(len(order), 3.2)
-    entropy = _per_split(splits, order, "entropy_bits")
-    ceiling = _per_split(splits, order, "max_entropy_bits")
+    entropy = _per_split(splits, order, lambda layer: layer.entropy_bits)
+    ceiling = _per_split(splits, order, lambda layer: layer.max_entropy_bits)
     neurons = _widths(splits, order)
     bar, offsets = _bar_offsets(len(entropy))
     for i, split in enumerate(entropy):
@@ -542,17 +538,17 @@ def _entropy_figure(splits: Mapping[str, Any], order: Sequence[str]) -> Any:
     return figure
 
 
-def _width_figure(splits: Mapping[str, Any], order: Sequence[str]) -> Any:
+def _width_figure(splits: Mapping[str, SplitReport], order: Sequence[str]) -> Any:
     figure, axes, x = _layers_figure(len(order), 3.2)
     neurons = _widths(splits, order)
-    suggested = _per_split(splits, order, "suggested_neurons")
+    suggested = _per_split(splits, order, lambda layer: layer.suggested_neurons)
     bar, offsets = _bar_offsets(len(suggested) + 1)
     axes.bar(x + offsets[0], neurons, bar, color="#999999", label="neurons N_l")
     for i, (split, values) in enumerate(suggested.items()):
         axes.bar(x + offsets[i + 1], values, bar, color=_split_color(split, i), label=f"suggested, {split}")
     wide = np.zeros(len(order), dtype=bool)
     for figures_of_split in splits.values():
-        flags = {layer["name"]: bool(layer.get("wider_than_data")) for layer in figures_of_split["layers"]}
+        flags = {layer.name: bool(layer.wider_than_data) for layer in figures_of_split.layers}
         wide |= np.array([flags.get(name, False) for name in order])
     if wide.any():
         axes.scatter(x[wide], neurons[wide] * 1.08, marker="^", color="#9a6700", label="wider than ⌈log2 T⌉", zorder=3)
@@ -565,7 +561,7 @@ def _width_figure(splits: Mapping[str, Any], order: Sequence[str]) -> Any:
 
 
 def _rank_figure(
-    splits: Mapping[str, Any], order: Sequence[str], tops: Mapping[tuple[str, str], np.ndarray | None]
+    splits: Mapping[str, SplitReport], order: Sequence[str], tops: Mapping[tuple[str, str], np.ndarray | None]
 ) -> Any:
     columns = min(PANEL_COLUMNS, len(order))
     rows = math.ceil(len(order) / columns)
@@ -591,7 +587,8 @@ def _rank_figure(
                 linewidth=1,
                 label=split,
             )
-            neurons = next((x["neurons"] for x in splits[split]["layers"] if x["name"] == name), neurons)
+            layer = _layer_named(splits[split], name)
+            neurons = neurons if layer is None else layer.neurons
         _log_axes(axes)
         axes.set_title(f"layer {index}" + (f" (N = {neurons})" if neurons is not None else ""), fontsize=9)
         axes.tick_params(labelsize=7)
@@ -630,7 +627,7 @@ def _curves_figure(grid: np.ndarray, train: np.ndarray, test: np.ndarray, area: 
     return figure
 
 
-def _scatter_figure(points: Mapping[str, tuple[np.ndarray, np.ndarray]], cna: Mapping[str, Any]) -> Any:
+def _scatter_figure(points: Mapping[str, tuple[np.ndarray, np.ndarray]], cna: Mapping[str, float | None]) -> Any:
     figure = _new_figure(6.0, 3.8)
     axes = figure.add_subplot()
     for i, (split, (alpha, beta)) in enumerate(points.items()):
@@ -646,19 +643,31 @@ def _scatter_figure(points: Mapping[str, tuple[np.ndarray, np.ndarray]], cna: Ma
 # --- Small helpers ----------------------------------------------------------------------------
 
 
-def _layer_order(splits: Mapping[str, Any]) -> list[str]:
+def _layer_order(splits: Mapping[str, SplitReport]) -> list[str]:
     """Layer names in depth order: each split lists its layers in that order; merge them."""
     order: list[str] = []
     for figures_of_split in splits.values():
-        for layer in figures_of_split["layers"]:
-            if layer["name"] not in order:
-                order.append(layer["name"])
+        for layer in figures_of_split.layers:
+            if layer.name not in order:
+                order.append(layer.name)
     return order
 
 
-def _layer_count(layers: Sequence[Mapping[str, Any]]) -> str:
-    hidden = sum(1 for layer in layers if layer.get("role") != "output")
+def _layer_named(split: SplitReport, name: str) -> LayerStats | None:
+    """The split's figures of the layer ``name``, None where the split lacks it."""
+    return next((layer for layer in split.layers if layer.name == name), None)
+
+
+def _layer_count(layers: Sequence[LayerInfo]) -> str:
+    hidden = sum(1 for layer in layers if layer.role != "output")
     return f"{len(layers)} ({hidden} hidden, {len(layers) - hidden} output)"
+
+
+def _kind(found: LayerInfo | None) -> str:
+    """``op → activation`` of a layer the graph search found ("?" for a layer the model lacks)."""
+    if found is None:
+        return "? → none"
+    return f"{found.op} → {found.activation or 'none'}"
 
 
 def _floats(value: Any) -> np.ndarray | None:

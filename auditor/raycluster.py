@@ -23,6 +23,7 @@ from types import ModuleType
 
 from auditor.errors import AuditError, first_line
 
+MAX_SHARDS = 4096  # shards per split of one sharded audit
 ADDRESS_FORMS = "local (a private instance), auto, host:6379 or ray://host:10001"
 FORWARDED_ENV = ("AUDITOR_DATA_DIR",)  # what a worker needs to read the same named datasets
 REACH_TIMEOUT_S = 5.0  # an address must accept a TCP connection this fast before Ray is asked to join it

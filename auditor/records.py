@@ -9,6 +9,7 @@ this module imports no onnx, no onnxruntime, no numpy and no SQLite.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ ENDED = (DONE, FAILED, CANCELLED)
 _CONTENT_ADDRESS = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[0-9a-f]{32}")
 MAX_IMAGE_SIDE = 1 << 15
+
+MAX_PIXELS = 1 << 26  # 67M pixels (a 50-megapixel photo fits), under Pillow's own bomb warning
+MAX_SIDE = math.isqrt(MAX_PIXELS)  # the largest --resize or --crop whose square fits MAX_PIXELS
 
 
 @dataclass(frozen=True)

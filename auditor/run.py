@@ -12,8 +12,10 @@ measures tensor shapes that shape inference could not give.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +38,7 @@ R = TypeVar("R")
 CUDA = "CUDAExecutionProvider"
 GPU_PROVIDERS = [CUDA, "CPUExecutionProvider"]
 CPU_ONLY = ["CPUExecutionProvider"]
+_CUDA_DRIVER = {"linux": "libcuda.so.1", "win32": "nvcuda.dll"}  # what the CUDA provider loads first
 
 
 @functools.cache
@@ -55,7 +58,26 @@ def cuda_usable() -> bool:
 
     ``get_available_providers()`` lists CUDA whenever onnxruntime-gpu is installed, even on a
     machine without a GPU (FIELD-NOTES); only a session's ``get_providers()`` tells the truth.
+    Where the CUDA driver library does not even load, no CUDA session can start, and the probe
+    (about 60 ms: onnxruntime loads its CUDA provider to find that out) is skipped.
     """
+    return cuda_driver_loads() and cuda_probe()
+
+
+def cuda_driver_loads() -> bool:
+    """Whether the CUDA driver library loads in this process; True where its name is unknown."""
+    name = _CUDA_DRIVER.get(sys.platform)
+    if name is None:
+        return True
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return False
+    return True
+
+
+def cuda_probe() -> bool:
+    """Whether a one-node session asked to run on CUDA really runs there."""
     ort = onnxruntime()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False

@@ -11,17 +11,22 @@ how many of each split are done (``advanced``).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from auditor.config import AuditConfig
 from auditor.records import DataSpec
 
 if TYPE_CHECKING:
-    from auditor.client import Connection
+    from auditor.batches import Dataset
+    from auditor.options import Connection
     from auditor.report import Report
+
+T = TypeVar("T")
 
 
 class Progress(Protocol):
@@ -44,9 +49,28 @@ class Runner(Protocol):
 def for_model(data: DataSpec, input_shape: Callable[[], tuple[int | str | None, ...]]) -> DataSpec:
     """``data`` with its image options sized to the model's input (``input_shape()``, asked only
     for an image folder); other data is left as it is."""
-    if data.known or not Path(data.source).expanduser().is_dir():
+    if not _sized_by_model(data):
         return data
     return replace(data, images=replace(data.images, input_shape=input_shape()))
+
+
+def _sized_by_model(data: DataSpec) -> bool:
+    """Whether ``data`` is an image folder, whose samples take the model's input size."""
+    return not data.known and Path(data.source).expanduser().is_dir()
+
+
+def _started(fn: Callable[[], T]) -> Future[T]:
+    """``fn()`` running on a daemon thread: a refused model need not wait for it (a download)."""
+    future: Future[T] = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to whoever asks for the result
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="auditor-open-data", daemon=True).start()
+    return future
 
 
 def _input_shape(model: Path) -> Callable[[], tuple[int | str | None, ...]]:
@@ -63,18 +87,30 @@ def _input_shape(model: Path) -> Callable[[], tuple[int | str | None, ...]]:
 
 @dataclass(frozen=True)
 class LocalRunner:
-    """The audit in this process (``auditor.audit``); spilled runs go under ``spill_dir``."""
+    """The audit in this process (``auditor.audit``); spilled runs go under ``spill_dir``.
+
+    The data is opened on a second thread while the model is prepared, unless it is an image
+    folder, which is sized to the model's input."""
 
     spill_dir: Path | None = None
 
     def run(self, model: Path, data: DataSpec, config: AuditConfig, progress: Progress | None = None) -> Report:
+        from auditor.splits import open_splits
+
+        def open_data(spec: DataSpec) -> list[Dataset]:
+            return open_splits(spec.source, spec.split, limit=spec.limit, images=spec.images)
+
+        # Data that does not depend on the model (all but image folders) is opened, its files
+        # checked, while the engine is imported and the model prepared on this thread.
+        early = None if _sized_by_model(data) else _started(lambda: open_data(data))
         from auditor.audit import audit
-        from auditor.data import open_splits
         from auditor.prepare import prepare
 
         prepared = prepare(model, device=config.device, states_at=config.states_at, gpu_math=config.gpu_math)
-        data = for_model(data, lambda: prepared.structure.input.shape)
-        datasets = open_splits(data.source, data.split, limit=data.limit, images=data.images)
+        if early is not None:
+            datasets = early.result()
+        else:
+            datasets = open_data(for_model(data, lambda: prepared.structure.input.shape))
         if progress is not None:
             progress.started(sum(d.count for d in datasets))
         return audit(prepared, datasets, config, progress=progress and progress.advanced, spill_dir=self.spill_dir)
@@ -89,11 +125,11 @@ class RayRunner:
     shards: int = 1
 
     def run(self, model: Path, data: DataSpec, config: AuditConfig, progress: Progress | None = None) -> Report:
-        from auditor.data import open_splits
         from auditor.modelfile import load_model
         from auditor.prepare import structure_of
         from auditor.raycluster import connected
         from auditor.shard import RayExecutor, audit_sharded, plan
+        from auditor.splits import open_splits
 
         loaded = load_model(model)
         data = for_model(data, lambda: structure_of(loaded).input.shape)

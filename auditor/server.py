@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -48,24 +48,22 @@ from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
 from auditor.audit import audit
+from auditor.batches import Batch, Dataset
 from auditor.cluster import RayAudits
-from auditor.config import DEFAULT_MEMORY_BUDGET, DEVICES, MAX_MEMORY_BUDGET, MIN_MEMORY_BUDGET, SessionSettings
-from auditor.data import Batch, Dataset, open_splits
-from auditor.errors import AuditError, CancelledError, DataError, LimitError, UnauthenticatedError, require
+from auditor.config import SessionSettings
+from auditor.errors import AuditError, CancelledError, DataError, LimitError, UnauthenticatedError
 from auditor.exits import TERMINATING
-from auditor.flags import PORT_MAX, integer, number, port, size
 from auditor.jobs import AuditQueue, Jobs, JobStore, Progress, QueueFullError
+from auditor.options import ServeOptions
 from auditor.persist import MAX_FILES, PAGE_SIZE, ModelStore, ReportStore, claim_store
 from auditor.prepare import Prepared, describe_model, prepare
-from auditor.raycluster import ADDRESS_FORMS
 from auditor.records import DONE, KNOWN_DATASETS, AuditSpec, Job, StoredReport, check_content_address, check_id
 from auditor.report import ModelInfo, Report
 from auditor.service_metrics import ServiceMetrics
-from auditor.shard import MAX_SHARDS
 from auditor.sinks import for_terminal
+from auditor.splits import open_splits
 from auditor.streams import Messages, ProgressStream, client_batches, expect_no_batches
 from auditor.transport import NO_RETRY, SERVICE, read_token, status_of
-from auditor.usage import format_size
 
 log = logging.getLogger("auditor.server")
 
@@ -79,79 +77,12 @@ _PREPARED_CACHE = 4  # onnxruntime sessions kept warm
 _DESCRIBED_CACHE = 64  # model descriptions kept (models never change under their address)
 # The largest value each numeric flag takes: beyond these a setting is a typo or an attack, and
 # some would overflow (gRPC takes a message limit as a signed 32-bit count of bytes).
-MAX_CONCURRENT = 1024
-MAX_QUEUED = 1_000_000
-MAX_MODEL_MB = 1 << 20  # 1 TiB
-MAX_BATCH_MB = (2**31 - 1 - 64 * 1024) // (1 << 20)  # 2047: a message limit gRPC can hold, headroom included
-MAX_SECONDS = 7 * 24 * 3600.0  # --idle-timeout and --grace: a week
 _MODEL_WORKERS = 2
 _LOOKUP_WORKERS = 4
 _CLUSTER_PROBE_S = 5.0  # a Ray cluster that has not answered in this long counts as unreachable
 _CLUSTER_WATCH_S = 2.0  # how often health asks the cluster
 # An absolute path of two parts or more; a refusal never shows one (the server's folders are its own).
 _SERVER_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"/]+/[^\s'\"]*")
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """Every setting of the server; ``auditor serve`` flags map one to one onto these fields.
-
-    ``data_dir`` is where named datasets (mnist, fashion-mnist) are read or downloaded to
-    (default: ``$AUDITOR_DATA_DIR``, then the user cache). ``device`` is used for audits whose
-    settings leave the device at "auto". ``metrics_port`` None serves no metrics; 0 picks a port.
-    ``ray`` runs every audit sharded on that Ray cluster (``auditor.cluster``), in ``shards`` shards
-    per split (None: one per CPU the cluster offers).
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 50051
-    store: Path = field(default_factory=lambda: Path.home() / ".local" / "share" / "onnx-auditor")
-    data_dir: Path | None = None
-    max_concurrent: int = 2
-    max_queued: int = 64
-    idle_timeout: float = 60.0
-    max_model_mb: int = 1024
-    max_batch_mb: int = 64
-    audit_memory: int = DEFAULT_MEMORY_BUDGET
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    token_file: Path | None = None
-    grace: float = 10.0
-    device: str = "auto"
-    metrics_port: int | None = None
-    ray: str | None = None
-    shards: int | None = None
-
-    def __post_init__(self) -> None:
-        require(
-            [
-                (self.max_concurrent >= 1, f"--max-concurrent must be >= 1, got {self.max_concurrent}"),
-                (self.max_queued >= 0, f"--max-queued must be >= 0, got {self.max_queued}"),
-                (self.idle_timeout > 0, f"--idle-timeout must be > 0 seconds, got {self.idle_timeout}"),
-                (self.max_model_mb >= 1, f"--max-model-mb must be >= 1, got {self.max_model_mb}"),
-                (
-                    1 <= self.max_batch_mb <= MAX_BATCH_MB,
-                    f"--max-batch-mb must be in 1..{MAX_BATCH_MB}, got {self.max_batch_mb}",
-                ),
-                (0 <= self.port <= PORT_MAX, f"--port must be in 0..{PORT_MAX}, got {self.port}"),
-                (
-                    MIN_MEMORY_BUDGET <= self.audit_memory <= MAX_MEMORY_BUDGET,
-                    f"--audit-memory must be between 64M and 1P, got {self.audit_memory} bytes",
-                ),
-                (self.grace >= 0, f"--grace must be >= 0 seconds, got {self.grace}"),
-                ((self.tls_cert is None) == (self.tls_key is None), "give --tls-cert and --tls-key together"),
-                (self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}"),
-                (
-                    self.metrics_port is None or 0 <= self.metrics_port <= 65535,
-                    f"--metrics-port must be in 0..65535, got {self.metrics_port}",
-                ),
-                (self.shards is None or self.ray is not None, f"--shards needs --ray ADDRESS ({ADDRESS_FORMS})"),
-                (
-                    self.shards is None or 1 <= self.shards <= MAX_SHARDS,
-                    f"--shards must be between 1 and {MAX_SHARDS}, got {self.shards}",
-                ),
-            ]
-        )
 
 
 # ---- one call: status codes and its log line ----------------------------------------------------
@@ -755,74 +686,6 @@ def build_server(options: ServeOptions) -> tuple[Server, int]:
     """A ready-to-start server and the port it bound (port 0 picks a free one, as tests do)."""
     server = Server(options)
     return server, server.port
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``auditor serve`` flags, one per ``ServeOptions`` field."""
-    d = ServeOptions()
-    parser.add_argument("--host", default=d.host, help=f"address to listen on (default: {d.host}; 0.0.0.0 = all)")
-    parser.add_argument("--port", type=port, default=d.port, help=f"default: {d.port}; 0 picks a free port")
-    parser.add_argument("--store", type=Path, default=d.store, help=f"reports and models folder (default: {d.store})")
-    parser.add_argument(
-        "--data-dir", type=Path, default=None, help="named datasets' folder (default: $AUDITOR_DATA_DIR)"
-    )
-    parser.add_argument(
-        "--max-concurrent", type=integer(1, MAX_CONCURRENT), default=d.max_concurrent, help="audits running at once"
-    )
-    parser.add_argument(
-        "--max-queued",
-        type=integer(0, MAX_QUEUED),
-        default=d.max_queued,
-        help=f"audits waiting for a slot (default: {d.max_queued})",
-    )
-    parser.add_argument(
-        "--idle-timeout",
-        type=number(0, MAX_SECONDS, above=True),
-        default=d.idle_timeout,
-        metavar="SECONDS",
-        help=f"close a stream that sends nothing this long (default: {d.idle_timeout:g})",
-    )
-    parser.add_argument(
-        "--max-model-mb",
-        type=integer(1, MAX_MODEL_MB),
-        default=d.max_model_mb,
-        help="largest upload, data files included",
-    )
-    parser.add_argument(
-        "--max-batch-mb",
-        type=integer(1, MAX_BATCH_MB),
-        default=d.max_batch_mb,
-        help="largest message a client may send",
-    )
-    parser.add_argument(
-        "--audit-memory",
-        type=size,
-        default=d.audit_memory,
-        metavar="SIZE",
-        help=f"memory budget of each audit, e.g. 512M or 4G (default: {format_size(d.audit_memory)}); "
-        "see docs/service.md",
-    )
-    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain; serve TLS (needs --tls-key)")
-    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    parser.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send")
-    parser.add_argument(
-        "--grace", type=number(0, MAX_SECONDS), default=d.grace, help="seconds in-flight audits get on SIGTERM"
-    )
-    parser.add_argument("--device", choices=DEVICES, default=d.device, help="device for audits that leave it to auto")
-    parser.add_argument(
-        "--metrics-port", type=port, metavar="PORT", help="serve Prometheus metrics on this port (0 picks one)"
-    )
-    parser.add_argument(
-        "--ray",
-        metavar="ADDRESS",
-        help=f"run audits sharded on a Ray cluster: {ADDRESS_FORMS}; needs the ray extra",
-    )
-    parser.add_argument(
-        "--shards",
-        type=integer(1, MAX_SHARDS),
-        metavar="N",
-        help="with --ray: shards per split (default: one per CPU of the cluster)",
-    )
 
 
 def run_serve(args: argparse.Namespace) -> int:

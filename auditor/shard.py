@@ -34,23 +34,24 @@ from typing import Any, Protocol
 import numpy as np
 
 from auditor.audit import cut_batches, tally
+from auditor.batches import Batch, Dataset, skipped_warning
 from auditor.config import AuditConfig
 from auditor.count import CountOfCounts, StateSummary
-from auditor.data import Batch, Dataset, open_splits, skipped_warning
 from auditor.errors import AuditError, CancelledError, DataError, first_line
 from auditor.keys import hash_rows
 from auditor.modelfile import LoadedModel, external_tensors
 from auditor.prepare import describe_model, prepare, structure_of
+from auditor.raycluster import MAX_SHARDS
 from auditor.records import DataSpec
 from auditor.report import Report
 from auditor.run import gpu_math_warnings
+from auditor.splits import open_splits
 from auditor.stores import MemoryBudget, RunStore
 from auditor.summary import TOP_STATES
 from auditor.summary import summarize as summarize_report
 from auditor.tally import SplitFigures, SplitResult
 from auditor.weights import weight_norms
 
-MAX_SHARDS = 4096
 _POLL_S = 0.5
 CHUNK_BYTES = 64 << 20  # samples of a stream per shard task
 

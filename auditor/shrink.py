@@ -40,8 +40,8 @@ import onnx
 from onnx import external_data_helper
 
 from auditor.audit import _numbered, audit
+from auditor.batches import Dataset, tagged
 from auditor.config import AuditConfig
-from auditor.data import Dataset, tagged
 from auditor.errors import AuditError, DataError, ModelError, first_line
 from auditor.expose import with_outputs
 from auditor.feed import Feed, feed

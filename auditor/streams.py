@@ -19,7 +19,7 @@ import grpc
 
 from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
-from auditor.data import Batch
+from auditor.batches import Batch
 from auditor.errors import AuditError, CancelledError, LimitError
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
+from auditor.batches import Batch
 from auditor.config import AuditConfig
-from auditor.data import Batch
 from auditor.errors import AuditError, DataError
 from auditor.records import SPLITS, AuditSpec, DatasetRef, Job, StoredReport, check_content_address
 from auditor.report import ModelInfo, Report, ReportError

@@ -50,7 +50,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from auditor.data import Batch, load_arrays
+from auditor.batches import Batch
+from auditor.splits import load_arrays
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SQUEEZENET = SHARED / "models" / "squeezenet1.0_fp16_opset7.onnx"

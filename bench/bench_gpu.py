@@ -94,7 +94,7 @@ def child(mode: str, work: Workload, device: str, gpu_math: str) -> dict[str, fl
     wall = time.perf_counter()
     if mode == "audit":
         from auditor import AuditConfig, audit
-        from auditor.data import Batch
+        from auditor.batches import Batch
 
         batches = (("train", Batch(x, y)) for x, y in work.batches())
         report = audit(
@@ -214,7 +214,7 @@ def differences(cpu: dict, cuda: dict, tolerance: float = ENTROPY_TOLERANCE) -> 
 def parity(device: str, limit: int | None) -> int:
     """CPU and ``device`` reports of every example model on MNIST, both splits; 1 when any differ."""
     from auditor import AuditConfig, audit
-    from auditor.data import open_splits
+    from auditor.splits import open_splits
 
     failed = False
     for model in sorted(EXAMPLES.glob("*.onnx")):

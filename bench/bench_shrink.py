@@ -24,10 +24,10 @@ import onnx
 import onnxruntime as ort
 
 from auditor.config import AuditConfig
-from auditor.data import open_dataset
 from auditor.feed import to_model_input
 from auditor.find import describe
 from auditor.shrink import shrink
+from auditor.splits import open_dataset
 
 
 def timed(session: ort.InferenceSession, x: np.ndarray, batch: int) -> float:

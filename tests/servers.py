@@ -26,9 +26,9 @@ from models import mlp
 from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
-from auditor.client import Connection
-from auditor.data import Batch
-from auditor.server import ServeOptions, Server
+from auditor.batches import Batch
+from auditor.options import Connection, ServeOptions
+from auditor.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
 AUDITOR = [sys.executable, "-m", "auditor.cli"]  # what the `auditor` console script runs

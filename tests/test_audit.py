@@ -26,10 +26,11 @@ from refusals import refused
 
 from auditor import AuditConfig, Prepared, Report, audit, prepare
 from auditor.audit import prepared_for
-from auditor.data import Batch, open_splits
+from auditor.batches import Batch
 from auditor.errors import AuditError, CancelledError, DataError, NotFoundError
 from auditor.metrics import probability_margins, sample_uniforms
 from auditor.run import cuda_usable
+from auditor.splits import open_splits
 
 CPU = AuditConfig(device="cpu")
 

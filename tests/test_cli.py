@@ -407,6 +407,8 @@ def test_reports_needs_a_server(capsys: pytest.CaptureFixture[str]) -> None:
         ["audit", "m.onnx", "--data", "mnist", "--limit", "ten"],
         ["audit", "m.onnx", "--data", "mnist", "--split", "validation"],
         ["gate", "m.onnx", "--data", "mnist", "--min-aiq", "high"],
+        ["serve", "--audit-memory", "1K"],
+        ["serve", "--audit-memory", "lots"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -589,3 +591,47 @@ def test_a_refusal_that_quotes_a_name_is_still_one_escaped_line(
     np.save(data, np.zeros((4, 10), np.float32))  # does not fit the model's 784-wide input
     line = cli_refused(capsys, main(["audit", str(model), "--data", str(data)]))
     _no_terminal_control(line)
+
+
+# --- What each subcommand imports ---------------------------------------------------------------
+
+HEAVY = ("grpc", "auditor._proto", "auditor.client", "auditor.server", "onnxruntime", "matplotlib")
+_IMPORTED = """
+import sys
+from auditor.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+heavy = {heavy!r}
+print("LOADED:", *sorted(m for m in heavy if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "allowed"),
+    [
+        (["--help"], ()),
+        (["audit", "--help"], ()),
+        (["serve", "--help"], ()),
+        (["layers", str(EXAMPLE)], ()),
+        (["compare", "REPORT", "REPORT"], ()),
+        (["render", "REPORT", "--html", "PAGE"], ("matplotlib",)),
+        (["audit", str(EXAMPLE), "--data", "mnist", "--limit", "10", "--json", "REPORT2"], ("onnxruntime",)),
+    ],
+)
+def test_each_subcommand_imports_only_what_it_runs(
+    args: list[str], allowed: tuple[str, ...], both_report: dict, tmp_path: Path
+) -> None:
+    """--help, layers, compare and render never load onnxruntime or the gRPC stubs; only drawing
+    the page loads matplotlib (docs/performance.md, "The whole command")."""
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(both_report))
+    names = {"REPORT": str(report), "PAGE": str(tmp_path / "page.html"), "REPORT2": str(tmp_path / "r2.json")}
+    argv = [names.get(arg, arg) for arg in args]
+    code = _IMPORTED.format(heavy=HEAVY)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    loaded = done.stdout.strip().splitlines()[-1].split()
+    assert loaded[0] == "LOADED:" and sorted(loaded[1:]) == sorted(allowed), done.stdout

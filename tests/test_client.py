@@ -20,10 +20,11 @@ from models import mlp
 from refusals import cli_refused, refused
 
 from auditor.cli import main as cli
-from auditor.client import Connection, list_reports, model_address, model_files
+from auditor.client import list_reports, model_address, model_files
 from auditor.errors import AuditError, CancelledError, LimitError, ModelError, NotFoundError, UnauthenticatedError
 from auditor.jobs import QueueFullError
 from auditor.modelfile import load_model
+from auditor.options import Connection
 from auditor.persist import ModelStore
 from auditor.transport import NO_RETRY, RETRY_LATER, STATUS, error_from_status, read_token, retryable, status_of
 

@@ -131,3 +131,6 @@ def test_every_setting_is_read_through_exactly_one_view() -> None:
 )
 def test_a_prepared_session_serves_settings_it_satisfies(wanted: tuple, prepared: tuple, served: bool) -> None:
     assert SessionSettings(*wanted).satisfied_by(SessionSettings(*prepared)) is served
+
+
+# --- Memory sizes ---------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import pytest
 from models import CASES, NEURONS, POSITIONS, Net, conv_case, pack, reference_counts, reference_entropy, run, state_rows
 
 from auditor import AuditConfig, audit, count, metrics, prepare
+from auditor.batches import Batch
 from auditor.count import CountOfCounts, LayerCounter
-from auditor.data import Batch
 from auditor.errors import CancelledError
 from auditor.expose import word_groups
 from auditor.stores import MemoryBudget

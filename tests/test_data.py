@@ -1,4 +1,5 @@
-"""auditor.data on the real MNIST / Fashion-MNIST files, real .npz/.npy files and a real HTTP mirror."""
+"""The data sets (idx, arrays, splits, batches) on the real MNIST / Fashion-MNIST files, real
+.npz/.npy files and a real HTTP mirror."""
 
 from __future__ import annotations
 
@@ -19,16 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from auditor import data
-from auditor.data import (
-    Batch,
-    load_arrays,
-    locate,
-    open_dataset,
-    open_splits,
-    tagged,
-)
+from auditor import idx
+from auditor.batches import Batch, Dataset, tagged
 from auditor.errors import AuditError, DataError, NotFoundError
+from auditor.idx import locate
+from auditor.splits import load_arrays, open_dataset, open_splits
 
 LABEL_FILES = ("train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 IMAGE_FILES = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
@@ -131,7 +127,7 @@ def samples() -> tuple[np.ndarray, np.ndarray]:
     return rng.random((50, 3, 4), dtype=np.float32), rng.integers(0, 10, 50, dtype=np.int32)
 
 
-def read_all(dataset: data.Dataset, batch_size: int = 16) -> Batch:
+def read_all(dataset: Dataset, batch_size: int = 16) -> Batch:
     batches = list(dataset.batches(batch_size))
     ys = [b.y for b in batches if b.y is not None]
     return Batch(np.concatenate([b.x for b in batches]), np.concatenate(ys) if ys else None)
@@ -241,19 +237,19 @@ def write_gzip(path: Path, content: bytes) -> Path:
 
 def test_idx_header_with_the_wrong_magic_is_refused(tmp_path: Path) -> None:
     labels_as_images = write_gzip(tmp_path / "a.gz", struct.pack(">II", 2049, 1) + b"\x05")
-    refused(DataError, lambda: data._idx_header(labels_as_images, 2051), "IDX header of magic 2051")
+    refused(DataError, lambda: idx._idx_header(labels_as_images, 2051), "IDX header of magic 2051")
     too_short = write_gzip(tmp_path / "b.gz", struct.pack(">II", 2051, 1))
-    refused(DataError, lambda: data._idx_header(too_short, 2051), "IDX header of magic 2051")
+    refused(DataError, lambda: idx._idx_header(too_short, 2051), "IDX header of magic 2051")
     not_gzip = tmp_path / "c.gz"
     not_gzip.write_bytes(struct.pack(">IIII", 2051, 1, 28, 28))
-    refused(DataError, lambda: data._idx_header(not_gzip, 2051), "cannot read", "original download")
+    refused(DataError, lambda: idx._idx_header(not_gzip, 2051), "cannot read", "original download")
 
 
 def test_truncated_idx_file_is_refused(tmp_path: Path) -> None:
     three_declared_one_present = struct.pack(">IIII", 2051, 3, 28, 28) + bytes(784)
     path = write_gzip(tmp_path / "t.gz", three_declared_one_present)
-    assert data._idx_header(path, 2051) == (3, 28, 28)
-    refused(DataError, lambda: list(data._idx_batches(path, 3, 2)), "truncated", "declares 3 records")
+    assert idx._idx_header(path, 2051) == (3, 28, 28)
+    refused(DataError, lambda: list(idx._idx_batches(path, 3, 2)), "truncated", "declares 3 records")
 
 
 def test_found_file_with_other_bytes_is_refused(
@@ -271,7 +267,7 @@ def test_found_file_with_other_bytes_is_refused(
         lambda: open_dataset("mnist", "test"),
         str(folder / LABEL_FILES[1]),
         f"sha256 {hashlib.sha256(altered).hexdigest()}",
-        f"expected {data._FILES['mnist'][LABEL_FILES[1]][1]}",
+        f"expected {idx._FILES['mnist'][LABEL_FILES[1]][1]}",
         "delete it",
     )
 
@@ -288,10 +284,10 @@ def altered_copy(path: Path) -> bytes:
 
 def test_data_home_follows_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert data.data_home() == tmp_path / "onnx-auditor"
+    assert idx.data_home() == tmp_path / "onnx-auditor"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert data.data_home() == tmp_path / "home" / ".cache" / "onnx-auditor"
+    assert idx.data_home() == tmp_path / "home" / ".cache" / "onnx-auditor"
 
 
 @dataclass
@@ -380,7 +376,7 @@ def test_downloaded_file_with_other_bytes_is_deleted(mirror: Mirror, tmp_path: P
         lambda: locate("mnist"),
         LABEL_FILES[0],
         f"sha256 {hashlib.sha256(altered).hexdigest()}",
-        f"expected {data._FILES['mnist'][LABEL_FILES[0]][1]}",
+        f"expected {idx._FILES['mnist'][LABEL_FILES[0]][1]}",
     )
     assert sorted(p.name for p in target.iterdir()) == sorted(IMAGE_FILES)  # nothing left behind
 

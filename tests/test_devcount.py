@@ -16,13 +16,13 @@ import pytest
 from models import CASES, NEURONS
 
 from auditor import devcount, keys, prepare, stores
-from auditor.data import open_splits
 from auditor.devcount import count_keys, count_packed
 from auditor.expose import expose
 from auditor.keys import join_groups, namespace
 from auditor.modelfile import load_model
 from auditor.prepare import structure_of
 from auditor.run import Runner
+from auditor.splits import open_splits
 from auditor.stores import fold_keys
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

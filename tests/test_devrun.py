@@ -17,10 +17,11 @@ import pytest
 from models import CASES, lenet_model, mlp
 
 from auditor import AuditConfig, audit, prepare
-from auditor.data import Batch, open_splits
+from auditor.batches import Batch
 from auditor.devrun import NO_CUPY, Device, DeviceRun, counting_device
 from auditor.prepare import Prepared
 from auditor.run import CPU_ONLY, GPU_PROVIDERS
+from auditor.splits import open_splits
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CPU = AuditConfig(device="cpu")

@@ -20,13 +20,14 @@ from models import FLOAT16, Net, run
 from onnx import helper
 
 from auditor import AuditConfig, audit, metrics, prepare
-from auditor.data import Batch, load_arrays
+from auditor.batches import Batch
 from auditor.expose import Exposed, LayerOutputs, expose
 from auditor.find import describe
 from auditor.keys import join_groups
 from auditor.modelfile import load_model
 from auditor.prepare import structure_of
 from auditor.run import Runner
+from auditor.splits import load_arrays
 
 
 def outputs(model: onnx.ModelProto, x: np.ndarray, **options: object) -> tuple[Exposed, dict[str, np.ndarray]]:

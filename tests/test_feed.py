@@ -11,7 +11,7 @@ import pytest
 from refusals import refused
 
 from auditor import AuditConfig
-from auditor.data import Batch
+from auditor.batches import Batch
 from auditor.errors import DataError
 from auditor.feed import check_batch, feed, input_entropy, to_model_input
 from auditor.find import ModelInput

@@ -29,7 +29,7 @@ from onnx import helper, numpy_helper
 from refusals import refused
 
 from auditor import AuditConfig, audit, prepare
-from auditor.data import Batch
+from auditor.batches import Batch
 from auditor.errors import ModelError
 from auditor.expose import expose
 from auditor.find import Layer, describe, find_layers

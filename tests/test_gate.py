@@ -283,7 +283,7 @@ def _set(**values: object):
 # Baselines whose recorded settings are missing, partial, or different in value or only in kind:
 # each is refused before anything is audited, in one line naming what differs.
 HOSTILE_CONFIGS = [
-    (_drop(), ["does not record beta, include_output_layer", "and 7 more"]),
+    (_drop(), ["does not record beta, include_output_layer", "and 8 more"]),
     (_drop("beta"), ["does not record beta, so it cannot show"]),
     (_only("beta"), ["does not record include_output_layer, cna_include_output_layer, aggregate"]),
     (_only("beta", "batch_size", "device", "memory_budget"), ["does not record include_output_layer"]),

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from auditor import AuditConfig, audit, prepare
-from auditor.data import Dataset, load_arrays, open_dataset, open_splits, skipped_warnings
+from auditor.batches import Dataset, skipped_warnings
 from auditor.errors import AuditError, DataError
 from auditor.records import ImageOptions
+from auditor.splits import load_arrays, open_dataset, open_splits
 from tests.models import Net
 
 REPO = Path(__file__).resolve().parents[1]

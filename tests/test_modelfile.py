@@ -18,7 +18,7 @@ from onnx import external_data_helper, helper, numpy_helper
 from refusals import refused
 
 from auditor import AuditConfig, audit, find_layers, prepare
-from auditor.data import Batch
+from auditor.batches import Batch
 from auditor.errors import ModelError
 from auditor.modelfile import external_tensors, load_model
 

@@ -1,7 +1,8 @@
 """auditor.page and ``auditor render`` / ``--html``: one self-contained file, drawn in a real browser.
 
-Reports come from real audits of the bundled LeNet-300-100 on real MNIST. The keys older reports
-lack are removed from a copy where a test needs a report as an older auditor wrote it. The browser
+Reports come from real audits of the bundled LeNet-300-100 on real MNIST, and reach the page as
+a ``Report`` read back from JSON (``Report.load``), as ``auditor render`` reads a file. The keys
+older reports lack are removed from a copy where a test needs a report as an older auditor wrote it. The browser
 is the real headless Chromium (Debian package ``chromium``); those tests skip only when the
 binary is absent.
 """
@@ -51,6 +52,11 @@ def network_references(page: str) -> list[str]:
     return NETWORK_REFERENCE.findall(page)
 
 
+def page_of(report: dict, *, strict: bool = True) -> str:
+    """The page of a report's JSON object, read through ``Report.load`` as ``auditor render`` reads it."""
+    return render_page(Report.load(json.dumps(report), strict=strict))
+
+
 def without_page_keys(report: dict) -> dict:
     """A copy of ``report`` as an auditor written before the optional keys existed would write it."""
     out = copy.deepcopy(report)
@@ -95,7 +101,7 @@ def full(both: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def full_page(full: dict) -> str:
-    return render_page(full)
+    return page_of(full)
 
 
 # --- The page as text -----------------------------------------------------------------------------
@@ -162,14 +168,14 @@ def test_wider_layers_are_marked(full: dict, full_page: str) -> None:
     assert [layer["wider_than_data"] for layer in layers] == [True, False]  # 11 neurons > ⌈log2 300⌉ = 9 > 4
     assert full_page.count('<tr class="wide">') == 2  # the first layer on both splits
     layers[1]["wider_than_data"] = True
-    page = render_page(report)
+    page = page_of(report)
     assert page.count('<tr class="wide">') == 3 and page.count("▲ wider than the data") == 3
 
 
 def test_warnings_are_set_apart_and_escaped(full: dict) -> None:
     report = copy.deepcopy(full)
     report["warnings"] = ["layer x: 3 NaN values", "<b>bold</b> & more"]
-    page = render_page(report)
+    page = page_of(report)
     section = re.search(r'<section class="warnings">(.*?)</section>', page, re.S).group(1)
     assert "Warnings (2)" in section and "layer x: 3 NaN values" in section
     assert "&lt;b&gt;bold&lt;/b&gt; &amp; more" in section and "<b>" not in page
@@ -184,14 +190,14 @@ def test_names_from_the_model_never_become_markup(full: dict) -> None:
     for figures in report["splits"].values():
         figures["layers"][0]["name"] = hostile + "$\\frac{a}{b}$"
     report["model"]["layers"][0]["name"] = hostile + "$\\frac{a}{b}$"
-    page = render_page(report)
+    page = page_of(report)
     assert "<script" not in page and "<img" not in page and network_references(page) == []
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert len(svgs(page)) == 6
 
 
 def test_figures_whose_data_is_absent_become_notes(both: dict) -> None:
-    page = render_page(without_page_keys(both))
+    page = page_of(without_page_keys(both))
     assert len(svgs(page)) == 3  # efficiency, entropy and widths come from the v1 keys every report has
     for key in ("top_probabilities", "cna_margin.curves", "cna_points"):
         assert f"<code>{key}</code>" in page
@@ -201,7 +207,7 @@ def test_figures_whose_data_is_absent_become_notes(both: dict) -> None:
 def test_one_split_page_says_the_curves_need_both(tmp_path: Path) -> None:
     report = audit_json(tmp_path, "--limit", "200")
     assert report["cna_margin"] is None
-    page = render_page(report)
+    page = page_of(report)
     assert "CNA-Margin needs a train and a test split" in page
     assert "No slope–entropy curves: they need a train and a test split" in page
     assert len(svgs(page)) == 5  # three layer figures, the state distributions, the test split's (α, β)
@@ -214,13 +220,34 @@ def test_malformed_optional_data_is_a_note_not_a_crash(full: dict) -> None:
         figures["cna_points"] = {"alpha": [[1.0, 2.0]], "beta": [float("nan")]}
         for layer in figures["layers"]:
             layer["top_probabilities"] = "many"
-    page = render_page(report)
+    page = page_of(report, strict=False)  # NaN and strings where numbers belong: only a lax load takes them
     assert len(svgs(page)) == 3 and page.count('class="note"') >= 3
 
 
-def test_report_and_its_dict_render_the_same_page(both: dict) -> None:
+def test_a_report_read_back_from_its_json_renders_the_same_page(both: dict) -> None:
     report = Report.from_dict(both)
-    assert render_page(report) == render_page(both) == render_page(report.to_dict())
+    assert render_page(report) == render_page(Report.load(report.to_json())) == page_of(both)
+
+
+def test_an_older_report_without_the_optional_keys_renders_with_its_notes(both: dict) -> None:
+    """A report as the first ``auditor.report/v1`` writer wrote it: none of the keys added since
+    (figure data, weights, spill and sharding records, CUDA options, block outputs, warnings)."""
+    old = without_page_keys(both)
+    for key in ("weights", "spilled_bytes", "sharding", "provider_options", "warnings"):
+        old.pop(key, None)
+    for layer in old["model"]["layers"]:
+        layer.pop("block_output", None)
+    report = Report.load(json.dumps(old))
+    assert report.weights is None and report.cna_margin.curves is None and report.warnings == []
+    assert all(s.cna_points is None for s in report.splits.values())
+    assert all(layer.top_probabilities is layer.probability_quantiles is None for layer in report.splits["test"].layers)
+    page = render_page(report)
+    for key in ("top_probabilities", "cna_margin.curves", "cna_points"):
+        assert f"<code>{key}</code>; reports from older auditors lack" in page
+    assert "no <code>weights</code> section (reports from older auditors lack it)" in page
+    assert "No warnings." in page and len(svgs(page)) == 3
+    assert f">{both['cna_margin']['area']:.4f}<" in page  # the v1 figures are all still shown
+    assert page.count("<h3>") == page_of(both).count("<h3>")
 
 
 def test_rendering_does_not_load_matplotlib_until_a_page_is_drawn() -> None:
@@ -258,7 +285,7 @@ def test_render_reads_stdin(both: dict, tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert html.read_text() == render_page(both)
+    assert html.read_text() == page_of(both)
 
 
 @pytest.mark.parametrize(
@@ -366,7 +393,7 @@ def test_page_draws_in_headless_chromium(full_page: str, tmp_path: Path) -> None
 @needs_chromium
 def test_old_report_draws_in_headless_chromium(both: dict, tmp_path: Path) -> None:
     page_file = tmp_path / "old.html"
-    page_file.write_text(render_page(without_page_keys(both)))
+    page_file.write_text(page_of(without_page_keys(both)))
     assert_draws(page_file, tmp_path, figures=3)
 
 
@@ -402,7 +429,7 @@ def test_hostile_names_in_many_splits_render_literally_without_a_warning_or_a_cr
     source.write_text(json.dumps(report))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no library warning (layout, missing glyph) may reach the user
-        render_page(report)
+        page_of(report)
     assert main(["render", str(source), "--html", str(tmp_path / "page.html")]) == 0
     assert capsys.readouterr() == ("", "")
     page = (tmp_path / "page.html").read_text(encoding="utf-8")

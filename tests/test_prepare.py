@@ -15,8 +15,8 @@ from models import Net, lenet_model, mlp, reference_counts, run, save
 from refusals import refused
 
 from auditor import AuditConfig, Prepared, audit, find_layers, prepare
+from auditor.batches import Batch
 from auditor.config import SessionSettings
-from auditor.data import Batch
 from auditor.errors import ModelError
 from auditor.find import describe
 from auditor.modelfile import load_model

@@ -28,6 +28,8 @@ from auditor.run import (
     GPU_PROVIDERS,
     Runner,
     create_session,
+    cuda_driver_loads,
+    cuda_probe,
     cuda_provider_options,
     cuda_usable,
     gpu_math_warnings,
@@ -163,6 +165,13 @@ def test_device_auto_runs_on_cuda_when_it_can_and_on_the_cpu_otherwise() -> None
     else:
         assert session.providers == ["CPUExecutionProvider"]
     np.testing.assert_allclose(session.run(X, ["logits"])["logits"], run(mlp([4, 5, 3]), X, ["logits"])[0], rtol=1e-5)
+
+
+def test_the_driver_shortcut_never_changes_whether_cuda_is_usable() -> None:
+    """Skipping the probe where the CUDA driver does not load gives the probe's own answer."""
+    assert cuda_usable() == cuda_probe()
+    if not cuda_driver_loads():
+        assert not cuda_probe()
 
 
 def test_device_cpu_never_uses_cuda() -> None:

@@ -20,13 +20,15 @@ from servers import MNIST8, REPO, Served, code, eventually, save_mlp, serving
 
 from auditor import AuditConfig, audit, prepare, wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
-from auditor.client import Connection, check_health, get_report, list_reports, main, remote_audit, server_metadata
-from auditor.data import Batch, load_arrays, open_splits
+from auditor.batches import Batch
+from auditor.client import check_health, get_report, list_reports, main, remote_audit, server_metadata
 from auditor.errors import AuditError, NotFoundError
+from auditor.options import Connection, ServeOptions
 from auditor.persist import ReportStore
 from auditor.prepare import describe_model
 from auditor.records import DataSpec
-from auditor.server import ServeOptions, build_server
+from auditor.server import build_server
+from auditor.splits import load_arrays, open_splits
 
 
 @pytest.fixture(scope="module")

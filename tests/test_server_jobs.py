@@ -24,9 +24,9 @@ from auditor.client import (
     submit_job,
     watch_job,
 )
-from auditor.data import open_splits
 from auditor.errors import AuditError, LimitError, NotFoundError
 from auditor.records import CANCELLED, DONE, FAILED, QUEUED, RUNNING, DatasetRef
+from auditor.splits import open_splits
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from servers import AUDITOR, REPO, Process, Served, Servers, eventually
 
 from auditor import AuditConfig, audit, prepare
+from auditor.batches import Dataset
 from auditor.client import (
     Connection,
     cancel_job,
@@ -36,10 +37,10 @@ from auditor.client import (
     submit_job,
     watch_job,
 )
-from auditor.data import Dataset, open_splits
 from auditor.errors import AuditError
 from auditor.records import CANCELLED, DONE, FAILED, DatasetRef, DataSpec
 from auditor.server import ServeOptions
+from auditor.splits import open_splits
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow

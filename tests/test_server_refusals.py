@@ -20,7 +20,7 @@ from servers import MNIST8, Served, code, serving, zeros_batch
 
 from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
-from auditor.data import Batch
+from auditor.batches import Batch
 from auditor.modelfile import external_tensors
 from auditor.transport import NO_RETRY
 

@@ -18,11 +18,11 @@ import pytest
 from auditor import AuditConfig, audit
 from auditor.cli import main
 from auditor.count import CountOfCounts
-from auditor.data import open_splits
 from auditor.errors import AuditError
 from auditor.modelfile import load_model
 from auditor.records import DataSpec
 from auditor.shard import InlineExecutor, audit_sharded, audit_streamed, partition_of, plan, reduce_partition
+from auditor.splits import open_splits
 from auditor.stores import fold_keys
 
 REPO = Path(__file__).resolve().parents[1]

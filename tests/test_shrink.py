@@ -15,12 +15,12 @@ import pytest
 
 from auditor.cli import main
 from auditor.config import AuditConfig
-from auditor.data import open_dataset
 from auditor.find import describe
 from auditor.modelfile import load_model
 from auditor.run import Runner
 from auditor.shrink import exact_plan, measure, shrink
 from auditor.shrinkreport import render_text
+from auditor.splits import open_dataset
 from auditor.surgery import find_sites
 from tests.models import Net, conv_flatten_net, save
 from tests.refusals import cli_refused

@@ -11,7 +11,7 @@ import pytest
 from models import dense_model, run
 
 from auditor import AuditConfig, Prepared, Report, prepare
-from auditor.data import Batch
+from auditor.batches import Batch
 from auditor.feed import feed
 from auditor.stores import MemoryBudget
 from auditor.summary import TOP_STATES, layer_stats, split_cna, summarize

@@ -10,7 +10,7 @@ from models import CASES, lenet_model
 
 from auditor import AuditConfig, prepare
 from auditor.audit import counting_threads
-from auditor.data import Batch
+from auditor.batches import Batch
 from auditor.feed import feed
 from auditor.stores import MemoryBudget
 from auditor.tally import SplitTally

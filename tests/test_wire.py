@@ -13,11 +13,12 @@ from refusals import refused
 
 from auditor import audit, prepare
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
+from auditor.batches import Batch, tagged
 from auditor.config import AuditConfig
-from auditor.data import Batch, open_splits, tagged
 from auditor.errors import AuditError, DataError
 from auditor.records import AuditSpec, DatasetRef, Job, StoredReport
 from auditor.report import LayerInfo, ModelInfo
+from auditor.splits import open_splits
 from auditor.wire import (
     DATATYPES,
     array_to_tensor,

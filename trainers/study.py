@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from auditor import AuditConfig, audit
-from auditor.data import Batch
+from auditor.batches import Batch
 from auditor.errors import AuditError
 from auditor.modelfile import load_model
 from auditor.report import SplitReport, WeightNorms
