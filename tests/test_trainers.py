@@ -26,8 +26,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the trainer needs the 'train' extra")
 
-from auditor import find_layers  # noqa: E402
-from auditor.data import load_arrays  # noqa: E402
+from auditor import AuditConfig, audit, find_layers  # noqa: E402
+from auditor.data import Batch, load_arrays  # noqa: E402
 from auditor.errors import AuditError  # noqa: E402
 from tests.models import mlp  # noqa: E402
 from trainers import manifest, tables  # noqa: E402
@@ -435,6 +435,23 @@ def audited(widths=(4, 4), seed=0, *, variant="none", noise=0.0, dropout_p=0.5, 
         return SplitMetrics(100, value, aiq, 0.6, 0.1, (0.5, 0.7))
 
     return AuditedNetwork(network.file, network, split(accuracy + gap), split(accuracy), 0.2, None)
+
+
+def test_split_metrics_are_the_reports_own_figures(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp([4, 6, 3]), path)
+    rng = np.random.default_rng(0)
+    batches = [
+        (split, Batch(x=rng.normal(size=(40, 4)).astype(np.float32), y=rng.integers(0, 3, 40)))
+        for split in ("train", "test")
+    ]
+    report = audit(path, batches, AuditConfig(batch_size=40))
+    for split in ("train", "test"):
+        metrics, figures = SplitMetrics.of(report, split), report.splits[split]
+        assert (metrics.samples, metrics.accuracy, metrics.aiq) == (40, figures.accuracy, figures.aiq)
+        assert (metrics.network_efficiency, metrics.cna) == (figures.network_efficiency, figures.cna)
+        assert metrics.layer_efficiencies == tuple(layer.efficiency for layer in figures.layers)
+    assert report.cna_margin is not None and report.metric("cna_margin_max", "train+test") is not None
 
 
 def test_cells_pool_replicates_and_measure_fold_decrease():
