@@ -87,7 +87,7 @@ class DeviceRun:
 
     ``run(feed)`` answers the runner's ``{name: array}``, except that each layer's keys come
     back as ``CountedKeys`` (a run of distinct keys with counts, or only how many states there
-    were for a layer that is not counted). Batches are cut as ``run.Runner`` cuts them: a model
+    were for a layer that is not counted). Batches are cut as ``run.Session`` cuts them: a model
     of fixed batch size runs in chunks of that size, the last one zero-padded and the padding cut
     off on the device; others in calls of ``call_rows`` samples when given (a GPU runner gives
     none), so both paths compute every number in the same session calls.

@@ -19,7 +19,7 @@ from auditor.expose import Exposed, expose
 from auditor.find import Structure, describe, with_shape
 from auditor.modelfile import LoadedModel, load_model
 from auditor.report import LayerInfo, ModelInfo
-from auditor.run import CPU_ONLY, Runner, probe_shapes, requested_providers
+from auditor.run import CPU_ONLY, Session, probe_shapes, requested_providers
 
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
 BATCH_BYTES = 128 << 20  # a batch's widest activations, about
@@ -35,7 +35,7 @@ class Prepared:
     model: LoadedModel
     structure: Structure
     exposed: Exposed
-    runner: Runner
+    runner: Session
     settings: SessionSettings
     max_rows: int | None = None  # samples per batch that keep activations near BATCH_BYTES
     device: Device | None = None  # where states are counted when not on the host (``devrun``)
@@ -47,7 +47,7 @@ class Prepared:
 
     @property
     def provider_options(self) -> dict[str, dict[str, str]] | None:
-        """The CUDA provider's options when CUDA runs the session, else None (``Runner.provider_options``)."""
+        """The CUDA provider's options when CUDA runs the session, else None (``Session.provider_options``)."""
         return self.runner.provider_options
 
     @property
@@ -69,7 +69,7 @@ def prepare(
     structure = structure_of(loaded)
     # onnxruntime's CUDA MatMulInteger takes int8 × int8 only: CUDA sessions pack in float
     exposed = expose(loaded.proto, structure, states_at, integer_packing=requested_providers(device) == CPU_ONLY)
-    runner = Runner(exposed.model, structure.input, device, call_rows(structure), gpu_math)
+    runner = Session(exposed.model, structure.input, device, call_rows(structure), gpu_math)
     device, warnings = counting_device(runner.providers)
     return Prepared(loaded, structure, exposed, runner, settings, rows_per_batch(structure), device, tuple(warnings))
 
@@ -90,7 +90,7 @@ def rows_per_batch(structure: Structure) -> int | None:
 def call_rows(structure: Structure) -> int | None:
     """How many samples one CPU session call takes: enough that the widest layer's float32
     activations fill about ``CACHE_BYTES``, and at least ``MIN_CALL_ROWS``; None when sizes are
-    unknown. A batch runs in several such calls (``run.Runner``).
+    unknown. A batch runs in several such calls (``run.Session``).
 
     Measured on LeNet-5 (docs/performance.md): plain inference in calls of 8–32 MNIST images costs
     10–20% less CPU than in calls of 256, the exposed graph a little less so.

@@ -4,7 +4,7 @@ CUDA is used when onnxruntime can really start it; otherwise the session runs on
 Only ``session.get_providers()`` tells which providers run (FIELD-NOTES), so that is what the
 report records, with the CUDA provider's options when CUDA runs. A CUDA session computes in
 full fp32 unless ``gpu_math="tf32"`` asks otherwise (``cuda_provider_options``; see
-docs/counting.md for why, and for the cuDNN settings that keep states repeatable). A ``Runner``
+docs/counting.md for why, and for the cuDNN settings that keep states repeatable). A ``Session``
 owns one session and answers ``run(feed) -> {name: array}``, feeding models of a fixed batch
 size in chunks of that size and, on the CPU, others in cache-sized calls; ``probe_shapes``
 measures tensor shapes that shape inference could not give.
@@ -159,7 +159,7 @@ def create_session(
     return session
 
 
-class Runner:
+class Session:
     """One onnxruntime session over a model with one data input; outputs come back by name.
 
     Safe to share between threads (onnxruntime's ``run`` is). ``workers`` is how many runs to
@@ -242,7 +242,7 @@ def probe_shapes(model: onnx.ModelProto, model_input: ModelInput, names: Sequenc
     if not names or len(dims) < 2 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
         return {}
     batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else 1
-    probe = Runner(with_outputs(model, names), model_input, "cpu")
+    probe = Session(with_outputs(model, names), model_input, "cpu")
     outputs = probe.run(np.zeros((batch, *dims[1:]), model_input.dtype), names)
     return {name: value.shape for name, value in outputs.items()}
 

@@ -48,7 +48,7 @@ from auditor.feed import Feed, feed
 from auditor.find import ModelInput, describe
 from auditor.modelfile import LoadedModel, external_tensors, load_model
 from auditor.report import Report
-from auditor.run import Runner, ordered_map
+from auditor.run import Session, ordered_map
 from auditor.shrinkreport import LayerShrink, ModelFigures, ShrinkReport, model_cost
 from auditor.surgery import Constants, Cut, Site, affine_rows, cut, find_sites
 
@@ -246,7 +246,7 @@ def stream(
 ) -> Iterator[tuple[Feed, dict[str, np.ndarray]]]:
     """Each batch's ``Feed`` and the tensors ``names``, through the audit's own feed and runner."""
     model_input = describe(model).input
-    runner = Runner(with_outputs(model, names), model_input, config.device)
+    runner = Session(with_outputs(model, names), model_input, config.device)
     feeding = config.feeding
 
     def run(item: tuple[str, int, object]) -> tuple[Feed, dict[str, np.ndarray]]:
@@ -327,7 +327,7 @@ def measure_latency(
 ) -> list[float]:
     """Median milliseconds of plain single-threaded CPU inference of ``x`` for each model, the
     models' runs interleaved so that a change in machine load hits them alike."""
-    runners = [Runner(model, model_input, "cpu") for model in models]
+    runners = [Session(model, model_input, "cpu") for model in models]
     names = [[model.graph.output[0].name] for model in models]
     times: list[list[float]] = [[] for _ in models]
     for runner, name in zip(runners, names, strict=True):
@@ -494,7 +494,7 @@ def _verify(model: onnx.ModelProto) -> None:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelError(f"the shrunk model fails onnx.checker ({first_line(exc)}); please report it") from None
-    Runner(model, describe(model).input, "cpu")
+    Session(model, describe(model).input, "cpu")
 
 
 def _layer_rows(sites: Sequence[Site], plan: Plan, before: Report, split: str) -> list[LayerShrink]:

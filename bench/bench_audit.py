@@ -15,8 +15,8 @@ Workloads (the images are held in memory before any clock starts):
 
 A round runs three fresh processes, one after another, in an order that rotates between rounds:
 - ``default``: plain inference with onnxruntime's default session options, one call per batch;
-- ``own-way``: plain inference run the audit's own way: ``auditor.run.Runner`` over the plain
-  model, its batches spread over ``Runner.workers`` calls side by side by ``ordered_map``, each
+- ``own-way``: plain inference run the audit's own way: ``auditor.run.Session`` over the plain
+  model, its batches spread over ``Session.workers`` calls side by side by ``ordered_map``, each
   batch run in calls of ``prepare.call_rows`` samples;
 - ``audit``: ``auditor.audit`` of the same batches (labels included), report built.
 Each process times itself from after loading the images to the end (session creation included),
@@ -153,12 +153,12 @@ def child(mode: str, work: Workload) -> dict[str, float]:
 
 
 def run_plain(mode: str, work: Workload) -> None:
-    """Plain inference of every batch: onnxruntime defaults, or the audit's own Runner and workers."""
+    """Plain inference of every batch: onnxruntime defaults, or the audit's own Session and workers."""
     import onnxruntime as ort
 
     from auditor.modelfile import load_model
     from auditor.prepare import call_rows, structure_of
-    from auditor.run import Runner, ordered_map
+    from auditor.run import Session, ordered_map
 
     loaded = load_model(work.model)
     model, structure = loaded.proto, structure_of(loaded)
@@ -172,7 +172,7 @@ def run_plain(mode: str, work: Workload) -> None:
             for start in range(0, len(feed), fixed or len(feed)):
                 session.run(None, {model_input.name: feed[start : start + (fixed or len(feed))]})
         return
-    runner = Runner(model, model_input, "cpu", call_rows(structure))
+    runner = Session(model, model_input, "cpu", call_rows(structure))
     outputs = [o.name for o in model.graph.output]
     for _ in ordered_map(lambda x: runner.run(prepare(x), outputs), (x for x, _ in work.batches()), runner.workers):
         pass

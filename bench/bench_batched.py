@@ -33,12 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def jobs(members: int, limit: int, epochs: int) -> list:
-    from trainers.records import RECIPES, Architecture, Job
+    from trainers.records import RECIPES, Architecture, TrainingJob
 
     recipe = replace(RECIPES["cna"], max_epochs=epochs)
     noises = [0.0, 0.5]
     return [
-        Job(
+        TrainingJob(
             Architecture("mlp-5x500", (500,) * 5),
             seed=i // 2,
             label_noise=noises[i % 2],

@@ -18,15 +18,15 @@ from trainers import manifest  # noqa: E402
 from trainers.batched import _Member, _Stack, batchable, groups, run_batch  # noqa: E402
 from trainers.grid import run_grid  # noqa: E402
 from trainers.job import initial_model, job_data, run_job  # noqa: E402
-from trainers.records import Architecture, Job, Recipe  # noqa: E402
+from trainers.records import Architecture, Recipe, TrainingJob  # noqa: E402
 from trainers.train import fit  # noqa: E402
 
 LIMIT = 1000
 
 
-def job(seed: int = 0, epochs: int | None = 2, patience: int | None = 5, **changes) -> Job:
+def job(seed: int = 0, epochs: int | None = 2, patience: int | None = 5, **changes) -> TrainingJob:
     recipe = Recipe(max_epochs=epochs, lr=0.05, batch_size=64, patience=patience)
-    return Job(Architecture("lenet-300-100", (16, 8)), seed=seed, recipe=recipe, limit=LIMIT, **changes)
+    return TrainingJob(Architecture("lenet-300-100", (16, 8)), seed=seed, recipe=recipe, limit=LIMIT, **changes)
 
 
 def weights(model: torch.nn.Module) -> list[np.ndarray]:
@@ -98,7 +98,7 @@ def test_each_member_has_its_own_stopping_rule():
 def test_groups_batch_alike_jobs_and_leave_the_rest_alone():
     dropout = replace(job(5), architecture=Architecture("lenet-300-100", (16, 8), "dropout"))
     wide = replace(job(6), architecture=Architecture("lenet-300-100", (32, 8)))
-    lenet5 = Job(Architecture("lenet-5", (2, 2, 2)))
+    lenet5 = TrainingJob(Architecture("lenet-5", (2, 2, 2)))
     jobs = [job(0), job(1), dropout, job(2, epochs=5), wide, lenet5, job(3, label_noise=0.5)]
     assert not batchable(dropout) and not batchable(lenet5)
     planned = groups(jobs, members=3)

@@ -21,7 +21,7 @@ from auditor.expose import expose
 from auditor.keys import join_groups, namespace
 from auditor.modelfile import load_model
 from auditor.prepare import structure_of
-from auditor.run import Runner
+from auditor.run import Session
 from auditor.splits import open_splits
 from auditor.stores import fold_keys
 
@@ -103,7 +103,7 @@ def test_the_float_packing_cuda_sessions_use_gives_the_host_run(neurons: int) ->
     structure = structure_of(loaded)
     exposed = expose(loaded.proto, structure, "pre-activation", integer_packing=False)
     (out,) = exposed.layers
-    packed = Runner(exposed.model, structure.input, "cpu").run(x, [out.keys])[out.keys]
+    packed = Session(exposed.model, structure.input, "cpu").run(x, [out.keys])[out.keys]
     counted = count_packed(on_device(packed), out.groups, out.group_axis, fakedevice, fakedevice.asnumpy)
     assert_same_run(counted.run, fold_keys(join_groups(packed, out.groups, out.group_axis)))
     assert counted.run["count"].sum() == len(x) * 9

@@ -26,7 +26,7 @@ from auditor.find import describe
 from auditor.keys import join_groups
 from auditor.modelfile import load_model
 from auditor.prepare import structure_of
-from auditor.run import Runner
+from auditor.run import Session
 from auditor.splits import load_arrays
 
 
@@ -405,7 +405,7 @@ def test_audit_counts_are_identical_and_cna_within_1e_6_of_the_oracle() -> None:
     fast = prepare(model, device="cpu")
     assert through_linearity(fast.exposed, "c1") and not through_linearity(fast.exposed, "c2")
     exposed = expose(model, fast.structure, fast=False)
-    oracle = dataclasses.replace(fast, exposed=exposed, runner=Runner(exposed.model, fast.structure.input, "cpu"))
+    oracle = dataclasses.replace(fast, exposed=exposed, runner=Session(exposed.model, fast.structure.input, "cpu"))
     config = AuditConfig(device="cpu", batch_size=256)
     reports = [audit(p, [("train", Batch(x, y))], config).splits["train"] for p in (fast, oracle)]
     mine, theirs = reports

@@ -26,7 +26,7 @@ from auditor.find import ModelInput, describe
 from auditor.run import (
     CUDA,
     GPU_PROVIDERS,
-    Runner,
+    Session,
     create_session,
     cuda_driver_loads,
     cuda_probe,
@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 X = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
 
 
-def runner(model: onnx.ModelProto, device: str = "cpu") -> Runner:
-    return Runner(model, describe(model).input, device)
+def runner(model: onnx.ModelProto, device: str = "cpu") -> Session:
+    return Session(model, describe(model).input, device)
 
 
 # --- Outputs by name ------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def test_a_batch_runs_in_calls_of_call_rows_with_the_same_answer(call_rows: int)
     """10 samples in calls of at most ``call_rows``: outputs equal one call's, in order."""
     model = with_outputs(mlp([4, 5, 3]), ["pre1"])
     whole = runner(model).run(X, ["logits", "pre1"])
-    split = Runner(model, describe(model).input, "cpu", call_rows=call_rows)
+    split = Session(model, describe(model).input, "cpu", call_rows=call_rows)
     assert split.call_rows == call_rows
     got = split.run(X, ["logits", "pre1"])
     for name in ("logits", "pre1"):
@@ -89,16 +89,16 @@ def test_outputs_without_the_batch_first_are_refused_when_a_batch_is_split() -> 
     model = mlp([4, 5, 3])
     model.graph.node.append(helper.make_node("Shape", ["x"], ["shape"]))
     model.graph.output.append(helper.make_tensor_value_info("shape", onnx.TensorProto.INT64, [2]))
-    split = Runner(model, describe(model).input, "cpu", call_rows=3)
+    split = Session(model, describe(model).input, "cpu", call_rows=3)
     refused(ModelError, lambda: split.run(X, ["logits", "shape"]), "'shape' has shape (2,) for 3 samples")
     with pytest.raises(ValueError, match="call_rows"):
-        Runner(model, describe(model).input, "cpu", call_rows=0)
+        Session(model, describe(model).input, "cpu", call_rows=0)
 
 
 def test_a_fixed_batch_size_wins_over_call_rows() -> None:
     """A model of batch size 4 is always called with 4 samples, whatever ``call_rows`` says."""
     fixed = mlp([4, 5, 3], batch=4)
-    got = Runner(fixed, describe(fixed).input, "cpu", call_rows=3).run(X, ["logits"])
+    got = Session(fixed, describe(fixed).input, "cpu", call_rows=3).run(X, ["logits"])
     np.testing.assert_allclose(got["logits"], run(mlp([4, 5, 3]), X, ["logits"])[0], rtol=1e-6, atol=1e-6)
 
 
@@ -199,11 +199,11 @@ def test_cuda_sessions_are_asked_for_fp32_math_and_a_fixed_convolution_algorithm
 
 def test_the_provider_options_that_ran_are_known_only_when_cuda_ran() -> None:
     for gpu_math in ("exact", "tf32"):
-        cpu = Runner(mlp([4, 5, 3]), describe(mlp([4, 5, 3])).input, "cpu", gpu_math=gpu_math)
+        cpu = Session(mlp([4, 5, 3]), describe(mlp([4, 5, 3])).input, "cpu", gpu_math=gpu_math)
         assert cpu.provider_options is None
         assert gpu_math_warnings(cpu.provider_options, gpu_math) == []  # the CPU's counts are exact anyway
     if cuda_usable():
-        session = Runner(mlp([4, 5, 3]), describe(mlp([4, 5, 3])).input, "cuda")
+        session = Session(mlp([4, 5, 3]), describe(mlp([4, 5, 3])).input, "cuda")
         assert session.provider_options[CUDA]["use_tf32"] == "0"
         assert session.provider_options[CUDA]["cudnn_conv_algo_search"] == "DEFAULT"
 

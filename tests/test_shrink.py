@@ -17,7 +17,7 @@ from auditor.cli import main
 from auditor.config import AuditConfig
 from auditor.find import describe
 from auditor.modelfile import load_model
-from auditor.run import Runner
+from auditor.run import Session
 from auditor.shrink import exact_plan, measure, shrink
 from auditor.shrinkreport import render_text
 from auditor.splits import open_dataset
@@ -169,7 +169,7 @@ def test_the_command_writes_model_reports_and_external_data(tmp_path: Path, caps
     assert (tmp_path / "small.onnx.data").is_file()
     assert not (tmp_path / "small.onnx.data").read_bytes().startswith(b"stale")
     loaded = load_model(out)
-    Runner(loaded.proto, describe(loaded.proto).input, "cpu")
+    Session(loaded.proto, describe(loaded.proto).input, "cpu")
     shrunk = json.loads((tmp_path / "s.json").read_text())
     assert shrunk["schema"] == "auditor.shrink/v1" and shrunk["max_accuracy_drop_pp"] == 1.0
     assert 'id="shrink"' in (tmp_path / "s.html").read_text()
@@ -229,7 +229,7 @@ def test_every_shared_model_shrinks_or_is_refused_per_layer(shared_models: Path,
     assert report.max_abs_difference <= 1e-5 * max(1.0, report.max_abs_output)  # float rounding, relative
     assert all(row.left_whole is None or row.neurons_after == row.neurons_before for row in report.layers)
     onnx.checker.check_model(report.model)
-    Runner(report.model, describe(report.model).input, "cpu")
+    Session(report.model, describe(report.model).input, "cpu")
     if name == "light_resnet50_opset9.onnx":
         assert any("residual block" in (row.left_whole or "") for row in report.layers)
     if name == "squeezenet1.0_fp16_opset7.onnx":

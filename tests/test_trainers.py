@@ -26,7 +26,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the trainer needs the 'train' extra")
 
-from auditor import find_layers  # noqa: E402
+from auditor import AuditConfig, audit, find_layers  # noqa: E402
+from auditor.batches import Batch  # noqa: E402
 from auditor.errors import AuditError  # noqa: E402
 from auditor.splits import load_arrays  # noqa: E402
 from tests.models import mlp  # noqa: E402
@@ -39,9 +40,9 @@ from trainers.job import run_job  # noqa: E402
 from trainers.label_noise import noisy_labels, randomize_labels, shuffle_labels  # noqa: E402
 from trainers.lenet import build, parameter_count  # noqa: E402
 from trainers.noise_data import gaussian_noise  # noqa: E402
-from trainers.records import Architecture, Job, Recipe, TrainedNetwork  # noqa: E402
+from trainers.records import Architecture, Recipe, TrainedNetwork, TrainingJob  # noqa: E402
 from trainers.stats import Estimate, RankCorrelation, estimate, kendall_tau, mean_ci, t_critical  # noqa: E402
-from trainers.study import AuditedNetwork, SplitFigures, StudySettings, find_networks, make_report  # noqa: E402
+from trainers.study import AuditedNetwork, SplitMetrics, StudySettings, find_networks, make_report  # noqa: E402
 from trainers.study_page import format_estimate  # noqa: E402
 from trainers.train import fit, make_optimizer  # noqa: E402
 
@@ -49,8 +50,8 @@ FAST = Recipe(max_epochs=1)
 LIMIT = 1000
 
 
-def tiny_job(arch: str = "lenet-300-100", widths: tuple[int, ...] = (4, 2), **changes) -> Job:
-    return Job(Architecture(arch, widths, **changes.pop("net", {})), recipe=FAST, limit=LIMIT, **changes)
+def tiny_job(arch: str = "lenet-300-100", widths: tuple[int, ...] = (4, 2), **changes) -> TrainingJob:
+    return TrainingJob(Architecture(arch, widths, **changes.pop("net", {})), recipe=FAST, limit=LIMIT, **changes)
 
 
 def metadata(data: bytes) -> dict[str, str]:
@@ -425,16 +426,33 @@ def test_kendall_tau_matches_scipy_asymptotic():
 
 def audited(widths=(4, 4), seed=0, *, variant="none", noise=0.0, dropout_p=0.5, accuracy=0.9, aiq=0.8, gap=0.05):
     """A network as the study sees it, with figures chosen by the test."""
-    job = Job(Architecture("lenet-300-100", widths, variant, dropout_p), seed=seed, label_noise=noise)
+    job = TrainingJob(Architecture("lenet-300-100", widths, variant, dropout_p), seed=seed, label_noise=noise)
     network = TrainedNetwork(
         job, epochs=3, best_epoch=2, stopped_early=True, train_accuracy=accuracy + gap, test_accuracy=accuracy,
         params=job.architecture.parameter_count,
     )  # fmt: skip
 
-    def split(value: float) -> SplitFigures:
-        return SplitFigures(100, value, aiq, 0.6, 0.1, (0.5, 0.7))
+    def split(value: float) -> SplitMetrics:
+        return SplitMetrics(100, value, aiq, 0.6, 0.1, (0.5, 0.7))
 
     return AuditedNetwork(network.file, network, split(accuracy + gap), split(accuracy), 0.2, None)
+
+
+def test_split_metrics_are_the_reports_own_figures(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp([4, 6, 3]), path)
+    rng = np.random.default_rng(0)
+    batches = [
+        (split, Batch(x=rng.normal(size=(40, 4)).astype(np.float32), y=rng.integers(0, 3, 40)))
+        for split in ("train", "test")
+    ]
+    report = audit(path, batches, AuditConfig(batch_size=40))
+    for split in ("train", "test"):
+        metrics, figures = SplitMetrics.of(report, split), report.splits[split]
+        assert (metrics.samples, metrics.accuracy, metrics.aiq) == (40, figures.accuracy, figures.aiq)
+        assert (metrics.network_efficiency, metrics.cna) == (figures.network_efficiency, figures.cna)
+        assert metrics.layer_efficiencies == tuple(layer.efficiency for layer in figures.layers)
+    assert report.cna_margin is not None and report.metric("cna_margin_max", "train+test") is not None
 
 
 def test_cells_pool_replicates_and_measure_fold_decrease():
@@ -752,7 +770,7 @@ def test_one_grid_command_then_report_tell_the_whole_story(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_lenet300_11_4_reaches_70_percent_after_one_epoch_on_60k():
-    job = Job(Architecture("lenet-300-100", (11, 4)), recipe=Recipe(max_epochs=1))
+    job = TrainingJob(Architecture("lenet-300-100", (11, 4)), recipe=Recipe(max_epochs=1))
     network = run_job(job).network
     assert network.epochs == 1
     assert network.test_accuracy >= 0.70

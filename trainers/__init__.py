@@ -9,7 +9,7 @@ process.
 
 Read it in this order:
 
-- ``records``: what a network is (``Architecture``, ``Recipe``, ``Job``) and what training gave
+- ``records``: what a network is (``Architecture``, ``Recipe``, ``TrainingJob``) and what training gave
   (``TrainedNetwork``), with their manifest and ONNX-metadata forms;
 - training one network: ``training_data`` (with ``noise_data``, the Gaussian-noise set) and
   ``label_noise`` → ``lenet`` → ``train`` → ``export``, tied together by ``job``;

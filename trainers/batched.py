@@ -37,19 +37,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainers.job import JobData, JobResult, checkpoint_due, export, initial_model, job_data, run_job
-from trainers.records import Job, Recipe
+from trainers.records import Recipe, TrainingJob
 from trainers.train import FitResult, device
 
 BATCHABLE_ARCHS = ("mlp-5x500", "lenet-300-100")
 
 
-def batchable(job: Job) -> bool:
+def batchable(job: TrainingJob) -> bool:
     """Whether ``job`` can be a member of a batched model."""
     a = job.architecture
     return a.arch in BATCHABLE_ARCHS and a.variant == "none" and not job.recipe.restore_best
 
 
-def batch_key(job: Job) -> tuple | None:
+def batch_key(job: TrainingJob) -> tuple | None:
     """Jobs with equal keys may train in one batch: same network shape, data and optimiser (not
     the same seed, labels, epochs or stopping); None for a job that must run alone."""
     if not batchable(job):
@@ -59,11 +59,11 @@ def batch_key(job: Job) -> tuple | None:
     return (job.architecture, job.dataset, job.limit, optimiser, job.checkpoint_every)
 
 
-def groups(jobs: Sequence[Job], members: int) -> list[list[Job]]:
+def groups(jobs: Sequence[TrainingJob], members: int) -> list[list[TrainingJob]]:
     """``jobs`` cut into groups trained together: up to ``members`` batchable jobs of one key, in
     plan order; every other job alone."""
-    by_key: dict[tuple, list[Job]] = {}
-    alone: list[list[Job]] = []
+    by_key: dict[tuple, list[TrainingJob]] = {}
+    alone: list[list[TrainingJob]] = []
     for job in jobs:
         key = batch_key(job) if members > 1 else None
         if key is None:
@@ -74,7 +74,7 @@ def groups(jobs: Sequence[Job], members: int) -> list[list[Job]]:
     return batched + alone
 
 
-def run_group(jobs: Sequence[Job], threads: int | None = None) -> list[JobResult]:
+def run_group(jobs: Sequence[TrainingJob], threads: int | None = None) -> list[JobResult]:
     """Train a group from ``groups``: one job alone, several as one batched model."""
     if len(jobs) == 1:
         return [run_job(jobs[0], threads)]
@@ -85,7 +85,7 @@ def run_group(jobs: Sequence[Job], threads: int | None = None) -> list[JobResult
 class _Member:
     """The bookkeeping of one member: its job, data, data-order generator and stopping state."""
 
-    job: Job
+    job: TrainingJob
     data: JobData
     generator: torch.Generator
     history: list[float] = field(default_factory=list)
@@ -166,14 +166,14 @@ class _Stack:
         return model
 
 
-def _check_batch(jobs: Sequence[Job]) -> None:
+def _check_batch(jobs: Sequence[TrainingJob]) -> None:
     keys = {batch_key(job) for job in jobs}
     if None in keys or len(keys) != 1:
         raise ValueError("a batch needs batchable jobs of one architecture, data set and optimiser")
 
 
 def run_batch(
-    jobs: Sequence[Job], threads: int | None = None, on_epoch: Callable[[int, list[float]], None] | None = None
+    jobs: Sequence[TrainingJob], threads: int | None = None, on_epoch: Callable[[int, list[float]], None] | None = None
 ) -> list[JobResult]:
     """Train ``jobs`` as one batched model; returns each member's result (with its checkpoints) in order.
 

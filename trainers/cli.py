@@ -25,7 +25,7 @@ from auditor.flags import integer, number
 from auditor.usage import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Parser
 
 if TYPE_CHECKING:
-    from trainers.records import Architecture, Job, Recipe
+    from trainers.records import Architecture, Recipe, TrainingJob
 
 PROG = "auditor-train"
 TRAIN_EXTRA = ("torch", "matplotlib")  # the modules of the 'train' extra
@@ -249,12 +249,12 @@ def _default_widths(arch: str) -> tuple[int, ...]:
     return DEFAULT_WIDTHS[arch]
 
 
-def _job(args: argparse.Namespace, widths: Sequence[int], seed: int, variant: str, label_noise: float) -> Job:
-    """The ``Job`` the shared options describe (validated there; errors are AuditErrors)."""
-    from trainers.records import Architecture, Job
+def _job(args: argparse.Namespace, widths: Sequence[int], seed: int, variant: str, label_noise: float) -> TrainingJob:
+    """The ``TrainingJob`` the shared options describe (validated there; errors are AuditErrors)."""
+    from trainers.records import Architecture, TrainingJob
 
     architecture = Architecture(args.arch, tuple(widths), variant, args.dropout_p)
-    return Job(
+    return TrainingJob(
         architecture,
         seed=seed,
         label_noise=label_noise,

@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trainers.generalization import POOLED, PREDICTORS, TARGETS, Interval, Point
-from trainers.generalization import Correlation as CnaCorrelation
+from trainers.generalization import POOLED, PREDICTORS, TARGETS, CnaCorrelation, Interval, Point
 from trainers.records import VARIANTS
-from trainers.tables import Cell, Correlation, Scale, label, layer_metrics, split_metric
+from trainers.tables import Cell, GapCorrelation, Scale, label, layer_metrics, split_metric
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure as MplFigure
@@ -148,9 +147,9 @@ def heatmaps(cells: Sequence[Cell], scale: Scale) -> list[Figure]:
     return figures
 
 
-def scatters(networks: Sequence[AuditedNetwork], found: Sequence[Correlation], scale: Scale) -> list[Figure]:
+def scatters(networks: Sequence[AuditedNetwork], found: Sequence[GapCorrelation], scale: Scale) -> list[Figure]:
     """One scatter per metric of the generalization test: the gap against the metric, per network."""
-    by_metric: dict[str, list[Correlation]] = {}
+    by_metric: dict[str, list[GapCorrelation]] = {}
     for correlation in found:
         by_metric.setdefault(correlation.metric, []).append(correlation)
     gaps = [scale.value("gap", n.gap) for n in networks]

@@ -189,7 +189,7 @@ def _interval(value: float | None, draws: list[float]) -> Interval:
 
 
 @dataclass(frozen=True)
-class Correlation:
+class CnaCorrelation:
     """One predictor against its target over one subset of one data set (or all pooled)."""
 
     dataset: str
@@ -237,14 +237,14 @@ def correlate(
 class CnaStudy:
     """The correlations, the tables that show them, and the page's caption, notes and summary."""
 
-    correlations: list[Correlation]
+    correlations: list[CnaCorrelation]
     tables: list[Table]
     caption: str
     notes: list[str]
     summary: list[str]
 
 
-def correlations(points: Sequence[Point], resamples: int = 1000, seed: int = 0) -> list[Correlation]:
+def correlations(points: Sequence[Point], resamples: int = 1000, seed: int = 0) -> list[CnaCorrelation]:
     """Every predictor × subset × data set (and pooled) with at least two points."""
     rng = np.random.default_rng(seed)
     datasets = sorted({p.dataset for p in points})
@@ -258,7 +258,7 @@ def correlations(points: Sequence[Point], resamples: int = 1000, seed: int = 0) 
             for key, _, target in PREDICTORS:
                 n, networks, r, tau, p_value = correlate(chosen, key, target, resamples, rng)
                 if n >= 2:
-                    found.append(Correlation(dataset, subset, key, target, n, networks, r, tau, p_value))
+                    found.append(CnaCorrelation(dataset, subset, key, target, n, networks, r, tau, p_value))
     return found
 
 
@@ -266,7 +266,7 @@ def _label(key: str) -> str:
     return next(label for k, label, _ in PREDICTORS if k == key)
 
 
-def correlation_table(found: Sequence[Correlation], caption: str) -> Table:
+def correlation_table(found: Sequence[CnaCorrelation], caption: str) -> Table:
     rows = tuple(
         {
             "dataset": c.dataset,
@@ -352,7 +352,7 @@ def _caption(points: Sequence[Point], resamples: int) -> str:
     )
 
 
-def _summary(found: Sequence[Correlation]) -> list[str]:
+def _summary(found: Sequence[CnaCorrelation]) -> list[str]:
     lines = ["CNA study (Pearson r and Kendall tau with bootstrap 95% intervals):"]
     for c in found:
         if c.subset == "all" and c.dataset != POOLED and any(o.dataset == POOLED for o in found):

@@ -28,7 +28,7 @@ from trainers import manifest
 from trainers.batched import groups, run_group
 from trainers.files import save_atomic
 from trainers.job import JobResult
-from trainers.records import ARCHS, Job, TrainedNetwork
+from trainers.records import ARCHS, TrainedNetwork, TrainingJob
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,12 @@ def width_combinations(
 
 
 def plan(
-    template: Job,
+    template: TrainingJob,
     combinations: Sequence[tuple[int, ...]],
     replicates: int,
     variants: Sequence[str] | None = None,
     label_noises: Sequence[float] | None = None,
-) -> list[Job]:
+) -> list[TrainingJob]:
     """``template`` at every variant × label noise × width combination, with seeds ``0..replicates-1``.
 
     ``variants`` and ``label_noises`` default to the template's own; the order is variant, noise,
@@ -84,7 +84,7 @@ def plan(
     ]
 
 
-def _check_same_settings(job: Job, network: TrainedNetwork) -> None:
+def _check_same_settings(job: TrainingJob, network: TrainedNetwork) -> None:
     """Refuse to mix networks trained with other settings under one name."""
     found = network.job.to_dict()
     differing = sorted(key for key, value in job.to_dict().items() if found.get(key) != value)
@@ -95,7 +95,7 @@ def _check_same_settings(job: Job, network: TrainedNetwork) -> None:
         )
 
 
-def _local_results(todo: list[list[Job]], workers: int, threads: int | None) -> Iterator[list[JobResult]]:
+def _local_results(todo: list[list[TrainingJob]], workers: int, threads: int | None) -> Iterator[list[JobResult]]:
     """Each group's results as they finish, from this process (one worker) or from spawned processes."""
     if workers == 1:
         for group in todo:
@@ -110,7 +110,7 @@ def _local_results(todo: list[list[Job]], workers: int, threads: int | None) -> 
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _ray_results(todo: list[list[Job]], address: str, threads: int | None) -> Iterator[list[JobResult]]:
+def _ray_results(todo: list[list[TrainingJob]], address: str, threads: int | None) -> Iterator[list[JobResult]]:
     """Each group's results as they finish from Ray tasks, on the cluster ``raycluster.connected`` joins."""
     if not todo:
         return
@@ -127,7 +127,7 @@ def _ray_results(todo: list[list[Job]], address: str, threads: int | None) -> It
 
 
 def run_grid(
-    jobs: Sequence[Job],
+    jobs: Sequence[TrainingJob],
     out: Path,
     workers: int = 1,
     threads: int | None = 1,

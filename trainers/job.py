@@ -1,9 +1,9 @@
 """One network, start to finish: load data, train with the recipe, evaluate, export verified ONNX.
 
-A ``Job`` (``trainers.records``) is plain picklable data, so the same ``run_job`` runs in this
+A ``TrainingJob`` (``trainers.records``) is plain picklable data, so the same ``run_job`` runs in this
 process, in a spawned worker, or on a Ray node, and returns the ONNX bytes rather than writing
 them: only the caller touches the output folder, which keeps writes atomic and the manifest
-single-writer. With ``Job.checkpoint_every`` N, the network after every N-th epoch before the
+single-writer. With ``TrainingJob.checkpoint_every`` N, the network after every N-th epoch before the
 last is exported too, each as its own file (``TrainedNetwork.final`` False).
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 from trainers.export import to_onnx
 from trainers.label_noise import noisy_labels
 from trainers.lenet import build, parameter_count
-from trainers.records import Job, TrainedNetwork
+from trainers.records import TrainedNetwork, TrainingJob
 from trainers.train import FitResult, accuracy, device, fit
 from trainers.training_data import Split, load_split
 
@@ -60,7 +60,7 @@ class JobData:
         return math.prod(self.train.x.shape[1:])
 
 
-def job_data(job: Job, target: torch.device | None = None) -> JobData:
+def job_data(job: TrainingJob, target: torch.device | None = None) -> JobData:
     """``job``'s training split with its label noise applied, and the test split, on ``target``."""
     any_shape = job.architecture.arch == "mlp-5x500"
     train = _split(job.dataset, "train", job.limit, any_shape)
@@ -73,13 +73,13 @@ def job_data(job: Job, target: torch.device | None = None) -> JobData:
     )
 
 
-def initial_model(job: Job, inputs: int) -> nn.Sequential:
+def initial_model(job: TrainingJob, inputs: int) -> nn.Sequential:
     """The network ``job`` starts from: its architecture, initialised from its seed."""
     torch.manual_seed(job.seed)
     return build(job.architecture, inputs)
 
 
-def export(job: Job, model: nn.Module, data: JobData, fitted: FitResult, *, final: bool) -> JobResult:
+def export(job: TrainingJob, model: nn.Module, data: JobData, fitted: FitResult, *, final: bool) -> JobResult:
     """Evaluate ``model`` after ``fitted.epochs`` epochs and export it (the network, or a checkpoint)."""
     network = TrainedNetwork(
         job=job,
@@ -97,13 +97,15 @@ def export(job: Job, model: nn.Module, data: JobData, fitted: FitResult, *, fina
     return JobResult(network=network, onnx=onnx)
 
 
-def checkpoint_due(job: Job, epoch: int) -> bool:
+def checkpoint_due(job: TrainingJob, epoch: int) -> bool:
     """Whether the network after ``epoch`` is exported as a checkpoint (the last epoch is the network itself)."""
     every, last = job.checkpoint_every, job.recipe.max_epochs
     return every is not None and epoch % every == 0 and epoch != last
 
 
-def run_job(job: Job, threads: int | None = None, on_epoch: Callable[[int, float], None] | None = None) -> JobResult:
+def run_job(
+    job: TrainingJob, threads: int | None = None, on_epoch: Callable[[int, float], None] | None = None
+) -> JobResult:
     """Train, evaluate and export ``job``'s network, and its checkpoints.
 
     ``threads`` sets this process's torch threads (a process-wide setting); ``on_epoch(epoch,

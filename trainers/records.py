@@ -1,6 +1,6 @@
 """The typed records that cross the trainer's modules: what to train, and what training gave.
 
-``Architecture``, ``Recipe`` and ``Job`` say what a network is and how it is trained (SPEC §7);
+``Architecture``, ``Recipe`` and ``TrainingJob`` say what a network is and how it is trained (SPEC §7);
 ``TrainedNetwork`` adds what training measured. Each record has one flat form, spelled only
 here: a manifest line (JSON values) and the ONNX ``metadata_props`` (strings), so a grid's
 manifest and a folder of exported networks read back as the same records. PyTorch is not
@@ -143,7 +143,7 @@ CNA_NOISY_EPOCHS = 200
 
 
 @dataclass(frozen=True)
-class Job:
+class TrainingJob:
     """Everything that determines one trained network; equal jobs give equal weights on one machine."""
 
     architecture: Architecture
@@ -200,7 +200,7 @@ class Job:
         }
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> Job:
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainingJob:
         """The job of a ``to_dict`` result (extra keys are ignored; a missing one raises ``KeyError``)."""
         architecture = Architecture(
             values["arch"], tuple(int(w) for w in values["widths"]), values["variant"], values["dropout_p"]
@@ -226,10 +226,10 @@ class TrainedNetwork:
     was trained on (label noise included); ``test_accuracy`` on the true test labels. The last
     three fields are known only to the run that trained it, so they live in the manifest, not in
     the ONNX file (which must be byte-identical between runs). A checkpoint (``final`` False) is
-    the network after ``epochs`` epochs of a longer run (``Job.checkpoint_every``).
+    the network after ``epochs`` epochs of a longer run (``TrainingJob.checkpoint_every``).
     """
 
-    job: Job
+    job: TrainingJob
     epochs: int
     best_epoch: int
     stopped_early: bool
@@ -279,7 +279,7 @@ class TrainedNetwork:
     def from_manifest(cls, values: Mapping[str, Any]) -> TrainedNetwork:
         """The record of a manifest line; raises ``KeyError``/``TypeError``/``AuditError`` if it is not one."""
         return cls(
-            job=Job.from_dict(values),
+            job=TrainingJob.from_dict(values),
             **{key: values[key] for key in _RESULT_KEYS if key in values or key not in _OPTIONAL_KEYS},
             train_history=tuple(values["train_history"]),
             seconds=values["seconds"],
@@ -306,7 +306,7 @@ class TrainedNetwork:
             values: dict[str, Any] = {key: _value(key, props[key]) for key in _METADATA_KEYS}
             values.update({key: _value(key, props[key]) for key in _OPTIONAL_KEYS if key in props})
             results = {key: values[key] for key in _RESULT_KEYS if key in values}
-            return cls(job=Job.from_dict(values), **results)
+            return cls(job=TrainingJob.from_dict(values), **results)
         except (KeyError, ValueError, TypeError, RecursionError) as error:
             raise AuditError(f"auditor-train metadata is incomplete or malformed ({error})") from None
 

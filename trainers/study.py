@@ -30,17 +30,19 @@ from auditor import AuditConfig, audit
 from auditor.batches import Batch
 from auditor.errors import AuditError
 from auditor.modelfile import load_model
-from auditor.report import SplitReport, WeightNorms
+from auditor.report import Report, WeightNorms
 from trainers import generalization, tables
 from trainers.files import save_atomic
 from trainers.label_noise import noisy_labels
 from trainers.noise_data import dataset_arrays
-from trainers.records import Architecture, Job, TrainedNetwork
+from trainers.records import Architecture, TrainedNetwork, TrainingJob
 
 
 @dataclass(frozen=True)
-class SplitFigures:
-    """What the audit measured on one split of one network."""
+class SplitMetrics:
+    """What the study keeps of one split's audit of one network: the headline figures and each
+    layer's efficiency, not the report's per-layer counts and per-sample points (a study holds
+    every network of a grid at once)."""
 
     samples: int
     accuracy: float | None
@@ -50,14 +52,12 @@ class SplitFigures:
     layer_efficiencies: tuple[float, ...]
 
     @classmethod
-    def of(cls, split: SplitReport) -> SplitFigures:
+    def of(cls, report: Report, split: str) -> SplitMetrics:
+        """The figures of ``split`` (which ``report`` audited), read by name with ``Report.metric``."""
+        headline = ("samples", "accuracy", "aiq", "network_efficiency", "cna")
         return cls(
-            samples=split.samples,
-            accuracy=split.accuracy,
-            aiq=split.aiq,
-            network_efficiency=split.network_efficiency,
-            cna=split.cna,
-            layer_efficiencies=tuple(layer.efficiency for layer in split.layers),
+            **{name: report.metric(name, split) for name in headline},
+            layer_efficiencies=tuple(layer.efficiency for layer in report.splits[split].layers),
         )
 
 
@@ -67,8 +67,8 @@ class AuditedNetwork:
 
     file: str  # relative to the study's folder
     network: TrainedNetwork
-    train: SplitFigures
-    test: SplitFigures
+    train: SplitMetrics
+    test: SplitMetrics
     cna_margin_max: float | None
     cna_margin_p5: float | None
     weights: WeightNorms | None = None
@@ -108,7 +108,7 @@ def find_networks(folder: Path) -> tuple[list[tuple[str, TrainedNetwork]], list[
     """
     if not folder.is_dir():
         raise AuditError(f"{folder} is not a folder; give a folder of networks made by 'auditor-train'")
-    found: dict[tuple[Job, bool, int], tuple[str, TrainedNetwork]] = {}
+    found: dict[tuple[TrainingJob, bool, int], tuple[str, TrainedNetwork]] = {}
     foreign: list[str] = []
     copies: list[str] = []
     for path in sorted(p for p in folder.rglob("*.onnx") if p.is_file()):
@@ -170,14 +170,13 @@ def audit_network(
         _batches("test", x_test, y_test, config.batch_size),
     )
     report = audit(path, batches, config)
-    margin = report.cna_margin
     return AuditedNetwork(
         file=relative,
         network=network,
-        train=SplitFigures.of(report.splits["train"]),
-        test=SplitFigures.of(report.splits["test"]),
-        cna_margin_max=margin.cna_margin_max if margin else None,
-        cna_margin_p5=margin.cna_margin_p5 if margin else None,
+        train=SplitMetrics.of(report, "train"),
+        test=SplitMetrics.of(report, "test"),
+        cna_margin_max=report.metric("cna_margin_max", "train+test"),  # CNA-Margin spans both splits
+        cna_margin_p5=report.metric("cna_margin_p5", "train+test"),
         weights=report.weights,
     )
 

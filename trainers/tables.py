@@ -413,7 +413,7 @@ def table3(cells: Sequence[Cell], scale: Scale, caption: str) -> Table | None:
 
 
 @dataclass(frozen=True)
-class Correlation:
+class GapCorrelation:
     """Kendall's τ-b between one metric on one split and the generalization gap."""
 
     metric: str
@@ -421,16 +421,16 @@ class Correlation:
     result: RankCorrelation
 
 
-def correlations(networks: Sequence[AuditedNetwork]) -> list[Correlation]:
+def correlations(networks: Sequence[AuditedNetwork]) -> list[GapCorrelation]:
     """τ-b between the gap and each ``GENERALIZATION`` metric, over every network."""
     gaps = [n.gap for n in networks]
     return [
-        Correlation(metric, split, kendall_tau([split_metric(n, metric, split) for n in networks], gaps))
+        GapCorrelation(metric, split, kendall_tau([split_metric(n, metric, split) for n in networks], gaps))
         for metric, split in GENERALIZATION
     ]
 
 
-def generalization_table(found: Sequence[Correlation], caption: str) -> Table:
+def generalization_table(found: Sequence[GapCorrelation], caption: str) -> Table:
     rows = [
         {
             "metric": label(c.metric),
@@ -514,7 +514,7 @@ class Study:
 
     cells: list[Cell]
     tables: list[Table]
-    correlations: list[Correlation]
+    correlations: list[GapCorrelation]
     caption: str
     summary: list[str]
     notes: list[str]
@@ -611,7 +611,7 @@ def build(networks: Sequence[AuditedNetwork], dataset: str, settings: StudySetti
     return Study(cells, tables, found, caption, _summary(cells, found, settings.top_k, scale), notes, scale)
 
 
-def _summary(cells: Sequence[Cell], found: Sequence[Correlation], k: int, scale: Scale) -> list[str]:
+def _summary(cells: Sequence[Cell], found: Sequence[GapCorrelation], k: int, scale: Scale) -> list[str]:
     lines = []
     for metric in ("accuracy", "aiq"):
         lines.append(f"top {k} by {metric}:")
