@@ -60,7 +60,7 @@ EXPOSE 50051 9464
 # The standard grpc.health.v1 check; it stays open when the server wants a token. With TLS on,
 # override it to add --tls-ca.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-m", "auditor.client", "health", "--server", "127.0.0.1:50051", "--timeout", "3"]
+    CMD ["python", "-m", "auditor.service.client", "health", "--server", "127.0.0.1:50051", "--timeout", "3"]
 
 # Extra flags (--tls-cert, --token-file, --max-concurrent ...) go after the image name.
 ENTRYPOINT ["auditor", "serve", "--host", "0.0.0.0", "--port", "50051", "--store", "/var/lib/auditor"]

@@ -24,23 +24,10 @@ from typing import TextIO
 from auditor import grpclogs  # noqa: F401  (first: gRPC reads its log level when it is first imported)
 
 # isort: on
-from auditor import options
-from auditor.compare import compare, render_comparison
 from auditor.config import AGGREGATES, DEVICES, GPU_MATHS, STATE_POINTS, AuditConfig
 from auditor.errors import AuditError, first_line
 from auditor.exits import Terminated, ending_on_signals
 from auditor.flags import MAX_SAMPLES, integer, number, size
-from auditor.gate import (
-    BASELINE_METRICS,
-    COMPARED_SETTINGS,
-    GATE_METRICS,
-    baseline_checks,
-    baseline_settings_problem,
-    gate_checks,
-    junit_xml,
-    summary_markdown,
-    threshold_problem,
-)
 from auditor.raycluster import ADDRESS_FORMS, MAX_SHARDS
 from auditor.records import (
     DONE,
@@ -54,7 +41,20 @@ from auditor.records import (
     Job,
 )
 from auditor.report import REPORT_MAX_BYTES, SCHEMA, Report, ReportError, format_table, render_table
+from auditor.reporting.compare import compare, render_comparison
+from auditor.reporting.gate import (
+    BASELINE_METRICS,
+    COMPARED_SETTINGS,
+    GATE_METRICS,
+    baseline_checks,
+    baseline_settings_problem,
+    gate_checks,
+    junit_xml,
+    summary_markdown,
+    threshold_problem,
+)
 from auditor.runners import LocalRunner, RayRunner, RemoteRunner, Runner
+from auditor.service import options
 from auditor.sinks import for_terminal, lines_for_terminal
 from auditor.usage import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, format_size
 
@@ -370,7 +370,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
 
 
 def run_layers(args: argparse.Namespace) -> int:
-    from auditor.prepare import describe_model
+    from auditor.engine.prepare import describe_model
 
     info = describe_model(args.model)
     fields = ("name", "op", "activation", "role", "neurons", "positions", "block_output")
@@ -467,7 +467,7 @@ def _write_report(report: Report, args: argparse.Namespace) -> None:
     if args.json:
         _write(report.to_json(), args.json)
     if args.html:
-        from auditor.page import render_page
+        from auditor.reporting.page import render_page
 
         args.html.write_text(render_page(report))
 
@@ -547,10 +547,10 @@ def _read_baseline(args: argparse.Namespace, relative: dict[str, float | None], 
 
 def run_shrink(args: argparse.Namespace) -> int:
     """``shrink``: measure, cut, verify, and write the model and the reports asked for."""
-    from auditor.page import render_page
-    from auditor.shrink import MAX_ALIGN, check_drop, save_model, shrink
-    from auditor.shrinkreport import html_section, render_text
-    from auditor.splits import open_dataset
+    from auditor.datasets.splits import open_dataset
+    from auditor.pruning.plan import MAX_ALIGN, check_drop, save_model, shrink
+    from auditor.pruning.report import html_section, render_text
+    from auditor.reporting.page import render_page
 
     if args.max_accuracy_drop is not None:
         check_drop(args.max_accuracy_drop)
@@ -597,7 +597,7 @@ def _stage_printer() -> Callable[[str], None] | None:
 
 
 def run_render(args: argparse.Namespace) -> int:
-    from auditor.page import render_page
+    from auditor.reporting.page import render_page
 
     _write(render_page(read_report(args.report, "report")).rstrip("\n"), args.html)
     return EXIT_OK
@@ -632,13 +632,13 @@ def read_report(source: str, what: str) -> Report:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from auditor.server import run_serve
+    from auditor.service.server import run_serve
 
     return run_serve(args)
 
 
 def run_reports(args: argparse.Namespace) -> int:
-    from auditor import client
+    from auditor.service import client
 
     connection = options.connection_from_args(args)
     if connection is None:
@@ -657,7 +657,7 @@ def run_reports(args: argparse.Namespace) -> int:
 
 def _submit_job(args: argparse.Namespace) -> int:
     """``audit --detach``: queue the audit as a job on the server and print its id (one line)."""
-    from auditor import client
+    from auditor.service import client
 
     connection = options.connection_from_args(args)
     if connection is None:
@@ -681,7 +681,7 @@ JOB_COLUMNS = ("id", "model", "dataset", "state", "samples", "queue")
 
 def run_jobs(args: argparse.Namespace) -> int:
     """List jobs, or show one (``--wait`` for it, ``--cancel`` it); exit 2 for a failed or cancelled job."""
-    from auditor import client
+    from auditor.service import client
 
     connection = options.connection_from_args(args)
     if connection is None:

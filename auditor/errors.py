@@ -2,7 +2,7 @@
 
 Every refusal is an ``AuditError`` whose message is a single line that says what is wrong and
 what to do about it. The kind decides how the edges report it: the CLI exits with code 2, the
-gRPC server maps it to a status code (``auditor.transport.STATUS``), and nothing ever shows a traceback.
+gRPC server maps it to a status code (``auditor.service.transport.STATUS``), and nothing ever shows a traceback.
 """
 
 from __future__ import annotations

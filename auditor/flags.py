@@ -67,7 +67,7 @@ def number(
 
 
 def size(text: str) -> int:
-    """A memory size such as ``512M`` or ``4G`` (``auditor.count.parse_size``: 64M to 1P)."""
+    """A memory size such as ``512M`` or ``4G`` (``auditor.engine.count.parse_size``: 64M to 1P)."""
     try:
         return parse_size(text)
     except AuditError as exc:

@@ -3,7 +3,7 @@
 Client, server, CLI and runners all hold these: what data an audit reads (``DataSpec``,
 ``ImageOptions``, ``DatasetRef``), what one audit runs (``AuditSpec``), a detached job
 (``Job`` and its states) and a stored report's bookkeeping (``StoredReport``). They are plain
-frozen dataclasses over the standard library, so that ``import auditor.client`` stays light:
+frozen dataclasses over the standard library, so that ``import auditor.service.client`` stays light:
 this module imports no onnx, no onnxruntime, no numpy and no SQLite.
 """
 

@@ -118,7 +118,7 @@ class MissingWeights:
 
 @dataclass(frozen=True)
 class WeightNorms:
-    """Data-free baselines from the weights (``auditor.weights``): per-layer norms, their products
+    """Data-free baselines from the weights (``auditor.engine.weights``): per-layer norms, their products
     across the layers named in ``covers``, and the ℓ2 path norm."""
 
     layers: list[LayerNorms]

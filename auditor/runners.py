@@ -22,9 +22,9 @@ from auditor.config import AuditConfig
 from auditor.records import DataSpec
 
 if TYPE_CHECKING:
-    from auditor.batches import Dataset
-    from auditor.options import Connection
+    from auditor.datasets.batches import Dataset
     from auditor.report import Report
+    from auditor.service.options import Connection
 
 T = TypeVar("T")
 
@@ -77,8 +77,8 @@ def _input_shape(model: Path) -> Callable[[], tuple[int | str | None, ...]]:
     """The input shape of the model file ``model``, read when asked for."""
 
     def read() -> tuple[int | str | None, ...]:
-        from auditor.find import describe
-        from auditor.modelfile import load_model
+        from auditor.engine.find import describe
+        from auditor.engine.modelfile import load_model
 
         return describe(load_model(model).proto).input.shape
 
@@ -87,7 +87,7 @@ def _input_shape(model: Path) -> Callable[[], tuple[int | str | None, ...]]:
 
 @dataclass(frozen=True)
 class LocalRunner:
-    """The audit in this process (``auditor.audit``); spilled runs go under ``spill_dir``.
+    """The audit in this process (``auditor.engine.audit``); spilled runs go under ``spill_dir``.
 
     The data is opened on a second thread while the model is prepared, unless it is an image
     folder, which is sized to the model's input."""
@@ -95,7 +95,7 @@ class LocalRunner:
     spill_dir: Path | None = None
 
     def run(self, model: Path, data: DataSpec, config: AuditConfig, progress: Progress | None = None) -> Report:
-        from auditor.splits import open_splits
+        from auditor.datasets.splits import open_splits
 
         def open_data(spec: DataSpec) -> list[Dataset]:
             return open_splits(spec.source, spec.split, limit=spec.limit, images=spec.images)
@@ -103,8 +103,8 @@ class LocalRunner:
         # Data that does not depend on the model (all but image folders) is opened, its files
         # checked, while the engine is imported and the model prepared on this thread.
         early = None if _sized_by_model(data) else _started(lambda: open_data(data))
-        from auditor.audit import audit
-        from auditor.prepare import prepare
+        from auditor.engine.audit import audit
+        from auditor.engine.prepare import prepare
 
         prepared = prepare(model, device=config.device, states_at=config.states_at, gpu_math=config.gpu_math)
         if early is not None:
@@ -119,17 +119,17 @@ class LocalRunner:
 @dataclass(frozen=True)
 class RayRunner:
     """The audit cut into ``shards`` contiguous shards per split, run as tasks on the Ray cluster
-    at ``address`` (``auditor.shard``); merged exactly into the report a local audit gives."""
+    at ``address`` (``auditor.engine.shard``); merged exactly into the report a local audit gives."""
 
     address: str
     shards: int = 1
 
     def run(self, model: Path, data: DataSpec, config: AuditConfig, progress: Progress | None = None) -> Report:
-        from auditor.modelfile import load_model
-        from auditor.prepare import structure_of
+        from auditor.datasets.splits import open_splits
+        from auditor.engine.modelfile import load_model
+        from auditor.engine.prepare import structure_of
+        from auditor.engine.shard import RayExecutor, audit_sharded, plan
         from auditor.raycluster import connected
-        from auditor.shard import RayExecutor, audit_sharded, plan
-        from auditor.splits import open_splits
 
         loaded = load_model(model)
         data = for_model(data, lambda: structure_of(loaded).input.shape)
@@ -147,13 +147,13 @@ class RayRunner:
 
 @dataclass(frozen=True)
 class RemoteRunner:
-    """The audit on an auditor server (``auditor.client``): a known dataset is read there, other
+    """The audit on an auditor server (``auditor.service.client``): a known dataset is read there, other
     data is streamed from here in batches; ``queued(position)`` hears of the wait in its queue."""
 
     connection: Connection
 
     def run(self, model: Path, data: DataSpec, config: AuditConfig, progress: Progress | None = None) -> Report:
-        from auditor import client
+        from auditor.service import client
 
         data = for_model(data, _input_shape(model))
         if progress is not None:

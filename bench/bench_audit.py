@@ -15,10 +15,10 @@ Workloads (the images are held in memory before any clock starts):
 
 A round runs three fresh processes, one after another, in an order that rotates between rounds:
 - ``default``: plain inference with onnxruntime's default session options, one call per batch;
-- ``own-way``: plain inference run the audit's own way: ``auditor.run.Session`` over the plain
+- ``own-way``: plain inference run the audit's own way: ``auditor.engine.run.Session`` over the plain
   model, its batches spread over ``Session.workers`` calls side by side by ``ordered_map``, each
   batch run in calls of ``prepare.call_rows`` samples;
-- ``audit``: ``auditor.audit`` of the same batches (labels included), report built.
+- ``audit``: ``auditor.engine.audit`` of the same batches (labels included), report built.
 Each process times itself from after loading the images to the end (session creation included),
 and reports its wall time, CPU time and peak resident memory. A round's ratio is audit ÷
 inference of that round; the figure printed is the median over rounds, with the load average
@@ -50,8 +50,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from auditor.batches import Batch
-from auditor.splits import load_arrays
+from auditor.datasets.batches import Batch
+from auditor.datasets.splits import load_arrays
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SQUEEZENET = SHARED / "models" / "squeezenet1.0_fp16_opset7.onnx"
@@ -156,9 +156,9 @@ def run_plain(mode: str, work: Workload) -> None:
     """Plain inference of every batch: onnxruntime defaults, or the audit's own Session and workers."""
     import onnxruntime as ort
 
-    from auditor.modelfile import load_model
-    from auditor.prepare import call_rows, structure_of
-    from auditor.run import Session, ordered_map
+    from auditor.engine.modelfile import load_model
+    from auditor.engine.prepare import call_rows, structure_of
+    from auditor.engine.run import Session, ordered_map
 
     loaded = load_model(work.model)
     model, structure = loaded.proto, structure_of(loaded)
@@ -237,13 +237,13 @@ def profile(work: Workload, images: int) -> None:
     import onnxruntime as ort
 
     from auditor import AuditConfig
-    from auditor.expose import expose
-    from auditor.feed import feed, input_entropy, to_model_input
-    from auditor.prepare import prepare
-    from auditor.run import create_session
-    from auditor.stores import MemoryBudget
-    from auditor.summary import TOP_STATES, summarize
-    from auditor.tally import SplitTally
+    from auditor.engine.expose import expose
+    from auditor.engine.feed import feed, input_entropy, to_model_input
+    from auditor.engine.prepare import prepare
+    from auditor.engine.run import create_session
+    from auditor.engine.stores import MemoryBudget
+    from auditor.engine.summary import TOP_STATES, summarize
+    from auditor.engine.tally import SplitTally
 
     work = Workload(work.name, work.model, work.images[:images], work.labels[:images], work.batch_size)
     config = AuditConfig(device="cpu", batch_size=work.batch_size)
@@ -298,7 +298,7 @@ def profile(work: Workload, images: int) -> None:
 def call_sizes(graphs: dict, input_name: str, inputs: list[np.ndarray], rounds: int = 5) -> None:
     """CPU per batch of the plain and exposed graphs run in calls of 256, 64, 32, 16 and 8 samples:
     interleaved rounds, median of each against one call per batch of the plain graph."""
-    from auditor.run import create_session
+    from auditor.engine.run import create_session
 
     sessions = {}
     for label in ("plain", "exposed"):

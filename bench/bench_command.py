@@ -180,10 +180,10 @@ def stages_of_audit(model: Path, folder: Path) -> dict[str, float]:
     """The audit command's stages, one after another, as ``auditor.cli`` runs them."""
     clock = _Clock()
     from auditor import cli
-    from auditor.audit import audit
-    from auditor.batches import Batch
-    from auditor.prepare import prepare
-    from auditor.splits import open_splits
+    from auditor.datasets.batches import Batch
+    from auditor.datasets.splits import open_splits
+    from auditor.engine.audit import audit
+    from auditor.engine.prepare import prepare
 
     clock.lap("import")
     datasets = open_splits("mnist", "train")

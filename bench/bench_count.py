@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from auditor.count import LayerCounter
-from auditor.keys import hash_rows
-from auditor.stores import MemoryBudget
+from auditor.engine.count import LayerCounter
+from auditor.engine.keys import hash_rows
+from auditor.engine.stores import MemoryBudget
 from auditor.usage import parse_size
 
 WORKLOADS = {  # keys, distinct, words, keys per batch

@@ -15,7 +15,7 @@ Workloads (images held in memory before any clock starts):
 
 A round runs two fresh processes in turn, in an order that alternates between rounds:
 ``plain``, onnxruntime-gpu with default session options, every output fetched to the host, one
-call per batch (in chunks of a fixed batch size); and ``audit``, ``auditor.audit`` of the same
+call per batch (in chunks of a fixed batch size); and ``audit``, ``auditor.engine.audit`` of the same
 batches with labels, on CUDA (``--gpu-math`` exact unless asked), report built. Each process
 reports its throughput, its peak resident host memory and the GPU memory it holds at the end
 (onnxruntime's arena and CuPy's pool keep their peak; read by ``nvidia-smi``). The ratio printed
@@ -94,7 +94,7 @@ def child(mode: str, work: Workload, device: str, gpu_math: str) -> dict[str, fl
     wall = time.perf_counter()
     if mode == "audit":
         from auditor import AuditConfig, audit
-        from auditor.batches import Batch
+        from auditor.datasets.batches import Batch
 
         batches = (("train", Batch(x, y)) for x, y in work.batches())
         report = audit(
@@ -117,8 +117,8 @@ def run_plain(work: Workload, device: str) -> list[str]:
     """Plain inference: default session options, every output fetched to the host, one call per batch."""
     import onnxruntime as ort
 
-    from auditor.modelfile import load_model
-    from auditor.prepare import structure_of
+    from auditor.engine.modelfile import load_model
+    from auditor.engine.prepare import structure_of
 
     model_input = structure_of(load_model(work.model)).input
     prepare = preprocessor(model_input.dtype, model_input.shape)
@@ -214,7 +214,7 @@ def differences(cpu: dict, cuda: dict, tolerance: float = ENTROPY_TOLERANCE) -> 
 def parity(device: str, limit: int | None) -> int:
     """CPU and ``device`` reports of every example model on MNIST, both splits; 1 when any differ."""
     from auditor import AuditConfig, audit
-    from auditor.splits import open_splits
+    from auditor.datasets.splits import open_splits
 
     failed = False
     for model in sorted(EXAMPLES.glob("*.onnx")):

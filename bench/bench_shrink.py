@@ -3,7 +3,7 @@
     python bench/bench_shrink.py MODEL --data mnist --mean 0.1307 --std 0.3081 --max-accuracy-drop 0.5
     python bench/bench_shrink.py MODEL --data mnist --align 1 8 --rounds 15
 
-For each ``--align`` value the model is shrunk once (``auditor.shrink.shrink``: statistics on
+For each ``--align`` value the model is shrunk once (``auditor.pruning.plan.shrink``: statistics on
 ``--limit`` training samples, the budget checked on the test split), then both models are run
 with plain onnxruntime (default session options, one call per batch of ``--batch`` test images)
 in ``--rounds`` paired rounds whose order alternates. The figure printed is the median over
@@ -24,10 +24,10 @@ import onnx
 import onnxruntime as ort
 
 from auditor.config import AuditConfig
-from auditor.feed import to_model_input
-from auditor.find import describe
-from auditor.shrink import shrink
-from auditor.splits import open_dataset
+from auditor.datasets.splits import open_dataset
+from auditor.engine.feed import to_model_input
+from auditor.engine.find import describe
+from auditor.pruning.plan import shrink
 
 
 def timed(session: ort.InferenceSession, x: np.ndarray, batch: int) -> float:

@@ -37,11 +37,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from auditor.client import remote_audit
 from auditor.config import AuditConfig
+from auditor.datasets.splits import load_arrays
 from auditor.errors import AuditError
-from auditor.options import Connection
-from auditor.splits import load_arrays
+from auditor.service.client import remote_audit
+from auditor.service.options import Connection
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = [REPO.parent / "shared" / "models" / "mnist-8_cntk_opset8.onnx", REPO / "examples" / "lenet300_11_4.onnx"]
@@ -136,10 +136,10 @@ def quiet(target: str, stop: threading.Event, tally: Tally) -> None:
 
 def cancelling(target: str, end: float, tally: Tally) -> None:
     """Start a streamed audit and cancel it at its first progress event; again until ``end``."""
-    from auditor import wire
     from auditor._proto.auditor.v1 import auditor_pb2 as pb
     from auditor._proto.auditor.v1 import auditor_pb2_grpc
-    from auditor.batches import Batch
+    from auditor.datasets.batches import Batch
+    from auditor.service import wire
 
     batch = wire.batch_to_proto("test", Batch(np.zeros((64, 28, 28), np.uint8)))
     with grpc.insecure_channel(target) as channel:

@@ -303,7 +303,7 @@ def in_flight(server: Serving, data: Path, out: Path) -> Iterator[None]:
 
 def streamed_data(path: Path, samples: int) -> Path:
     """MNIST's first ``samples`` test samples as a .npz, which a remote audit streams from the client."""
-    from auditor.splits import open_splits
+    from auditor.datasets.splits import open_splits
 
     (dataset,) = open_splits("mnist", "test", limit=samples)
     batches = list(dataset.batches(samples))

@@ -23,12 +23,12 @@ import onnx
 import pytest
 from models import mlp
 
-from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
-from auditor.batches import Batch
-from auditor.options import Connection, ServeOptions
-from auditor.server import Server
+from auditor.datasets.batches import Batch
+from auditor.service import wire
+from auditor.service.options import Connection, ServeOptions
+from auditor.service.server import Server
 
 REPO = Path(__file__).resolve().parents[1]
 AUDITOR = [sys.executable, "-m", "auditor.cli"]  # what the `auditor` console script runs

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-CHECK = "from auditor.allocator import keep_freed_memory; print(keep_freed_memory(), keep_freed_memory())"
+CHECK = "from auditor.engine.allocator import keep_freed_memory; print(keep_freed_memory(), keep_freed_memory())"
 
 
 def keeps(env: dict[str, str]) -> str:

@@ -1,4 +1,4 @@
-"""auditor.audit end to end: real onnxruntime sessions on hand-built models, real MNIST, real
+"""auditor.engine.audit end to end: real onnxruntime sessions on hand-built models, real MNIST, real
 third-party models. Every expected number is worked out here, by hand or by an independent
 numpy computation of SPEC.md, never by calling the auditor's own math.
 
@@ -25,12 +25,12 @@ from onnx import TensorProto, helper
 from refusals import refused
 
 from auditor import AuditConfig, Prepared, Report, audit, prepare
-from auditor.audit import prepared_for
-from auditor.batches import Batch
+from auditor.datasets.batches import Batch
+from auditor.datasets.splits import open_splits
+from auditor.engine.audit import prepared_for
+from auditor.engine.metrics import probability_margins, sample_uniforms
+from auditor.engine.run import cuda_usable
 from auditor.errors import AuditError, CancelledError, DataError, NotFoundError
-from auditor.metrics import probability_margins, sample_uniforms
-from auditor.run import cuda_usable
-from auditor.splits import open_splits
 
 CPU = AuditConfig(device="cpu")
 

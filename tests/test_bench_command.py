@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from auditor.cli import main
-from auditor.idx import locate
+from auditor.datasets.idx import locate
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from auditor import AuditConfig, audit
-from auditor.splits import open_splits
+from auditor.datasets.splits import open_splits
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
 

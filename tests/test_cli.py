@@ -29,8 +29,8 @@ from refusals import cli_refused, usage_refused
 from servers import eventually, with_default_signals
 
 from auditor.cli import main
-from auditor.prepare import describe_model
-from auditor.run import cuda_usable
+from auditor.engine.prepare import describe_model
+from auditor.engine.run import cuda_usable
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "lenet300_11_4.onnx"
@@ -595,7 +595,7 @@ def test_a_refusal_that_quotes_a_name_is_still_one_escaped_line(
 
 # --- What each subcommand imports ---------------------------------------------------------------
 
-HEAVY = ("grpc", "auditor._proto", "auditor.client", "auditor.server", "onnxruntime", "matplotlib")
+HEAVY = ("grpc", "auditor._proto", "auditor.service.client", "auditor.service.server", "onnxruntime", "matplotlib")
 _IMPORTED = """
 import sys
 from auditor.cli import main

@@ -11,8 +11,8 @@ from models import mlp, save
 from refusals import cli_refused
 
 from auditor.cli import main
-from auditor.options import ServeOptions
-from auditor.server import build_server
+from auditor.service.options import ServeOptions
+from auditor.service.server import build_server
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "examples" / "lenet300_11_4.onnx"
@@ -139,7 +139,7 @@ def test_remote_audit_of_an_image_folder_equals_a_local_one(
 ) -> None:
     from PIL import Image
 
-    from auditor.splits import load_arrays
+    from auditor.datasets.splits import load_arrays
 
     x, _ = load_arrays("mnist", "test", limit=60)
     for i, image in enumerate(x):

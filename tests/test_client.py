@@ -1,4 +1,4 @@
-"""auditor.client and auditor.transport: what the client shares with the server, and what it does alone.
+"""auditor.service.client and auditor.service.transport: what the client shares with the server, and what it does alone.
 
 The client is tested end to end against real servers in the test_server*.py files; here are
 the parts that need no server: the status mapping both ways, the retry marks, the token and
@@ -20,13 +20,13 @@ from models import mlp
 from refusals import cli_refused, refused
 
 from auditor.cli import main as cli
-from auditor.client import list_reports, model_address, model_files
+from auditor.engine.modelfile import load_model
 from auditor.errors import AuditError, CancelledError, LimitError, ModelError, NotFoundError, UnauthenticatedError
-from auditor.jobs import QueueFullError
-from auditor.modelfile import load_model
-from auditor.options import Connection
-from auditor.persist import ModelStore
-from auditor.transport import NO_RETRY, RETRY_LATER, STATUS, error_from_status, read_token, retryable, status_of
+from auditor.service.client import list_reports, model_address, model_files
+from auditor.service.jobs import QueueFullError
+from auditor.service.options import Connection
+from auditor.service.persist import ModelStore
+from auditor.service.transport import NO_RETRY, RETRY_LATER, STATUS, error_from_status, read_token, retryable, status_of
 
 # ---- status codes both ways -------------------------------------------------------------------
 
@@ -137,12 +137,26 @@ def test_a_missing_model_file_is_refused(tmp_path: Path) -> None:
 # ---- what the client imports ------------------------------------------------------------------
 
 
-def test_the_health_probe_imports_neither_onnxruntime_nor_server_code() -> None:
+# What a client never needs: the model libraries, the engine, and the server's queue and store.
+HEAVY = (
+    "onnx",
+    "onnxruntime",
+    "ml_dtypes",
+    "sqlite3",
+    "auditor.engine",
+    "auditor.service.server",
+    "auditor.service.jobs",
+    "auditor.service.persist",
+)
+
+
+def test_the_client_and_its_health_probe_load_no_engine_onnx_or_store() -> None:
     probe = (
         "import json, sys\n"
-        "from auditor import client\n"
+        "from auditor.service import client, wire\n"
         "code = client.main(['health', '--server', '127.0.0.1:9', '--timeout', '1'])\n"
-        "print(json.dumps([code, sorted(m for m in sys.modules if m.startswith(('onnxruntime', 'auditor.server')))]))\n"
+        f"heavy = sorted(m for m in sys.modules for h in {HEAVY!r} if m == h or m.startswith(h + '.'))\n"
+        "print(json.dumps([code, heavy]))\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(result.stdout.splitlines()[-1]) == [1, []]

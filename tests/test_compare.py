@@ -1,4 +1,4 @@
-"""auditor.compare and ``auditor compare``: two real reports side by side, with deltas.
+"""auditor.reporting.compare and ``auditor compare``: two real reports side by side, with deltas.
 
 The reports come from real audits on real MNIST: the bundled LeNet-300-100 and LeNet-5, and two
 small hand-built MLPs that share layer names but not widths, so that matching by name, added
@@ -17,8 +17,8 @@ from models import mlp
 from refusals import cli_refused
 
 from auditor.cli import main
-from auditor.compare import compare, render_comparison, setting_differences
 from auditor.report import Report
+from auditor.reporting.compare import compare, render_comparison, setting_differences
 
 REPO = Path(__file__).resolve().parents[1]
 LENET300 = REPO / "examples" / "lenet300_11_4.onnx"

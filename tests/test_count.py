@@ -16,12 +16,13 @@ import onnx
 import pytest
 from models import CASES, NEURONS, POSITIONS, Net, conv_case, pack, reference_counts, reference_entropy, run, state_rows
 
-from auditor import AuditConfig, audit, count, metrics, prepare
-from auditor.batches import Batch
-from auditor.count import CountOfCounts, LayerCounter
+from auditor import AuditConfig, audit, prepare
+from auditor.datasets.batches import Batch
+from auditor.engine import count, metrics
+from auditor.engine.count import CountOfCounts, LayerCounter
+from auditor.engine.expose import word_groups
+from auditor.engine.stores import MemoryBudget
 from auditor.errors import CancelledError
-from auditor.expose import word_groups
-from auditor.stores import MemoryBudget
 
 HUGE = 1 << 40  # a budget that never fills
 

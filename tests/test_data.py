@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from auditor import idx
-from auditor.batches import Batch, Dataset, tagged
+from auditor.datasets import idx
+from auditor.datasets.batches import Batch, Dataset, tagged
+from auditor.datasets.idx import locate
+from auditor.datasets.splits import load_arrays, open_dataset, open_splits
 from auditor.errors import AuditError, DataError, NotFoundError
-from auditor.idx import locate
-from auditor.splits import load_arrays, open_dataset, open_splits
 
 LABEL_FILES = ("train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 IMAGE_FILES = ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")

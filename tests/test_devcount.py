@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 from models import CASES, NEURONS
 
-from auditor import devcount, keys, prepare, stores
-from auditor.devcount import count_keys, count_packed
-from auditor.expose import expose
-from auditor.keys import join_groups, namespace
-from auditor.modelfile import load_model
-from auditor.prepare import structure_of
-from auditor.run import Session
-from auditor.splits import open_splits
-from auditor.stores import fold_keys
+from auditor import prepare
+from auditor.datasets.splits import open_splits
+from auditor.engine import devcount, keys, stores
+from auditor.engine.devcount import count_keys, count_packed
+from auditor.engine.expose import expose
+from auditor.engine.keys import join_groups, namespace
+from auditor.engine.modelfile import load_model
+from auditor.engine.prepare import structure_of
+from auditor.engine.run import Session
+from auditor.engine.stores import fold_keys
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

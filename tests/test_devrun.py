@@ -17,11 +17,11 @@ import pytest
 from models import CASES, lenet_model, mlp
 
 from auditor import AuditConfig, audit, prepare
-from auditor.batches import Batch
-from auditor.devrun import NO_CUPY, Device, DeviceRun, counting_device
-from auditor.prepare import Prepared
-from auditor.run import CPU_ONLY, GPU_PROVIDERS
-from auditor.splits import open_splits
+from auditor.datasets.batches import Batch
+from auditor.datasets.splits import open_splits
+from auditor.engine.devrun import NO_CUPY, Device, DeviceRun, counting_device
+from auditor.engine.prepare import Prepared
+from auditor.engine.run import CPU_ONLY, GPU_PROVIDERS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CPU = AuditConfig(device="cpu")

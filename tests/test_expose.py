@@ -22,8 +22,8 @@ from models import (
     run,
 )
 
-from auditor.expose import byte_groups, expose, packing, word_groups
-from auditor.find import describe
+from auditor.engine.expose import byte_groups, expose, packing, word_groups
+from auditor.engine.find import describe
 
 # --- The rewritten copy --------------------------------------------------------------------
 

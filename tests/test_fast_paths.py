@@ -19,15 +19,16 @@ import pytest
 from models import FLOAT16, Net, run
 from onnx import helper
 
-from auditor import AuditConfig, audit, metrics, prepare
-from auditor.batches import Batch
-from auditor.expose import Exposed, LayerOutputs, expose
-from auditor.find import describe
-from auditor.keys import join_groups
-from auditor.modelfile import load_model
-from auditor.prepare import structure_of
-from auditor.run import Session
-from auditor.splits import load_arrays
+from auditor import AuditConfig, audit, prepare
+from auditor.datasets.batches import Batch
+from auditor.datasets.splits import load_arrays
+from auditor.engine import metrics
+from auditor.engine.expose import Exposed, LayerOutputs, expose
+from auditor.engine.find import describe
+from auditor.engine.keys import join_groups
+from auditor.engine.modelfile import load_model
+from auditor.engine.prepare import structure_of
+from auditor.engine.run import Session
 
 
 def outputs(model: onnx.ModelProto, x: np.ndarray, **options: object) -> tuple[Exposed, dict[str, np.ndarray]]:

@@ -1,4 +1,4 @@
-"""auditor.feed: a batch checked, its α taken from the raw values, and scaled to the model's input.
+"""auditor.engine.feed: a batch checked, its α taken from the raw values, and scaled to the model's input.
 
 Pure numpy: no session runs here. Every refusal is one line that names what is wrong, and a
 setting that turns finite data into inf or NaN is refused rather than audited.
@@ -11,10 +11,10 @@ import pytest
 from refusals import refused
 
 from auditor import AuditConfig
-from auditor.batches import Batch
+from auditor.datasets.batches import Batch
+from auditor.engine.feed import check_batch, feed, input_entropy, to_model_input
+from auditor.engine.find import ModelInput
 from auditor.errors import DataError
-from auditor.feed import check_batch, feed, input_entropy, to_model_input
-from auditor.find import ModelInput
 
 FLOAT_784 = ModelInput("x", np.dtype(np.float32), ("N", 784))
 IMAGE = ModelInput("input", np.dtype(np.float32), ("batch", 1, 28, 28))

@@ -29,11 +29,11 @@ from onnx import helper, numpy_helper
 from refusals import refused
 
 from auditor import AuditConfig, audit, prepare
-from auditor.batches import Batch
+from auditor.datasets.batches import Batch
+from auditor.engine.expose import expose
+from auditor.engine.find import Layer, describe, find_layers
+from auditor.engine.modelfile import load_model
 from auditor.errors import ModelError
-from auditor.expose import expose
-from auditor.find import Layer, describe, find_layers
-from auditor.modelfile import load_model
 
 
 def summary(layers: list[Layer]) -> list[tuple[object, ...]]:

@@ -11,7 +11,7 @@ from refusals import usage_refused
 
 from auditor.cli import build_parser
 from auditor.flags import MAX_SAMPLES, integer, number, port, size
-from auditor.options import MAX_BATCH_MB
+from auditor.service.options import MAX_BATCH_MB
 
 # What an attacker types where a number belongs.
 NOT_NUMBERS = ["", " ", "abc", "1,5", "0x10", "1e", "½", "١e٣", "1 2", "nan(1)", "\x1b[2J"]

@@ -1,4 +1,4 @@
-"""auditor.gate and ``auditor gate --baseline``: relative thresholds, JUnit, the Markdown summary.
+"""auditor.reporting.gate and ``auditor gate --baseline``: relative thresholds, JUnit, the Markdown summary.
 
 Baselines are real reports written by ``auditor audit`` on real MNIST: the bundled LeNet-5
 (higher aIQ) as the model a candidate LeNet-300-100 replaces, and the candidate's own report.
@@ -15,7 +15,7 @@ import pytest
 from refusals import cli_refused, usage_refused
 
 from auditor.cli import main
-from auditor.gate import COMPARED_SETTINGS, Check
+from auditor.reporting.gate import COMPARED_SETTINGS, Check
 
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATE = REPO / "examples" / "lenet300_11_4.onnx"

@@ -1,4 +1,4 @@
-"""auditor.idxcache on the real MNIST files: decompressed copies made once in the user cache (never
+"""auditor.datasets.idxcache on the real MNIST files: decompressed copies made once in the user cache (never
 beside the originals), checked, remade when wrong, and skipped when they cannot be kept."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from auditor import idxcache
-from auditor.idx import locate
-from auditor.splits import open_dataset
+from auditor.datasets import idxcache
+from auditor.datasets.idx import locate
+from auditor.datasets.splits import open_dataset
 
 TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 

@@ -1,4 +1,4 @@
-"""auditor.images on folders the tests write themselves: PNG, JPEG and WebP made from real MNIST,
+"""auditor.datasets.images on folders the tests write themselves: PNG, JPEG and WebP made from real MNIST,
 RGB images resized and cropped by hand with Pillow, and real audits of both."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from auditor import AuditConfig, audit, prepare
-from auditor.batches import Dataset, skipped_warnings
+from auditor.datasets.batches import Dataset, skipped_warnings
+from auditor.datasets.splits import load_arrays, open_dataset, open_splits
 from auditor.errors import AuditError, DataError
 from auditor.records import ImageOptions
-from auditor.splits import load_arrays, open_dataset, open_splits
 from tests.models import Net
 
 REPO = Path(__file__).resolve().parents[1]

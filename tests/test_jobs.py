@@ -1,4 +1,4 @@
-"""auditor.jobs: the audit queue on a real event loop, and the job table in a real SQLite file."""
+"""auditor.service.jobs: the audit queue on a real event loop, and the job table in a real SQLite file."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from refusals import refused
 
 from auditor.config import AuditConfig
 from auditor.errors import AuditError, DataError, NotFoundError
-from auditor.jobs import AuditQueue, JobStore, QueueFullError, new_job
 from auditor.records import CANCELLED, DONE, FAILED, QUEUED, RUNNING, AuditSpec, DatasetRef
+from auditor.service.jobs import AuditQueue, JobStore, QueueFullError, new_job
 
 SPEC = AuditSpec("a" * 64, "net.onnx", AuditConfig(beta=3.0), DatasetRef("mnist", "test", 50))
 

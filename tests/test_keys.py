@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from models import NEURONS, pack, state_rows
 
-from auditor.expose import byte_groups, word_groups
-from auditor.keys import join_groups
+from auditor.engine.expose import byte_groups, word_groups
+from auditor.engine.keys import join_groups
 
 # --- join_groups ---------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from auditor import metrics as m
+from auditor.engine import metrics as m
 
 # Every metric must be computable without numpy warnings (overflow, divide by zero, invalid casts).
 pytestmark = pytest.mark.filterwarnings("error")

@@ -1,4 +1,4 @@
-"""auditor.modelfile: models are untrusted files, read whole or refused in one line.
+"""auditor.engine.modelfile: models are untrusted files, read whole or refused in one line.
 
 Every bad file here is a real one (truncated real models, random bytes, a graph that fails the
 checker, external data pointing out of the model's folder); nothing outside that folder is read.
@@ -18,9 +18,9 @@ from onnx import external_data_helper, helper, numpy_helper
 from refusals import refused
 
 from auditor import AuditConfig, audit, find_layers, prepare
-from auditor.batches import Batch
+from auditor.datasets.batches import Batch
+from auditor.engine.modelfile import external_tensors, load_model
 from auditor.errors import ModelError
-from auditor.modelfile import external_tensors, load_model
 
 TWO_LAYERS = [(np.eye(2), np.zeros(2)), (np.eye(2), np.zeros(2))]
 

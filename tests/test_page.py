@@ -1,4 +1,4 @@
-"""auditor.page and ``auditor render`` / ``--html``: one self-contained file, drawn in a real browser.
+"""auditor.reporting.page and ``auditor render`` / ``--html``: one self-contained file, drawn in a real browser.
 
 Reports come from real audits of the bundled LeNet-300-100 on real MNIST, and reach the page as
 a ``Report`` read back from JSON (``Report.load``), as ``auditor render`` reads a file. The keys
@@ -26,8 +26,8 @@ from PIL import Image
 from refusals import cli_refused
 
 from auditor.cli import main
-from auditor.page import SPLIT_COLORS, render_page
 from auditor.report import Report
+from auditor.reporting.page import SPLIT_COLORS, render_page
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "lenet300_11_4.onnx"
@@ -252,7 +252,7 @@ def test_an_older_report_without_the_optional_keys_renders_with_its_notes(both: 
 
 def test_rendering_does_not_load_matplotlib_until_a_page_is_drawn() -> None:
     code = (
-        "import sys, auditor.cli, auditor.page\n"
+        "import sys, auditor.cli, auditor.reporting.page\n"
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'\n"
         "assert 'matplotlib.pyplot' not in sys.modules\n"
     )

@@ -1,4 +1,4 @@
-"""auditor.persist: content-addressed models and SQLite reports, on a real temporary folder."""
+"""auditor.service.persist: content-addressed models and SQLite reports, on a real temporary folder."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 from refusals import refused
 
 from auditor import audit, prepare
+from auditor.datasets.splits import open_splits
+from auditor.engine.modelfile import MODEL_FILE, check_data_file_name, content_address
 from auditor.errors import AuditError, LimitError, ModelError, NotFoundError
-from auditor.modelfile import MODEL_FILE, check_data_file_name, content_address
-from auditor.persist import ModelStore, ReportStore, claim_store
 from auditor.records import check_content_address, check_id
-from auditor.splits import open_splits
+from auditor.service.persist import ModelStore, ReportStore, claim_store
 
 
 def _sha(data: bytes) -> str:

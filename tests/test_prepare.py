@@ -1,4 +1,4 @@
-"""auditor.prepare: a model made ready once, and the one rule for describing a model.
+"""auditor.engine.prepare: a model made ready once, and the one rule for describing a model.
 
 ``prepare`` loads, finds layers, exposes them and starts a session; ``describe_model`` says what
 the auditor finds without starting one. Real onnxruntime sessions, real third-party models.
@@ -15,12 +15,12 @@ from models import Net, lenet_model, mlp, reference_counts, run, save
 from refusals import refused
 
 from auditor import AuditConfig, Prepared, audit, find_layers, prepare
-from auditor.batches import Batch
 from auditor.config import SessionSettings
+from auditor.datasets.batches import Batch
+from auditor.engine.find import describe
+from auditor.engine.modelfile import load_model
+from auditor.engine.prepare import MIN_CALL_ROWS, call_rows, describe_model, rows_per_batch, structure_of
 from auditor.errors import ModelError
-from auditor.find import describe
-from auditor.modelfile import load_model
-from auditor.prepare import MIN_CALL_ROWS, call_rows, describe_model, rows_per_batch, structure_of
 
 
 def sha256(path: Path) -> str:

@@ -16,8 +16,8 @@ import pytest
 from models import dense_model, mnist_layers, save
 
 from auditor import AuditConfig, Report, audit
+from auditor.datasets.splits import open_splits
 from auditor.report import CnaMargin, LayerInfo, LayerStats, ModelInfo, SplitReport, format_table, render_table
-from auditor.splits import open_splits
 
 CPU = AuditConfig(device="cpu")
 V1_KEYS = ["schema", "model", "providers", "splits", "cna_margin", "config", "warnings"]

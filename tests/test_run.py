@@ -1,4 +1,4 @@
-"""auditor.run: onnxruntime at the edge, outputs by name, fixed batches in chunks, work side by side.
+"""auditor.engine.run: onnxruntime at the edge, outputs by name, fixed batches in chunks, work side by side.
 
 Real sessions on hand-built models; every output is compared with a plain onnxruntime run of the
 same model (``models.run``). On a machine with CUDA the device tests check that CUDA runs; on
@@ -20,10 +20,9 @@ from models import Net, mlp, run
 from onnx import helper
 from refusals import refused
 
-from auditor.errors import AuditError, DataError, ModelError
-from auditor.expose import with_outputs
-from auditor.find import ModelInput, describe
-from auditor.run import (
+from auditor.engine.expose import with_outputs
+from auditor.engine.find import ModelInput, describe
+from auditor.engine.run import (
     CUDA,
     GPU_PROVIDERS,
     Session,
@@ -38,6 +37,7 @@ from auditor.run import (
     with_provider_options,
     workers_for,
 )
+from auditor.errors import AuditError, DataError, ModelError
 
 REPO = Path(__file__).resolve().parents[1]
 X = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
@@ -221,8 +221,8 @@ def test_import_auditor_does_not_load_onnxruntime() -> None:
         "import sys, auditor\n"
         "assert 'onnxruntime' not in sys.modules, 'import auditor loaded onnxruntime'\n"
         "auditor.find_layers  # the graph side works without it too\n"
-        "from auditor.run import create_session\n"
-        "assert 'onnxruntime' not in sys.modules, 'importing auditor.run loaded onnxruntime'\n"
+        "from auditor.engine.run import create_session\n"
+        "assert 'onnxruntime' not in sys.modules, 'importing auditor.engine.run loaded onnxruntime'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

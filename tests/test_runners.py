@@ -10,10 +10,10 @@ from models import lenet_model, save
 from refusals import refused
 
 from auditor import AuditConfig, audit, prepare
+from auditor.datasets.splits import open_splits
 from auditor.errors import ModelError, NotFoundError
 from auditor.records import DataSpec, ImageOptions
 from auditor.runners import LocalRunner
-from auditor.splits import open_splits
 
 
 def test_the_local_runner_reports_what_the_library_audit_reports(tmp_path: Path) -> None:

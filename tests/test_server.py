@@ -18,17 +18,18 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from refusals import refused
 from servers import MNIST8, REPO, Served, code, eventually, save_mlp, serving
 
-from auditor import AuditConfig, audit, prepare, wire
+from auditor import AuditConfig, audit, prepare
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
-from auditor.batches import Batch
-from auditor.client import check_health, get_report, list_reports, main, remote_audit, server_metadata
+from auditor.datasets.batches import Batch
+from auditor.datasets.splits import load_arrays, open_splits
+from auditor.engine.prepare import describe_model
 from auditor.errors import AuditError, NotFoundError
-from auditor.options import Connection, ServeOptions
-from auditor.persist import ReportStore
-from auditor.prepare import describe_model
 from auditor.records import DataSpec
-from auditor.server import build_server
-from auditor.splits import load_arrays, open_splits
+from auditor.service import wire
+from auditor.service.client import check_health, get_report, list_reports, main, remote_audit, server_metadata
+from auditor.service.options import Connection, ServeOptions
+from auditor.service.persist import ReportStore
+from auditor.service.server import build_server
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +214,7 @@ def _audit_log(caplog: pytest.LogCaptureFixture, outcome: str) -> bool:
 def test_cancelling_mid_stream_stops_the_server_side_audit(
     serve, mnist8: Path, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
-    caplog.set_level(logging.INFO, logger="auditor.server")
+    caplog.set_level(logging.INFO, logger="auditor.service.server")
     served = serve(max_concurrent=1, max_queued=0)
     start = pb.AuditStart(model_sha256=served.upload(mnist8))
     stop = threading.Event()
@@ -310,7 +311,7 @@ def test_an_unreachable_server_is_a_one_line_audit_error_and_fails_the_health_pr
 def test_an_unexpected_failure_is_internal_with_a_generic_message_and_logged(
     serve, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="auditor.server")
+    caplog.set_level(logging.INFO, logger="auditor.service.server")
     served = serve()
     database = served.options.store / "reports.sqlite3"
     for path in served.options.store.glob("reports.sqlite3*"):

@@ -18,12 +18,12 @@ from servers import MNIST8, Served, code, eventually, gated, serving, silent, ze
 
 from auditor import AuditConfig, audit, prepare
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
-from auditor.client import check_health, list_reports, remote_audit
+from auditor.datasets.splits import open_splits
 from auditor.errors import LimitError
-from auditor.options import Connection
 from auditor.records import DataSpec
-from auditor.splits import open_splits
-from auditor.transport import RETRY_LATER
+from auditor.service.client import check_health, list_reports, remote_audit
+from auditor.service.options import Connection
+from auditor.service.transport import RETRY_LATER
 
 
 @pytest.fixture

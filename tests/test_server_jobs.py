@@ -15,7 +15,10 @@ from servers import AUDITOR, MNIST8, REPO, Process, Served, code, eventually, pr
 
 from auditor import AuditConfig, audit, prepare
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
-from auditor.client import (
+from auditor.datasets.splits import open_splits
+from auditor.errors import AuditError, LimitError, NotFoundError
+from auditor.records import CANCELLED, DONE, FAILED, QUEUED, RUNNING, DatasetRef
+from auditor.service.client import (
     Connection,
     cancel_job,
     get_job,
@@ -24,9 +27,6 @@ from auditor.client import (
     submit_job,
     watch_job,
 )
-from auditor.errors import AuditError, LimitError, NotFoundError
-from auditor.records import CANCELLED, DONE, FAILED, QUEUED, RUNNING, DatasetRef
-from auditor.splits import open_splits
 
 
 @pytest.fixture

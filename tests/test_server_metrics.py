@@ -14,8 +14,8 @@ from servers import MNIST8, Served, eventually, gated, serving, zeros_batch
 
 from auditor import AuditConfig
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
-from auditor.client import remote_audit, server_metadata, submit_job, watch_job
 from auditor.records import DatasetRef, DataSpec
+from auditor.service.client import remote_audit, server_metadata, submit_job, watch_job
 
 
 @pytest.fixture

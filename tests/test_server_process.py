@@ -19,7 +19,7 @@ from servers import AUDITOR, REPO, Process, gated, processes
 
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
 from auditor._proto.auditor.v1 import auditor_pb2_grpc
-from auditor.persist import claim_store
+from auditor.service.persist import claim_store
 
 
 def _dockerfile_command(instruction: str) -> list[str]:
@@ -43,7 +43,7 @@ def test_the_container_entrypoint_serves_passes_its_healthcheck_and_stops_on_sig
     processes.append(Process([*AUDITOR, *entrypoint[1:], "--port", "0", "--store", str(tmp_path / "store")]))
     process = processes[0]
     probe = _dockerfile_command("HEALTHCHECK")
-    assert probe[:3] == ["python", "-m", "auditor.client"]
+    assert probe[:3] == ["python", "-m", "auditor.service.client"]
     probe = [sys.executable, *probe[1:]]
     probe[probe.index("--server") + 1] = process.target
     result = subprocess.run(probe, capture_output=True, text=True, timeout=30, check=False)

@@ -25,8 +25,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from servers import AUDITOR, REPO, Process, Served, Servers, eventually
 
 from auditor import AuditConfig, audit, prepare
-from auditor.batches import Dataset
-from auditor.client import (
+from auditor.datasets.batches import Dataset
+from auditor.datasets.splits import open_splits
+from auditor.errors import AuditError
+from auditor.records import CANCELLED, DONE, FAILED, DatasetRef, DataSpec
+from auditor.service.client import (
     Connection,
     cancel_job,
     check_health,
@@ -37,10 +40,7 @@ from auditor.client import (
     submit_job,
     watch_job,
 )
-from auditor.errors import AuditError
-from auditor.records import CANCELLED, DONE, FAILED, DatasetRef, DataSpec
-from auditor.server import ServeOptions
-from auditor.splits import open_splits
+from auditor.service.server import ServeOptions
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow

@@ -18,11 +18,11 @@ from models import mlp, save
 from onnx import TensorProto, helper
 from servers import MNIST8, Served, code, serving, zeros_batch
 
-from auditor import wire
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
-from auditor.batches import Batch
-from auditor.modelfile import external_tensors
-from auditor.transport import NO_RETRY
+from auditor.datasets.batches import Batch
+from auditor.engine.modelfile import external_tensors
+from auditor.service import wire
+from auditor.service.transport import NO_RETRY
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from auditor.client import check_health, list_reports, main, remote_audit
 from auditor.config import AuditConfig
 from auditor.errors import AuditError
-from auditor.options import Connection, ServeOptions
 from auditor.records import DataSpec
-from auditor.server import build_server
+from auditor.service.client import check_health, list_reports, main, remote_audit
+from auditor.service.options import Connection, ServeOptions
+from auditor.service.server import build_server
 
 
 def _start(options: ServeOptions) -> tuple[grpc.Server, int]:

@@ -1,4 +1,4 @@
-"""Sharded audits (``auditor.shard``): the plan, the partitioned reduce, and a real local Ray run.
+"""Sharded audits (``auditor.engine.shard``): the plan, the partitioned reduce, and a real local Ray run.
 
 The in-process tests run the whole sharded audit on ``InlineExecutor`` (the plan, every shard's
 audit and the exact reduce, as Ray would run them) and check it against a local audit; the slow
@@ -17,13 +17,13 @@ import pytest
 
 from auditor import AuditConfig, audit
 from auditor.cli import main
-from auditor.count import CountOfCounts
+from auditor.datasets.splits import open_splits
+from auditor.engine.count import CountOfCounts
+from auditor.engine.modelfile import load_model
+from auditor.engine.shard import InlineExecutor, audit_sharded, audit_streamed, partition_of, plan, reduce_partition
+from auditor.engine.stores import fold_keys
 from auditor.errors import AuditError
-from auditor.modelfile import load_model
 from auditor.records import DataSpec
-from auditor.shard import InlineExecutor, audit_sharded, audit_streamed, partition_of, plan, reduce_partition
-from auditor.splits import open_splits
-from auditor.stores import fold_keys
 
 REPO = Path(__file__).resolve().parents[1]
 LENET5 = REPO / "examples" / "lenet5_3_9_4.onnx"

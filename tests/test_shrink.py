@@ -15,13 +15,13 @@ import pytest
 
 from auditor.cli import main
 from auditor.config import AuditConfig
-from auditor.find import describe
-from auditor.modelfile import load_model
-from auditor.run import Session
-from auditor.shrink import exact_plan, measure, shrink
-from auditor.shrinkreport import render_text
-from auditor.splits import open_dataset
-from auditor.surgery import find_sites
+from auditor.datasets.splits import open_dataset
+from auditor.engine.find import describe
+from auditor.engine.modelfile import load_model
+from auditor.engine.run import Session
+from auditor.pruning.plan import exact_plan, measure, shrink
+from auditor.pruning.report import render_text
+from auditor.pruning.surgery import find_sites
 from tests.models import Net, conv_flatten_net, save
 from tests.refusals import cli_refused
 

@@ -11,8 +11,8 @@ import pytest
 from models import Net, mlp, reference_counts, run
 
 from auditor import AuditConfig, audit
-from auditor.batches import Batch
-from auditor.find import describe
+from auditor.datasets.batches import Batch
+from auditor.engine.find import describe
 
 X = np.random.default_rng(3).standard_normal((400, 6)).astype(np.float32)
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from auditor import stores
+from auditor.engine import stores
+from auditor.engine.stores import SPILL_PREFIX, HistogramStore, MemoryBudget, RunStore, make_store
 from auditor.errors import AuditError, CancelledError, LimitError
 from auditor.exits import TERMINATING
 from auditor.locks import take
-from auditor.stores import SPILL_PREFIX, HistogramStore, MemoryBudget, RunStore, make_store
 
 # --- Stores ------------------------------------------------------------------------------------
 #
@@ -322,7 +322,7 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 from auditor.exits import TERMINATING, Terminated, ending_on_signals
 for sig in TERMINATING:
     signal.signal(sig, signal.SIG_DFL)
-from auditor.stores import MemoryBudget, RunStore
+from auditor.engine.stores import MemoryBudget, RunStore
 try:
     with ending_on_signals(), MemoryBudget(1, sys.argv[1]) as budget:
         store = RunStore(1, budget)

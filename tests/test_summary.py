@@ -1,6 +1,6 @@
-"""auditor.summary: tallies in, a ``Report`` and the warnings that explain its nulls out.
+"""auditor.engine.summary: tallies in, a ``Report`` and the warnings that explain its nulls out.
 
-The tallies come from real runs of hand-built models (fed by ``auditor.feed``, run by the
+The tallies come from real runs of hand-built models (fed by ``auditor.engine.feed``, run by the
 prepared model's runner); the figures are checked against numbers worked out here.
 """
 
@@ -11,11 +11,11 @@ import pytest
 from models import dense_model, run
 
 from auditor import AuditConfig, Prepared, Report, prepare
-from auditor.batches import Batch
-from auditor.feed import feed
-from auditor.stores import MemoryBudget
-from auditor.summary import TOP_STATES, layer_stats, split_cna, summarize
-from auditor.tally import SplitTally
+from auditor.datasets.batches import Batch
+from auditor.engine.feed import feed
+from auditor.engine.stores import MemoryBudget
+from auditor.engine.summary import TOP_STATES, layer_stats, split_cna, summarize
+from auditor.engine.tally import SplitTally
 
 CPU = AuditConfig(device="cpu")
 # h1 = x, h2 = relu(x), logits = (s − 1, 1 − s) with s = h2₁ + h2₂

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from auditor.surgery import Cut, affine_rows, cut, find_sites
+from auditor.pruning.surgery import Cut, affine_rows, cut, find_sites
 from tests.models import Net, conv_flatten_net
 
 TOLERANCE = 1e-5

@@ -9,11 +9,11 @@ import pytest
 from models import CASES, lenet_model
 
 from auditor import AuditConfig, prepare
-from auditor.audit import counting_threads
-from auditor.batches import Batch
-from auditor.feed import feed
-from auditor.stores import MemoryBudget
-from auditor.tally import SplitTally
+from auditor.datasets.batches import Batch
+from auditor.engine.audit import counting_threads
+from auditor.engine.feed import feed
+from auditor.engine.stores import MemoryBudget
+from auditor.engine.tally import SplitTally
 
 FEEDING = AuditConfig().feeding
 

@@ -27,9 +27,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="the trainer needs the 'train' extra")
 
 from auditor import AuditConfig, audit, find_layers  # noqa: E402
-from auditor.batches import Batch  # noqa: E402
+from auditor.datasets.batches import Batch  # noqa: E402
+from auditor.datasets.splits import load_arrays  # noqa: E402
 from auditor.errors import AuditError  # noqa: E402
-from auditor.splits import load_arrays  # noqa: E402
 from tests.models import mlp  # noqa: E402
 from trainers import manifest, tables  # noqa: E402
 from trainers.cli import main  # noqa: E402

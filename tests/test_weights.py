@@ -1,4 +1,4 @@
-"""auditor.weights: the report's data-free norm baselines, pinned on hand-built models.
+"""auditor.engine.weights: the report's data-free norm baselines, pinned on hand-built models.
 
 Each model's weights are chosen so that every norm is worked out by hand: a diagonal matrix's
 spectral norm is its largest entry, a one-row matrix's is its length, and the path norm of a
@@ -18,11 +18,11 @@ from models import Net, dense_model, lenet_model, mnist_layers, qdq_mlp, save
 from onnx import numpy_helper
 
 from auditor import AuditConfig, Report, audit
-from auditor.find import find_layers
-from auditor.page import render_page
+from auditor.datasets.splits import open_splits
+from auditor.engine.find import find_layers
+from auditor.engine.weights import EXACT_SPECTRAL_ELEMENTS, spectral_norm, weight_norms
 from auditor.report import ReportError
-from auditor.splits import open_splits
-from auditor.weights import EXACT_SPECTRAL_ELEMENTS, spectral_norm, weight_norms
+from auditor.reporting.page import render_page
 
 # x (2) → Gemm W1 → Relu → Gemm W2 → logits (1); weights given as (in, out).
 W1 = np.array([[3.0, 0.0], [0.0, 4.0]])  # as a matrix diag(3, 4): ‖·‖_F = 5, ‖·‖₂ = 4

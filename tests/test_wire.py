@@ -1,4 +1,4 @@
-"""auditor.wire: every converter pair round-trips, and whatever arrives from the network is checked."""
+"""auditor.service.wire: every converter pair round-trips, and whatever arrives from the network is checked."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from refusals import refused
 
 from auditor import audit, prepare
 from auditor._proto.auditor.v1 import auditor_pb2 as pb
-from auditor.batches import Batch, tagged
 from auditor.config import AuditConfig
+from auditor.datasets.batches import Batch, tagged
+from auditor.datasets.splits import open_splits
 from auditor.errors import AuditError, DataError
 from auditor.records import AuditSpec, DatasetRef, Job, StoredReport
 from auditor.report import LayerInfo, ModelInfo
-from auditor.splits import open_splits
-from auditor.wire import (
+from auditor.service.wire import (
     DATATYPES,
     array_to_tensor,
     batch_from_proto,

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from auditor.datasets.splits import load_arrays
 from auditor.errors import AuditError
-from auditor.splits import load_arrays
 
 NAME = "gaussian-noise"
 SHAPE = (3, 32, 32)
@@ -74,7 +74,7 @@ def gaussian_noise(dataset: str, split: str, limit: int | None = None) -> tuple[
 
 def dataset_arrays(dataset: str, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The first ``limit`` samples of ``split`` as the auditor reads them: uint8 images for the
-    files ``auditor.splits`` opens, float32 in [0, 1] for the Gaussian-noise set. No PyTorch."""
+    files ``auditor.datasets.splits`` opens, float32 in [0, 1] for the Gaussian-noise set. No PyTorch."""
     if is_noise(dataset):
         return gaussian_noise(dataset, split, limit)
     return load_arrays(dataset, split, limit=limit)

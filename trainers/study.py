@@ -27,9 +27,9 @@ import numpy as np
 from tqdm import tqdm
 
 from auditor import AuditConfig, audit
-from auditor.batches import Batch
+from auditor.datasets.batches import Batch
+from auditor.engine.modelfile import load_model
 from auditor.errors import AuditError
-from auditor.modelfile import load_model
 from auditor.report import Report, WeightNorms
 from trainers import generalization, tables
 from trainers.files import save_atomic

@@ -1,6 +1,6 @@
 """Training data as PyTorch tensors: the auditor's dataset loader, scaled to [0, 1].
 
-Images come from ``auditor.splits.load_arrays`` so ``AUDITOR_DATA_DIR`` and its checksummed files
+Images come from ``auditor.datasets.splits.load_arrays`` so ``AUDITOR_DATA_DIR`` and its checksummed files
 apply here too, except the Gaussian-noise set (``trainers.noise_data``), generated from its seed.
 Label noise is applied by the caller (``trainers.label_noise``).
 """
@@ -27,7 +27,7 @@ class Split:
 def load_split(dataset: str, split: str, limit: int | None = None, *, any_shape: bool = False) -> Split:
     """The first ``limit`` samples (all when None) of ``split`` ("train" or "test").
 
-    ``dataset`` is anything ``auditor.splits`` opens (``mnist``, ``fashion-mnist``, an ``.npz``) or
+    ``dataset`` is anything ``auditor.datasets.splits`` opens (``mnist``, ``fashion-mnist``, an ``.npz``) or
     ``gaussian-noise[:SEED]``. The LeNets need labelled 28×28 images; with ``any_shape`` (the MLP,
     which flattens its input) any labelled image shape is taken.
     """

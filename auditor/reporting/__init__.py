@@ -1,0 +1,1 @@
+"""What is made from a report: the HTML page, comparisons and CI gates."""
