@@ -28,6 +28,7 @@ from auditor.config import AGGREGATES, DEVICES, GPU_MATHS, STATE_POINTS, AuditCo
 from auditor.errors import AuditError, first_line
 from auditor.exits import Terminated, ending_on_signals
 from auditor.flags import MAX_SAMPLES, integer, number, size
+from auditor.pruning import CRITERIA, MAX_ALIGN, MAX_DROP_PP
 from auditor.raycluster import ADDRESS_FORMS, MAX_SHARDS
 from auditor.records import (
     DONE,
@@ -308,23 +309,25 @@ def _add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
         help="split where accuracy, η_N and aIQ are measured before and after, and the budget's stop is "
         "checked (default: test)",
     )
-    parser.add_argument("--limit", type=int, metavar="N", help="use the first N samples of each split")
+    parser.add_argument(
+        "--limit", type=integer(1, MAX_SAMPLES), metavar="N", help="use the first N samples of each split"
+    )
     parser.add_argument(
         "--max-accuracy-drop",
-        type=float,
+        type=number(0, MAX_DROP_PP),
         metavar="PP",
         help="also remove the least-used neurons while held-out accuracy falls by at most PP percentage "
         "points (0–100); without it only exact removals (dead, duplicate) are made",
     )
     parser.add_argument(
         "--criterion",
-        choices=("mean-replacement", "layer-share", "weight-norm"),
+        choices=tuple(CRITERIA),
         default="layer-share",
         help="how the budget ranks neurons, least useful first (default: layer-share; docs/shrink.md)",
     )
     parser.add_argument(
         "--align",
-        type=int,
+        type=integer(1, MAX_ALIGN),
         default=1,
         metavar="N",
         help="keep every layer's width a multiple of N (or whole): 8 suits onnxruntime's CPU Conv kernels "
@@ -339,11 +342,17 @@ def _add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="write the original's held-out audit report: the --baseline for auditor gate on the shrunk model",
     )
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default: {d.batch_size}")
-    parser.add_argument("--scale", type=float, help="multiply samples by this (default: 1/255 for uint8 data, else 1)")
-    parser.add_argument("--mean", type=float, default=d.mean, help="subtract after scaling (default: 0)")
-    parser.add_argument("--std", type=float, default=d.std, help="divide after subtracting the mean (default: 1)")
-    parser.add_argument("--beta", type=float, default=d.beta, help="aIQ's accuracy weight β > 0 (default: 2)")
+    parser.add_argument(
+        "--batch-size", type=integer(1, 2**31 - 1), default=d.batch_size, help=f"default: {d.batch_size}"
+    )
+    parser.add_argument(
+        "--scale", type=number(), help="multiply samples by this (default: 1/255 for uint8 data, else 1)"
+    )
+    parser.add_argument("--mean", type=number(), default=d.mean, help="subtract after scaling (default: 0)")
+    parser.add_argument("--std", type=number(), default=d.std, help="divide after subtracting the mean (default: 1)")
+    parser.add_argument(
+        "--beta", type=number(0, above=True), default=d.beta, help="aIQ's accuracy weight β > 0 (default: 2)"
+    )
     parser.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA when it can run, else CPU")
 
 
@@ -445,6 +454,43 @@ def _show(text: str, file: TextIO | None = None) -> None:
     print(lines_for_terminal(text), file=file or sys.stdout)
 
 
+def check_outputs(inputs: dict[str, str | Path | None], outputs: dict[str, str | Path | None]) -> None:
+    """Refuse, before any work, an output that would overwrite an input (the model, a report, the
+    data) or another output, or that cannot be written: a folder, a folder that does not exist, one
+    that is not writable. A path is the same file however it is named (symlinks, hard links).
+    ``-`` (stdout, stdin) and flags not given are skipped; keys are how a refusal names them."""
+    taken = {_file_key(Path(path)): name for name, path in inputs.items() if path and str(path) != "-"}
+    for flag, path in outputs.items():
+        if not path or str(path) == "-":
+            continue
+        path = Path(path)
+        key = _file_key(path)
+        if key in taken:
+            raise AuditError(f"{flag} {path} is {taken[key]} too; write it to another file")
+        if path.is_dir():
+            raise AuditError(f"{flag} {path} is a folder; name a file")
+        folder = path.resolve().parent
+        if not folder.is_dir():
+            raise AuditError(f"{flag} {path}: its folder does not exist")
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise AuditError(f"{flag} {path} cannot be written: permission denied")
+        taken[key] = flag
+
+
+def _file_key(path: Path) -> tuple[int, int] | Path:
+    """What names one file: device and inode where it exists (links included), else its resolved path."""
+    try:
+        status = path.stat()
+    except (OSError, ValueError):  # absent, unreadable, or a name with a NUL byte
+        return path.resolve()
+    return (status.st_dev, status.st_ino)
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, str | Path | None]:
+    """The files ``audit``, ``gate`` and ``shrink`` read, which no output may overwrite: the model and a data file."""
+    return {"the model": args.model, "--data": args.data if Path(args.data).is_file() else None}
+
+
 def _write(text: str, destination: str) -> None:
     if destination == "-":
         print(text)
@@ -455,6 +501,7 @@ def _write(text: str, destination: str) -> None:
 def run_audit(args: argparse.Namespace) -> int:
     if args.detach:
         return _submit_job(args)
+    check_outputs(_inputs(args), {"--json": args.json, "--html": args.html})
     report = produce_report(args)
     _write_report(report, args)
     if args.json != "-":
@@ -483,6 +530,10 @@ def run_gate(args: argparse.Namespace) -> int:
         if problem:
             raise AuditError(problem)
     split = args.gate_split or ("train" if args.split == "train" else "test")
+    check_outputs(
+        {**_inputs(args), "--baseline": args.baseline},
+        {"--json": args.json, "--html": args.html, "--junit": args.junit, "--summary": args.summary},
+    )
     baseline = _read_baseline(args, relative, split)
     report = produce_report(args)
     try:
@@ -548,20 +599,14 @@ def _read_baseline(args: argparse.Namespace, relative: dict[str, float | None], 
 def run_shrink(args: argparse.Namespace) -> int:
     """``shrink``: measure, cut, verify, and write the model and the reports asked for."""
     from auditor.datasets.splits import open_dataset
-    from auditor.pruning.plan import MAX_ALIGN, check_drop, save_model, shrink
+    from auditor.pruning.plan import save_model, shrink
     from auditor.pruning.report import html_section, render_text
     from auditor.reporting.page import render_page
 
-    if args.max_accuracy_drop is not None:
-        check_drop(args.max_accuracy_drop)
-    if args.limit is not None and args.limit < 1:
-        raise AuditError(f"--limit must be at least 1, got {args.limit}")
-    if not 1 <= args.align <= MAX_ALIGN:
-        raise AuditError(f"--align must be in 1..{MAX_ALIGN}, got {args.align}")
-    if args.out.resolve() == args.model.resolve():
-        raise AuditError("--out names the model itself; write the shrunk model to another file")
-    if not args.out.resolve().parent.is_dir():
-        raise AuditError(f"--out {args.out}: its folder does not exist")
+    check_outputs(
+        _inputs(args),
+        {"--out": args.out, "--json": args.json, "--html": args.html, "--baseline-json": args.baseline_json},
+    )
     config = AuditConfig(
         batch_size=args.batch_size, scale=args.scale, mean=args.mean, std=args.std, beta=args.beta, device=args.device
     )
@@ -599,6 +644,7 @@ def _stage_printer() -> Callable[[str], None] | None:
 def run_render(args: argparse.Namespace) -> int:
     from auditor.reporting.page import render_page
 
+    check_outputs({"the report": args.report}, {"--html": args.html})
     _write(render_page(read_report(args.report, "report")).rstrip("\n"), args.html)
     return EXIT_OK
 
@@ -606,6 +652,7 @@ def run_render(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     if args.base == args.new == "-":
         raise AuditError("only one of the two reports can come from stdin ('-')")
+    check_outputs({"the base report": args.base, "the new report": args.new}, {"--json": args.json})
     comparison = compare(read_report(args.base, "base report"), read_report(args.new, "new report"))
     if args.json:
         _write(json.dumps(comparison.to_dict(), indent=2), args.json)
@@ -647,6 +694,7 @@ def run_reports(args: argparse.Namespace) -> int:
         for row in client.list_reports(connection, args.model_sha256):
             print(json.dumps(row))
         return EXIT_OK
+    check_outputs({}, {"--json": args.json})
     report = client.get_report(connection, args.id)
     if args.json:
         _write(report.to_json(), args.json)
@@ -691,6 +739,7 @@ def run_jobs(args: argparse.Namespace) -> int:
             raise AuditError("--wait, --cancel, --json and --html act on one job: give its id")
         _show("\n".join(format_table(JOB_COLUMNS, [_job_row(job) for job in client.list_jobs(connection)])))
         return EXIT_OK
+    check_outputs({}, {"--json": args.json, "--html": args.html})
     report = None
     if args.cancel:
         job = client.cancel_job(connection, args.id)
