@@ -393,6 +393,41 @@ def test_unwritable_output_files(model: Path, tmp_path: Path, capsys: pytest.Cap
     assert code == 2 and err.count("\n") == 1 and "gate.xml" in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "{model}", "--data", "mnist", "--json", "{model}"],
+        ["audit", "{link}", "--data", "mnist", "--html", "{model}"],
+        ["audit", "{model}", "--data", "{data}", "--json", "{data}"],
+        ["audit", "{model}", "--data", "mnist", "--json", "{tmp}/r.json", "--html", "{tmp}/r.json"],
+        ["gate", "{model}", "--data", "mnist", "--min-aiq", "0", "--junit", "{model}"],
+        ["gate", "{model}", "--data", "mnist", "--min-aiq", "0", "--summary", "{link}"],
+        ["gate", "{model}", "--data", "mnist", "--baseline", "{report}", "--max-aiq-drop", "1", "--json", "{report}"],
+        ["gate", "{model}", "--data", "mnist", "--min-aiq", "0", "--junit", "{tmp}"],
+        ["render", "{report}", "--html", "{report}"],
+        ["render", "{report}", "--html", "{tmp}"],
+        ["compare", "{report}", "{report}", "--json", "{report}"],
+    ],
+    ids=lambda argv: " ".join(argv),
+)
+def test_no_output_file_overwrites_an_input_or_another_output(
+    model: Path, both_report: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """A --json, --html, --junit or --summary that names the model (however linked), the data, the
+    report read, another output or a folder is refused before the audit, and nothing is written."""
+    own = save(onnx.load(model), tmp_path / "m.onnx")
+    (tmp_path / "link.onnx").symlink_to(own)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_test=np.zeros((4, 784), np.float32), y_test=np.zeros(4, np.int64))
+    report = tmp_path / "base.json"
+    report.write_text(json.dumps(both_report))
+    names = {"model": own, "link": tmp_path / "link.onnx", "data": data, "report": report, "tmp": tmp_path}
+    before = {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    line = cli_refused(capsys, main([item.format(**names) for item in argv]))
+    assert " too; write it to another file" in line or " is a folder; name a file" in line, line
+    assert {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+
+
 def test_reports_needs_a_server(capsys: pytest.CaptureFixture[str]) -> None:
     cli_refused(capsys, main(["reports"]), "--server")
 
