@@ -47,6 +47,7 @@ from auditor.reporting.gate import (
     BASELINE_METRICS,
     COMPARED_SETTINGS,
     GATE_METRICS,
+    UNIT_METRICS,
     baseline_checks,
     baseline_settings_problem,
     gate_checks,
@@ -119,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit_arguments(gate)
     thresholds = gate.add_argument_group("thresholds (each optional; give at least one)")
     for key, (metric, op) in GATE_METRICS.items():
-        thresholds.add_argument(f"--{key.replace('_', '-')}", type=float, metavar="X", help=f"require {metric} {op} X")
+        thresholds.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=number(0, 1) if metric in UNIT_METRICS else number(),
+            metavar="X",
+            help=f"require {metric} {op} X",
+        )
     gate.add_argument(
         "--gate-split", default=None, help="split whose figures are gated (default: test if audited, else train)"
     )
@@ -138,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for key, (metric, direction) in BASELINE_METRICS.items():
         relative.add_argument(
-            f"--{key.replace('_', '-')}", type=float, metavar="X", help=f"allow {metric} to {direction} by at most X"
+            f"--{key.replace('_', '-')}",
+            type=number(0),
+            metavar="X",
+            help=f"allow {metric} to {direction} by at most X",
         )
     gate.add_argument("--junit", type=Path, metavar="PATH", help="write JUnit XML, one testcase per threshold")
     gate.add_argument(
