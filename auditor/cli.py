@@ -28,6 +28,7 @@ from auditor.config import AGGREGATES, DEVICES, GPU_MATHS, STATE_POINTS, AuditCo
 from auditor.errors import AuditError, first_line
 from auditor.exits import Terminated, ending_on_signals
 from auditor.flags import MAX_SAMPLES, integer, number, size
+from auditor.outputs import check_outputs
 from auditor.pruning import CRITERIA, MAX_ALIGN, MAX_DROP_PP
 from auditor.raycluster import ADDRESS_FORMS, MAX_SHARDS
 from auditor.records import (
@@ -461,38 +462,6 @@ def _show(text: str, file: TextIO | None = None) -> None:
     """Print our own lines of text to a terminal (or a log): names from the model inside them are
     escaped (``auditor.sinks``), so they cannot move the cursor, retitle the window or read backwards."""
     print(lines_for_terminal(text), file=file or sys.stdout)
-
-
-def check_outputs(inputs: dict[str, str | Path | None], outputs: dict[str, str | Path | None]) -> None:
-    """Refuse, before any work, an output that would overwrite an input (the model, a report, the
-    data) or another output, or that cannot be written: a folder, a folder that does not exist, one
-    that is not writable. A path is the same file however it is named (symlinks, hard links).
-    ``-`` (stdout, stdin) and flags not given are skipped; keys are how a refusal names them."""
-    taken = {_file_key(Path(path)): name for name, path in inputs.items() if path and str(path) != "-"}
-    for flag, path in outputs.items():
-        if not path or str(path) == "-":
-            continue
-        path = Path(path)
-        key = _file_key(path)
-        if key in taken:
-            raise AuditError(f"{flag} {path} is {taken[key]} too; write it to another file")
-        if path.is_dir():
-            raise AuditError(f"{flag} {path} is a folder; name a file")
-        folder = path.resolve().parent
-        if not folder.is_dir():
-            raise AuditError(f"{flag} {path}: its folder does not exist")
-        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-            raise AuditError(f"{flag} {path} cannot be written: permission denied")
-        taken[key] = flag
-
-
-def _file_key(path: Path) -> tuple[int, int] | Path:
-    """What names one file: device and inode where it exists (links included), else its resolved path."""
-    try:
-        status = path.stat()
-    except (OSError, ValueError):  # absent, unreadable, or a name with a NUL byte
-        return path.resolve()
-    return (status.st_dev, status.st_ino)
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, str | Path | None]:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from auditor.config import STATE_POINTS
 from auditor.errors import AuditError, first_line
 from auditor.flags import integer, number
+from auditor.outputs import check_outputs
 from auditor.sinks import for_terminal
 from auditor.usage import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Parser
 from trainers.records import MAX_WIDTH
@@ -286,6 +287,8 @@ def _train(args: argparse.Namespace) -> int:
     from trainers.files import save_atomic
     from trainers.job import run_job
 
+    data_file = args.data if Path(args.data).is_file() else None
+    check_outputs({"--data": data_file}, {"--out": args.out}, make_folders=True)
     job = _job(args, args.widths or _default_widths(args.arch), args.seed, args.variant, args.randomize_labels)
 
     def on_epoch(epoch: int, accuracy: float) -> None:
