@@ -709,6 +709,47 @@ def test_cli_numeric_flags_are_range_checked_in_one_line(argv, flag, capsys, tmp
     assert not list(tmp_path.iterdir())
 
 
+def _npz(path, x, y):
+    np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+    return path
+
+
+MLP = ["train", "--arch", "mlp-5x500", "--recipe", "cna", "--limit", "16", "--max-epochs", "1", "--widths", "2,2,2,2,2"]
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "message"),
+    [
+        (np.full((8, 784), np.nan, np.float32), np.zeros(8, np.int64), "the images hold 6272 NaN/inf values"),
+        (
+            np.zeros((8, 784), np.float32),
+            np.full(8, 99),
+            "labels must be whole numbers in 0..9",
+        ),
+        (np.zeros((8, 784), np.float32), np.full(8, -3), "got -3..-3"),
+        (np.zeros((8, 784), np.float32), np.full(8, 1.5), "labels must be integers"),
+        (np.array([["a"] * 784] * 8), np.zeros(8, np.int64), "must be a numeric array"),
+    ],
+)
+def test_training_data_that_would_break_training_is_refused_in_one_line(tmp_path, capsys, x, y, message):
+    data = _npz(tmp_path / "d.npz", x, y)
+    code = main([*MLP, "--data", str(data), "--out", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["d.npz"]
+
+
+@pytest.mark.parametrize(("out", "message"), [("", "is a folder"), (".", "is a folder"), ("d.npz", "is --data too")])
+def test_train_checks_its_output_before_training(tmp_path, capsys, monkeypatch, out, message):
+    monkeypatch.chdir(tmp_path)
+    data = _npz(tmp_path / "d.npz", np.zeros((8, 784), np.float32), np.zeros(8, np.int64))
+    before = data.read_bytes()
+    code = main([*MLP, "--data", "d.npz", "--out", out])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err and "epoch" not in err, err
+    assert data.read_bytes() == before
+
+
 def test_an_unexpected_failure_is_one_line_exit_2_never_a_traceback(capsys, tmp_path, monkeypatch):
     """torch failing to allocate, or any bug, reads as one ``internal error`` line with exit 2 (exit 1
     would not be a refusal), and a library's warning adds no line of its own."""
