@@ -177,3 +177,14 @@ def test_the_health_probe_refuses_an_unreadable_token_file_as_usage(
 ) -> None:
     probe = ["health", "--server", "127.0.0.1:9", "--token-file", str(tmp_path / "none")]
     usage_refused(capsys, lambda: client.main(probe), "cannot read the token file")
+
+
+@pytest.mark.parametrize(("content", "fragment"), [(None, "cannot read"), (b"not a certificate", "not a PEM")])
+def test_the_health_probe_refuses_a_bad_tls_root_certificate_as_usage(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, content: bytes | None, fragment: str
+) -> None:
+    pem = tmp_path / "ca.pem"
+    if content is not None:
+        pem.write_bytes(content)
+    probe = ["health", "--server", "127.0.0.1:9", "--timeout", "1", "--tls-ca", str(pem)]
+    usage_refused(capsys, lambda: client.main(probe), fragment)

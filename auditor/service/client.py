@@ -353,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         conn = connection_from_args(args)
-    except AuditError as exc:  # bad input (a token file that cannot be read), not an unhealthy server
+        if conn is not None and conn.tls_ca is not None:
+            _root_certificate(conn.tls_ca)
+    except AuditError as exc:  # bad input (a token or certificate file that cannot be read), not an unhealthy server
         parser.error(str(exc))
     if conn is None:
         parser.error("health needs --server HOST:PORT")
