@@ -19,12 +19,14 @@ def check_outputs(
     """Refuse, before any work, an output that would overwrite an input (the model, a report, the
     data) or another output, or that cannot be written: a folder, a folder that does not exist
     (unless the command makes it: ``make_folders``), one that is not writable. A path is the same
-    file however it is named (symlinks, hard links). ``-`` (stdout, stdin) and flags not given are
-    skipped; keys are how a refusal names them."""
+    file however it is named (symlinks, hard links). ``-`` (stdout, stdin) and flags not given
+    (None) are skipped, an empty name is refused; keys are how a refusal names them."""
     taken = {_file_key(Path(path)): name for name, path in inputs.items() if path and str(path) != "-"}
     for flag, path in outputs.items():
-        if not path or str(path) == "-":
+        if path is None or str(path) == "-":
             continue
+        if str(path) == "":
+            raise AuditError(f"{flag} '' names no file; give a path")
         path = Path(path)
         key = _file_key(path)
         if key in taken:

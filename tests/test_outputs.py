@@ -25,7 +25,8 @@ def test_an_output_may_not_name_an_input_however_linked(tmp_path: Path, name: st
 def test_two_outputs_may_not_name_one_file_and_stdout_is_not_a_file(tmp_path: Path) -> None:
     both = {"--json": str(tmp_path / "r.json"), "--html": tmp_path / "r.json"}
     refused(AuditError, lambda: check_outputs({}, both), "--html", "is --json too")
-    check_outputs({"the report": "-"}, {"--json": "-", "--html": "-", "--junit": None, "--summary": ""})
+    check_outputs({"the report": "-"}, {"--json": "-", "--html": "-", "--junit": None})
+    refused(AuditError, lambda: check_outputs({}, {"--json": ""}), "--json '' names no file")
 
 
 @pytest.mark.parametrize(
