@@ -676,7 +676,7 @@ GRID = ["grid", "--arch", "mlp-5x500", "--recipe", "cna", "--limit", "64", "--ma
     ("argv", "flag"),
     [
         *[([*TRAIN, "--dropout-p", v], "--dropout-p") for v in ("1", "-0.1", "nan", "inf", "x", "")],
-        *[([*TRAIN, "--lr", v], "--lr") for v in ("0", "-1", "nan", "1e999", "fast")],
+        *[([*TRAIN, "--lr", v], "--lr") for v in ("0", "-1", "nan", "1e999", "fast", "1e300", "1000001")],
         *[([*TRAIN, "--seed", v], "--seed") for v in ("-1", str(2**32), "1.5", "1e3", "")],
         *[
             ([*TRAIN, flag, v], flag)
@@ -748,6 +748,16 @@ def test_train_checks_its_output_before_training(tmp_path, capsys, monkeypatch, 
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err and "epoch" not in err, err
     assert data.read_bytes() == before
+
+
+def test_weights_that_diverged_are_named_not_blamed_on_the_export():
+    """A learning rate too large leaves NaN or infinite weights: the refusal says so, rather than
+    that onnxruntime disagrees with PyTorch (NaN never equals NaN)."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("inf")
+    with pytest.raises(AuditError, match=r"^training diverged: the network's weights are NaN or infinite; lower --lr$"):
+        to_onnx(model, torch.zeros(3, 4), {})
 
 
 def test_an_unexpected_failure_is_one_line_exit_2_never_a_traceback(capsys, tmp_path, monkeypatch):

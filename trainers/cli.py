@@ -36,6 +36,7 @@ PROG = "auditor-train"
 TRAIN_EXTRA = ("torch", "matplotlib")  # the modules of the 'train' extra
 MAX_COUNT = 2**31 - 1  # counts (epochs, samples): beyond this torch and numpy overflow
 MAX_BOOTSTRAP = 100_000  # --bootstrap: resamples, each a pass over every network; 100 times the default
+MAX_LR = 1e6  # beyond any rate that trains, and within float32, which torch's optimizers use
 MAX_PARALLEL = 1024  # --jobs, --threads, --members: each is a process, a thread or a network held at once
 
 
@@ -46,7 +47,7 @@ def _items(text: str, what: str) -> list[str]:
     if not any(items):
         raise argparse.ArgumentTypeError(f"expected at least one {what}")
     if not all(items):
-        raise argparse.ArgumentTypeError(f"expected comma-separated {what}s with none empty, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated values with none empty, got {text!r}")
     return items
 
 
@@ -158,7 +159,7 @@ def _add_network_args(parser: argparse.ArgumentParser, *, lists: bool) -> None:
         help="lenet: the aIQ paper's (SGD Nesterov lr 0.001, L2, early stopping); cna: the CNA paper's MLP "
         "recipe (SGD lr 0.05 momentum 0.8, batch 128, 100 epochs, label-noise runs 200). Default lenet",
     )
-    recipe.add_argument("--lr", type=number(0, above=True))
+    recipe.add_argument("--lr", type=number(0, MAX_LR, above=True))
     recipe.add_argument("--batch-size", type=_positive)
     recipe.add_argument("--patience", type=_positive, help="early-stopping patience (cna: none)")
     recipe.add_argument("--max-epochs", type=_positive, help="cap on epochs (lenet: none; cna: 100)")
