@@ -28,6 +28,8 @@ from auditor.config import AGGREGATES, DEVICES, GPU_MATHS, STATE_POINTS, AuditCo
 from auditor.errors import AuditError, first_line
 from auditor.exits import Terminated, ending_on_signals
 from auditor.flags import MAX_SAMPLES, integer, number, size
+from auditor.outputs import check_outputs
+from auditor.pruning import CRITERIA, MAX_ALIGN, MAX_DROP_PP
 from auditor.raycluster import ADDRESS_FORMS, MAX_SHARDS
 from auditor.records import (
     DONE,
@@ -46,6 +48,7 @@ from auditor.reporting.gate import (
     BASELINE_METRICS,
     COMPARED_SETTINGS,
     GATE_METRICS,
+    UNIT_METRICS,
     baseline_checks,
     baseline_settings_problem,
     gate_checks,
@@ -118,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit_arguments(gate)
     thresholds = gate.add_argument_group("thresholds (each optional; give at least one)")
     for key, (metric, op) in GATE_METRICS.items():
-        thresholds.add_argument(f"--{key.replace('_', '-')}", type=float, metavar="X", help=f"require {metric} {op} X")
+        thresholds.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=number(0, 1) if metric in UNIT_METRICS else number(),
+            metavar="X",
+            help=f"require {metric} {op} X",
+        )
     gate.add_argument(
         "--gate-split", default=None, help="split whose figures are gated (default: test if audited, else train)"
     )
@@ -137,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for key, (metric, direction) in BASELINE_METRICS.items():
         relative.add_argument(
-            f"--{key.replace('_', '-')}", type=float, metavar="X", help=f"allow {metric} to {direction} by at most X"
+            f"--{key.replace('_', '-')}",
+            type=number(0),
+            metavar="X",
+            help=f"allow {metric} to {direction} by at most X",
         )
     gate.add_argument("--junit", type=Path, metavar="PATH", help="write JUnit XML, one testcase per threshold")
     gate.add_argument(
@@ -308,23 +319,25 @@ def _add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
         help="split where accuracy, η_N and aIQ are measured before and after, and the budget's stop is "
         "checked (default: test)",
     )
-    parser.add_argument("--limit", type=int, metavar="N", help="use the first N samples of each split")
+    parser.add_argument(
+        "--limit", type=integer(1, MAX_SAMPLES), metavar="N", help="use the first N samples of each split"
+    )
     parser.add_argument(
         "--max-accuracy-drop",
-        type=float,
+        type=number(0, MAX_DROP_PP),
         metavar="PP",
         help="also remove the least-used neurons while held-out accuracy falls by at most PP percentage "
         "points (0–100); without it only exact removals (dead, duplicate) are made",
     )
     parser.add_argument(
         "--criterion",
-        choices=("mean-replacement", "layer-share", "weight-norm"),
+        choices=tuple(CRITERIA),
         default="layer-share",
         help="how the budget ranks neurons, least useful first (default: layer-share; docs/shrink.md)",
     )
     parser.add_argument(
         "--align",
-        type=int,
+        type=integer(1, MAX_ALIGN),
         default=1,
         metavar="N",
         help="keep every layer's width a multiple of N (or whole): 8 suits onnxruntime's CPU Conv kernels "
@@ -339,11 +352,17 @@ def _add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="write the original's held-out audit report: the --baseline for auditor gate on the shrunk model",
     )
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default: {d.batch_size}")
-    parser.add_argument("--scale", type=float, help="multiply samples by this (default: 1/255 for uint8 data, else 1)")
-    parser.add_argument("--mean", type=float, default=d.mean, help="subtract after scaling (default: 0)")
-    parser.add_argument("--std", type=float, default=d.std, help="divide after subtracting the mean (default: 1)")
-    parser.add_argument("--beta", type=float, default=d.beta, help="aIQ's accuracy weight β > 0 (default: 2)")
+    parser.add_argument(
+        "--batch-size", type=integer(1, 2**31 - 1), default=d.batch_size, help=f"default: {d.batch_size}"
+    )
+    parser.add_argument(
+        "--scale", type=number(), help="multiply samples by this (default: 1/255 for uint8 data, else 1)"
+    )
+    parser.add_argument("--mean", type=number(), default=d.mean, help="subtract after scaling (default: 0)")
+    parser.add_argument("--std", type=number(), default=d.std, help="divide after subtracting the mean (default: 1)")
+    parser.add_argument(
+        "--beta", type=number(0, above=True), default=d.beta, help="aIQ's accuracy weight β > 0 (default: 2)"
+    )
     parser.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA when it can run, else CPU")
 
 
@@ -445,6 +464,11 @@ def _show(text: str, file: TextIO | None = None) -> None:
     print(lines_for_terminal(text), file=file or sys.stdout)
 
 
+def _inputs(args: argparse.Namespace) -> dict[str, str | Path | None]:
+    """The files ``audit``, ``gate`` and ``shrink`` read, which no output may overwrite: the model and a data file."""
+    return {"the model": args.model, "--data": args.data if Path(args.data).is_file() else None}
+
+
 def _write(text: str, destination: str) -> None:
     if destination == "-":
         print(text)
@@ -455,6 +479,7 @@ def _write(text: str, destination: str) -> None:
 def run_audit(args: argparse.Namespace) -> int:
     if args.detach:
         return _submit_job(args)
+    check_outputs(_inputs(args), {"--json": args.json, "--html": args.html})
     report = produce_report(args)
     _write_report(report, args)
     if args.json != "-":
@@ -483,6 +508,10 @@ def run_gate(args: argparse.Namespace) -> int:
         if problem:
             raise AuditError(problem)
     split = args.gate_split or ("train" if args.split == "train" else "test")
+    check_outputs(
+        {**_inputs(args), "--baseline": args.baseline},
+        {"--json": args.json, "--html": args.html, "--junit": args.junit, "--summary": args.summary},
+    )
     baseline = _read_baseline(args, relative, split)
     report = produce_report(args)
     try:
@@ -548,20 +577,14 @@ def _read_baseline(args: argparse.Namespace, relative: dict[str, float | None], 
 def run_shrink(args: argparse.Namespace) -> int:
     """``shrink``: measure, cut, verify, and write the model and the reports asked for."""
     from auditor.datasets.splits import open_dataset
-    from auditor.pruning.plan import MAX_ALIGN, check_drop, save_model, shrink
+    from auditor.pruning.plan import save_model, shrink
     from auditor.pruning.report import html_section, render_text
     from auditor.reporting.page import render_page
 
-    if args.max_accuracy_drop is not None:
-        check_drop(args.max_accuracy_drop)
-    if args.limit is not None and args.limit < 1:
-        raise AuditError(f"--limit must be at least 1, got {args.limit}")
-    if not 1 <= args.align <= MAX_ALIGN:
-        raise AuditError(f"--align must be in 1..{MAX_ALIGN}, got {args.align}")
-    if args.out.resolve() == args.model.resolve():
-        raise AuditError("--out names the model itself; write the shrunk model to another file")
-    if not args.out.resolve().parent.is_dir():
-        raise AuditError(f"--out {args.out}: its folder does not exist")
+    check_outputs(
+        _inputs(args),
+        {"--out": args.out, "--json": args.json, "--html": args.html, "--baseline-json": args.baseline_json},
+    )
     config = AuditConfig(
         batch_size=args.batch_size, scale=args.scale, mean=args.mean, std=args.std, beta=args.beta, device=args.device
     )
@@ -599,6 +622,7 @@ def _stage_printer() -> Callable[[str], None] | None:
 def run_render(args: argparse.Namespace) -> int:
     from auditor.reporting.page import render_page
 
+    check_outputs({"the report": args.report}, {"--html": args.html})
     _write(render_page(read_report(args.report, "report")).rstrip("\n"), args.html)
     return EXIT_OK
 
@@ -606,6 +630,7 @@ def run_render(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     if args.base == args.new == "-":
         raise AuditError("only one of the two reports can come from stdin ('-')")
+    check_outputs({"the base report": args.base, "the new report": args.new}, {"--json": args.json})
     comparison = compare(read_report(args.base, "base report"), read_report(args.new, "new report"))
     if args.json:
         _write(json.dumps(comparison.to_dict(), indent=2), args.json)
@@ -647,6 +672,7 @@ def run_reports(args: argparse.Namespace) -> int:
         for row in client.list_reports(connection, args.model_sha256):
             print(json.dumps(row))
         return EXIT_OK
+    check_outputs({}, {"--json": args.json})
     report = client.get_report(connection, args.id)
     if args.json:
         _write(report.to_json(), args.json)
@@ -691,6 +717,7 @@ def run_jobs(args: argparse.Namespace) -> int:
             raise AuditError("--wait, --cancel, --json and --html act on one job: give its id")
         _show("\n".join(format_table(JOB_COLUMNS, [_job_row(job) for job in client.list_jobs(connection)])))
         return EXIT_OK
+    check_outputs({}, {"--json": args.json, "--html": args.html})
     report = None
     if args.cancel:
         job = client.cancel_job(connection, args.id)

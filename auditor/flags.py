@@ -10,6 +10,7 @@ modulo 65536. Every numeric flag of every command takes one of the types made he
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import re
 from collections.abc import Callable
@@ -40,6 +41,32 @@ def integer(low: int, high: int) -> Callable[[str], int]:
 def port(text: str) -> int:
     """A TCP port: 0 (pick a free one) to 65535."""
     return integer(0, PORT_MAX)(text)
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def server_address(text: str) -> str:
+    """``HOST:PORT`` of a server: a host name, an IPv4 address or a ``[v6]`` address, and a port in
+    1..65535. gRPC takes anything and fails later, in lines of its own resolver's errors that
+    repeat the text typed, escape sequences included; a typo is a usage error here instead."""
+    shown = repr(text[:80] + ("…" if len(text) > 80 else ""))
+    want = f"must be HOST:PORT (a host name, an IPv4 address or [IPv6], and a port in 1..{PORT_MAX}), got {shown}"
+    host, colon, port_text = text.rpartition(":")
+    if not (colon and port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
+        raise argparse.ArgumentTypeError(want)
+    if not 1 <= int(port_text) <= PORT_MAX:
+        raise argparse.ArgumentTypeError(want)
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise argparse.ArgumentTypeError(want) from None
+        return text
+    labels = host.split(".")
+    if not (host.isascii() and len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)):
+        raise argparse.ArgumentTypeError(want)
+    return text
 
 
 def number(

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from auditor.errors import AuditError, first_line
 from auditor.sinks import for_terminal
 
 SCHEMA = "auditor.report/v1"
+SHRINK_SCHEMA = "auditor.shrink/v1"  # what `auditor shrink --json` writes (auditor.pruning.report)
 REPORT_MAX_BYTES = 64 << 20  # a report with every optional key is well under 1 MiB
 
 
@@ -161,18 +162,23 @@ class Report:
         """Rebuild a report from ``to_dict`` output; refuses other schemas."""
         if data.get("schema") != SCHEMA:
             raise ValueError(f"not an {SCHEMA} report (schema={data.get('schema')!r})")
-        model = dict(data["model"])
-        model["layers"] = [LayerInfo(**layer) for layer in model["layers"]]
+        model = _known(ModelInfo, data["model"], "model")
+        model["layers"] = [_record(LayerInfo, layer, "model.layers[]") for layer in model["layers"]]
         splits = {
-            name: SplitReport(**{**split, "layers": [LayerStats(**s) for s in split["layers"]]})
-            for name, split in data["splits"].items()
+            name: SplitReport(
+                **{
+                    **_known(SplitReport, split, f"splits.{name}"),
+                    "layers": [_record(LayerStats, s, f"splits.{name}.layers[]") for s in split["layers"]],
+                }
+            )
+            for name, split in _mapping(data["splits"], "splits").items()
         }
         margin = data.get("cna_margin")
         return cls(
             model=ModelInfo(**model),
             providers=list(data["providers"]),
             splits=splits,
-            cna_margin=CnaMargin(**margin) if margin else None,
+            cna_margin=_record(CnaMargin, margin, "cna_margin") if margin else None,
             config=dict(data["config"]),
             warnings=list(data.get("warnings", [])),
             spilled_bytes=data.get("spilled_bytes"),
@@ -195,6 +201,11 @@ class Report:
             data = json.loads(raw)
             if not isinstance(data, dict) or data.get("schema") != SCHEMA:
                 schema = data.get("schema") if isinstance(data, dict) else None
+                if schema == SHRINK_SCHEMA:
+                    raise ValueError(
+                        f"it is {SHRINK_SCHEMA}, what auditor shrink --json writes; the audit report of the "
+                        "original model is what its --baseline-json writes"
+                    )
                 raise ValueError(f"its schema is {schema!r}")
             report = cls.from_dict(data)
             if strict:
@@ -224,11 +235,36 @@ def _weights(data: dict[str, Any] | None) -> WeightNorms | None:
         return None
     return WeightNorms(
         **{
-            **data,
-            "layers": [LayerNorms(**layer) for layer in data["layers"]],
-            "without_weights": [MissingWeights(**missing) for missing in data["without_weights"]],
+            **_known(WeightNorms, data, "weights"),
+            "layers": [_record(LayerNorms, layer, "weights.layers[]") for layer in data["layers"]],
+            "without_weights": [
+                _record(MissingWeights, missing, "weights.without_weights[]") for missing in data["without_weights"]
+            ],
         }
     )
+
+
+def _mapping(data: object, where: str) -> dict[str, Any]:
+    """``data`` when it is a JSON object; otherwise a ``ValueError`` naming where it stood."""
+    if not isinstance(data, dict):
+        raise ValueError(f"report.{where} is {type(data).__name__}, not an object")
+    return data
+
+
+def _known(record: type, data: object, where: str) -> dict[str, Any]:
+    """The keys of ``data`` that ``record`` has fields for. v1 changes only by adding keys, so a key
+    this version does not know comes from a later writer and is left out, not refused."""
+    names = {item.name for item in fields(record)}
+    return {key: value for key, value in _mapping(data, where).items() if key in names}
+
+
+def _record(record: type, data: object, where: str) -> Any:
+    """``record`` built from the keys of ``data`` it knows (``_known``); each key it needs must be there."""
+    known = _known(record, data, where)
+    for item in fields(record):
+        if item.name not in known and item.default is MISSING:
+            raise ValueError(f"report.{where} lacks {item.name!r}")
+    return record(**known)
 
 
 class ReportError(AuditError):
@@ -252,6 +288,8 @@ def _check_fields(value: object, where: str) -> None:
                 allowed = tuple(t for kind in declared.split(" | ") for t in _FIELD_TYPES.get(kind, (object,)))
                 if not isinstance(inner, allowed) or (isinstance(inner, bool) and bool not in allowed):
                     raise ValueError(f"{path} is {inner!r}, not {declared}")
+                if isinstance(inner, int) and not isinstance(inner, bool) and declared.startswith("int") and inner < 0:
+                    raise ValueError(f"{path} is {inner}, not a count (every whole number in a report is >= 0)")
             _check_fields(inner, path)
     elif isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{where} is {value}, not a finite number")

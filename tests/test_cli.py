@@ -235,8 +235,9 @@ def test_gate_fails_and_names_the_metric(model: Path, both_report: dict, capsys)
 
 def test_gate_on_the_train_split(model: Path, both_report: dict, capsys) -> None:
     accuracy = both_report["splits"]["train"]["accuracy"]
-    assert main(_gate(model, "--gate-split", "train", "--min-accuracy", "1.01")) == 1
-    assert f"FAIL accuracy on train: {accuracy:.4f} (needs >= 1.01)" in capsys.readouterr().out
+    assert accuracy < 1
+    assert main(_gate(model, "--gate-split", "train", "--min-accuracy", "1")) == 1
+    assert f"FAIL accuracy on train: {accuracy:.4f} (needs >= 1)" in capsys.readouterr().out
 
 
 def test_gate_junit(model: Path, both_report: dict, tmp_path: Path, capsys) -> None:
@@ -391,6 +392,41 @@ def test_unwritable_output_files(model: Path, tmp_path: Path, capsys: pytest.Cap
     )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "gate.xml" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "{model}", "--data", "mnist", "--json", "{model}"],
+        ["audit", "{link}", "--data", "mnist", "--html", "{model}"],
+        ["audit", "{model}", "--data", "{data}", "--json", "{data}"],
+        ["audit", "{model}", "--data", "mnist", "--json", "{tmp}/r.json", "--html", "{tmp}/r.json"],
+        ["gate", "{model}", "--data", "mnist", "--min-aiq", "0", "--junit", "{model}"],
+        ["gate", "{model}", "--data", "mnist", "--min-aiq", "0", "--summary", "{link}"],
+        ["gate", "{model}", "--data", "mnist", "--baseline", "{report}", "--max-aiq-drop", "1", "--json", "{report}"],
+        ["gate", "{model}", "--data", "mnist", "--min-aiq", "0", "--junit", "{tmp}"],
+        ["render", "{report}", "--html", "{report}"],
+        ["render", "{report}", "--html", "{tmp}"],
+        ["compare", "{report}", "{report}", "--json", "{report}"],
+    ],
+    ids=lambda argv: " ".join(argv),
+)
+def test_no_output_file_overwrites_an_input_or_another_output(
+    model: Path, both_report: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """A --json, --html, --junit or --summary that names the model (however linked), the data, the
+    report read, another output or a folder is refused before the audit, and nothing is written."""
+    own = save(onnx.load(model), tmp_path / "m.onnx")
+    (tmp_path / "link.onnx").symlink_to(own)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_test=np.zeros((4, 784), np.float32), y_test=np.zeros(4, np.int64))
+    report = tmp_path / "base.json"
+    report.write_text(json.dumps(both_report))
+    names = {"model": own, "link": tmp_path / "link.onnx", "data": data, "report": report, "tmp": tmp_path}
+    before = {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    line = cli_refused(capsys, main([item.format(**names) for item in argv]))
+    assert " too; write it to another file" in line or " is a folder; name a file" in line, line
+    assert {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
 
 
 def test_reports_needs_a_server(capsys: pytest.CaptureFixture[str]) -> None:

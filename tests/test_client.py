@@ -17,11 +17,12 @@ import grpc
 import onnx
 import pytest
 from models import mlp
-from refusals import cli_refused, refused
+from refusals import cli_refused, refused, usage_refused
 
 from auditor.cli import main as cli
 from auditor.engine.modelfile import load_model
 from auditor.errors import AuditError, CancelledError, LimitError, ModelError, NotFoundError, UnauthenticatedError
+from auditor.service import client
 from auditor.service.client import list_reports, model_address, model_files
 from auditor.service.jobs import QueueFullError
 from auditor.service.options import Connection
@@ -160,3 +161,30 @@ def test_the_client_and_its_health_probe_load_no_engine_onnx_or_store() -> None:
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(result.stdout.splitlines()[-1]) == [1, []]
+
+
+@pytest.mark.parametrize("server", ["host:x", "\x1b[31mhost:1", "[::1", "host:99999", "unix:/nope", "a" * 5000 + ":1"])
+def test_the_health_probe_refuses_a_bad_server_address_as_usage_not_as_unhealthy(
+    capsys: pytest.CaptureFixture[str], server: str
+) -> None:
+    """Exit 1 means "unhealthy" to a container runtime; a mistyped --server is bad input (2)."""
+    line = usage_refused(capsys, lambda: client.main(["health", "--server", server, "--timeout", "1"]), "HOST:PORT")
+    assert "\x1b" not in line and len(line) < 400
+
+
+def test_the_health_probe_refuses_an_unreadable_token_file_as_usage(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    probe = ["health", "--server", "127.0.0.1:9", "--token-file", str(tmp_path / "none")]
+    usage_refused(capsys, lambda: client.main(probe), "cannot read the token file")
+
+
+@pytest.mark.parametrize(("content", "fragment"), [(None, "cannot read"), (b"not a certificate", "not a PEM")])
+def test_the_health_probe_refuses_a_bad_tls_root_certificate_as_usage(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, content: bytes | None, fragment: str
+) -> None:
+    pem = tmp_path / "ca.pem"
+    if content is not None:
+        pem.write_bytes(content)
+    probe = ["health", "--server", "127.0.0.1:9", "--timeout", "1", "--tls-ca", str(pem)]
+    usage_refused(capsys, lambda: client.main(probe), fragment)

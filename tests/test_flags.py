@@ -10,7 +10,7 @@ import pytest
 from refusals import usage_refused
 
 from auditor.cli import build_parser
-from auditor.flags import MAX_SAMPLES, integer, number, port, size
+from auditor.flags import MAX_SAMPLES, integer, number, port, server_address, size
 from auditor.service.options import MAX_BATCH_MB
 
 # What an attacker types where a number belongs.
@@ -20,6 +20,7 @@ NOT_WHOLE = ["1.5", "1e3", "1.0", "9" * 40, "0b1", "+-1"]
 
 AUDIT = ["audit", "m.onnx", "--data", "mnist"]
 GATE = ["gate", "m.onnx", "--data", "mnist", "--min-aiq", "0.5"]
+SHRINK = ["shrink", "m.onnx", "--data", "mnist", "--out", "o.onnx"]
 
 # (command line before the flag, flag, values it refuses). Every numeric flag of every command.
 FLAGS = [
@@ -43,6 +44,14 @@ FLAGS = [
             ("--timeout", ["0", "-5", "1e12", *NOT_FINITE]),
         ]
     ],
+    (SHRINK, "--limit", ["0", "-5", str(MAX_SAMPLES + 1), *NOT_WHOLE]),
+    (SHRINK, "--max-accuracy-drop", ["-1", "-0.001", "100.5", "1e9", *NOT_FINITE]),
+    (SHRINK, "--align", ["0", "-1", "1025", *NOT_WHOLE]),
+    (SHRINK, "--batch-size", ["0", "-1", str(2**31), *NOT_WHOLE]),
+    (SHRINK, "--scale", NOT_FINITE),
+    (SHRINK, "--mean", NOT_FINITE),
+    (SHRINK, "--std", NOT_FINITE),
+    (SHRINK, "--beta", ["0", "-2", *NOT_FINITE]),
     (["serve"], "--port", ["-1", "65536", "131073", "99999999999", *NOT_WHOLE]),
     (["serve"], "--metrics-port", ["-1", "65536", *NOT_WHOLE]),
     (["serve"], "--max-concurrent", ["0", "-1", "1025", *NOT_WHOLE]),
@@ -101,3 +110,44 @@ def test_the_types_say_what_they_want() -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="memory budget must be at least 64M"):
         size("1K")
     assert port("8080") == 8080 and number()("-1e300") == -1e300 and math.isclose(number()("1e-300"), 1e-300)
+
+
+# Where a server's HOST:PORT belongs: what gRPC would take and fail on later, in its resolver's words.
+NOT_SERVERS = [
+    "",
+    "nohost",
+    "host:",
+    "host:0",
+    "host:65536",
+    "host:-1",
+    "host:x",
+    "host: 1",
+    ":1",
+    "[::1",
+    "[::1]",
+    "[zz]:1",
+    "\x1b[31mhost:1",
+    "a" * 300 + ":1",
+    "a" * 64 + ".b:1",
+    "h..x:1",
+    "-h:1",
+    "é:1",
+    "unix:/tmp/s",
+    "http://h:1",
+    "h:1\n",
+    "h/../x:1",
+]
+
+
+@pytest.mark.parametrize("prefix", [AUDIT, GATE, ["reports"], ["jobs"]], ids=lambda prefix: prefix[0])
+@pytest.mark.parametrize("value", NOT_SERVERS, ids=repr)
+def test_a_server_address_that_is_not_host_port_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], prefix: list[str], value: str
+) -> None:
+    line = usage_refused(capsys, lambda: build_parser().parse_args([*prefix, f"--server={value}"]), "HOST:PORT")
+    assert "\x1b" not in line and len(line) < 400
+
+
+@pytest.mark.parametrize("value", ["localhost:50051", "127.0.0.1:1", "[::1]:65535", "auditor.internal:50051", "a_b:9"])
+def test_server_addresses_of_every_form_are_taken(value: str) -> None:
+    assert server_address(value) == value

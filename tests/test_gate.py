@@ -8,6 +8,7 @@ Thresholds are set from the reports' JSON, just above or below the measured chan
 from __future__ import annotations
 
 import json
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from refusals import cli_refused, usage_refused
 
 from auditor.cli import main
-from auditor.reporting.gate import COMPARED_SETTINGS, Check
+from auditor.reporting.gate import COMPARED_SETTINGS, Check, threshold_problem
 
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATE = REPO / "examples" / "lenet300_11_4.onnx"
@@ -193,15 +194,34 @@ def test_batch_size_may_differ_from_the_baseline(candidate: Path, capsys) -> Non
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
-        (["--max-aiq-drop", "-0.01"], ["--max-aiq-drop", "must be >= 0", "-0.01"]),
-        (["--max-cna-margin-rise", "-1"], ["--max-cna-margin-rise", "must be >= 0"]),
-        (["--max-accuracy-drop", "nan"], ["--max-accuracy-drop must be a finite number, got nan"]),
-        (["--max-efficiency-drop", "inf"], ["--max-efficiency-drop must be a finite number, got inf"]),
-        (["--min-aiq", "nan"], ["--min-aiq must be a finite number, got nan"]),
+        (["--max-aiq-drop=-0.01"], ["argument --max-aiq-drop", "must be in [0, inf]", "-0.01"]),
+        (["--max-cna-margin-rise=-1"], ["argument --max-cna-margin-rise", "must be in [0, inf]"]),
+        (["--max-accuracy-drop", "nan"], ["argument --max-accuracy-drop: must be a finite number, got 'nan'"]),
+        (["--max-efficiency-drop", "inf"], ["argument --max-efficiency-drop: must be a finite number, got 'inf'"]),
+        (["--min-aiq", "nan"], ["argument --min-aiq: must be a finite number, got 'nan'"]),
+        (["--min-aiq=-1"], ["argument --min-aiq: must be in [0, 1], got -1"]),
+        (["--min-accuracy", "95"], ["argument --min-accuracy: must be in [0, 1], got 95"]),
+        (["--min-efficiency", "١"], ["argument --min-efficiency: must be a number"]),
+        (["--min-cna", "1e400"], ["argument --min-cna: must be a finite number"]),
     ],
 )
 def test_bad_thresholds(candidate: Path, capsys, args: list[str], fragments: list[str]) -> None:
-    cli_refused(capsys, main(gate("--baseline", str(candidate), *args)), *fragments)
+    """A threshold that could never be met, or always is, is bad input (exit 2), never a failed gate (1)."""
+    usage_refused(capsys, lambda: main(gate("--baseline", str(candidate), *args)), *fragments)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("max_aiq_drop", -0.01, "must be >= 0"),
+        ("min_accuracy", 95.0, "a figure in [0, 1] (not a percentage), got 95"),
+        ("min_cna", -3.0, None),
+        ("min_aiq", math.nan, "must be a finite number"),
+    ],
+)
+def test_threshold_problem_names_what_a_library_caller_got_wrong(key: str, value: float, fragment: str | None) -> None:
+    problem = threshold_problem(key, value)
+    assert problem == fragment if fragment is None else fragment in problem
 
 
 def test_relative_threshold_needs_a_baseline(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,15 +9,26 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from models import dense_model, mnist_layers, save
+from refusals import refused
 
 from auditor import AuditConfig, Report, audit
 from auditor.datasets.splits import open_splits
-from auditor.report import CnaMargin, LayerInfo, LayerStats, ModelInfo, SplitReport, format_table, render_table
+from auditor.report import (
+    CnaMargin,
+    LayerInfo,
+    LayerStats,
+    ModelInfo,
+    ReportError,
+    SplitReport,
+    format_table,
+    render_table,
+)
 
 CPU = AuditConfig(device="cpu")
 V1_KEYS = ["schema", "model", "providers", "splits", "cna_margin", "config", "warnings"]
@@ -120,6 +131,48 @@ def test_a_report_of_the_first_v1_release_still_loads(audited: tuple[Path, Repor
     assert first_release(old.to_dict()) == first
     assert all(layer.block_output is None for layer in old.model.layers)
     assert all(layer.top_probabilities is None for split in old.splits.values() for layer in split.layers)
+
+
+def test_keys_a_later_v1_writer_adds_are_read_past_at_every_level(audited: tuple[Path, Report]) -> None:
+    """v1 changes only by adding keys: a key this reader does not know, in the model, a layer, a
+    split, a layer's figures or the CNA-Margin, is left out and the rest reads as before."""
+    data = audited[1].to_dict()
+    data["new"] = 1
+    data["model"]["new"] = 1
+    data["model"]["layers"][0]["new"] = 1
+    for split in data["splits"].values():
+        split["new"] = {"nested": [1]}
+        split["layers"][0]["new"] = "x"
+    if data["cna_margin"]:
+        data["cna_margin"]["new"] = 1
+    assert Report.load(json.dumps(data)) == audited[1]
+
+
+def _mangled(report: Report, change: Callable[[dict], None]) -> str:
+    data = report.to_dict()
+    change(data)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda d: d["splits"]["test"].update(samples=-5), "report.splits.test.samples is -5, not a count"),
+        (lambda d: d["splits"]["test"]["layers"][0].update(states_distinct=-1), "states_distinct is -1"),
+        (lambda d: d["model"].update(opset=-3), "report.model.opset is -3"),
+        (lambda d: d["splits"]["test"]["layers"][0].pop("neurons"), "splits.test.layers[] lacks 'neurons'"),
+        (lambda d: d.update(model=[1]), "report.model is list, not an object"),
+        (lambda d: d.update(splits="x"), "report.splits is str, not an object"),
+        (lambda d: d["splits"].update(test=5), "report.splits.test is int, not an object"),
+        (lambda d: d["splits"]["test"]["layers"].append(None), "layers[] is NoneType, not an object"),
+        (lambda d: d["splits"]["test"].update(accuracy=float("nan")), "accuracy is nan, not a finite number"),
+        (lambda d: d.update(schema="auditor.shrink/v1"), "what auditor shrink --json writes"),
+    ],
+)
+def test_a_report_that_breaks_v1_is_refused_in_one_line_naming_the_field(
+    audited: tuple[Path, Report], change: Callable[[dict], None], fragment: str
+) -> None:
+    refused(ReportError, lambda: Report.load(_mangled(audited[1], change)), fragment)
 
 
 def first_release(data: dict) -> dict:

@@ -22,7 +22,7 @@ from auditor.engine.run import Session
 from auditor.pruning.plan import exact_plan, measure, shrink
 from auditor.pruning.report import render_text
 from auditor.pruning.surgery import find_sites
-from tests.models import Net, conv_flatten_net, save
+from tests.models import Net, conv_flatten_net, mlp, save
 from tests.refusals import cli_refused
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,16 +181,20 @@ def test_the_command_writes_model_reports_and_external_data(tmp_path: Path, caps
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
-        (["--max-accuracy-drop", "nan"], "must be in 0..100, got nan"),
-        (["--max-accuracy-drop", "-1"], "got -1"),
+        (["--max-accuracy-drop", "nan"], "must be a finite number, got 'nan'"),
+        (["--max-accuracy-drop", "-1"], "must be in [0, 100], got -1"),
         (["--max-accuracy-drop", "1e9"], "got 1e+09"),
-        (["--max-accuracy-drop", "inf"], "got inf"),
-        (["--max-accuracy-drop", "x"], "invalid float value"),
-        (["--limit", "0"], "--limit must be at least 1"),
+        (["--max-accuracy-drop", "inf"], "must be a finite number"),
+        (["--max-accuracy-drop", "x"], "must be a number, got 'x'"),
+        (["--limit", "0"], "must be in 1.."),
+        (["--limit", "1e3"], "must be a whole number"),
         (["--holdout", "both"], "invalid choice"),
-        (["--batch-size", "0"], "batch size must be in"),
-        (["--align", "0"], "--align must be in 1..1024"),
-        (["--align", "99999999999999999999"], "--align must be in 1..1024"),
+        (["--batch-size", "0"], "must be in 1..2147483647"),
+        (["--align", "0"], "must be in 1..1024"),
+        (["--align", "99999999999999999999"], "must be in 1..1024"),
+        (["--scale", "١"], "must be a number"),
+        (["--beta", "1e400"], "must be a finite number"),
+        (["--std", "0"], "std must not be 0"),
     ],
 )
 def test_the_command_refuses_bad_values_in_one_line(
@@ -211,9 +215,56 @@ def test_the_command_refuses_bad_values_in_one_line(
 def test_the_command_never_overwrites_the_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     model = save(onnx.load(REPO / "examples" / "lenet5_3_9_4.onnx"), tmp_path / "m.onnx")
     code = main(["shrink", str(model), "--data", "mnist", "--out", str(model)])
-    cli_refused(capsys, code, "--out names the model itself")
+    cli_refused(capsys, code, "--out", "is the model too")
     code = main(["shrink", str(model), "--data", "mnist", "--out", str(tmp_path / "no" / "m.onnx")])
     cli_refused(capsys, code, "its folder does not exist")
+
+
+@pytest.mark.parametrize(
+    ("outputs", "fragment"),
+    [
+        (["--out", "{link}"], "--out {link} is the model too"),
+        (["--out", "{hard}"], "--out {hard} is the model too"),
+        (["--out", "{tmp}/o.onnx", "--json", "{model}"], "--json {model} is the model too"),
+        (["--out", "{tmp}/o.onnx", "--html", "{data}"], "is --data too"),
+        (["--out", "{tmp}/o.onnx", "--baseline-json", "{tmp}/o.onnx"], "is --out too"),
+        (["--out", "{tmp}/o.onnx", "--json", "{tmp}/s.json", "--html", "{tmp}/s.json"], "is --json too"),
+        (["--out", "{tmp}"], "is a folder"),
+        (["--out", ""], "is a folder"),
+        (["--out", "{tmp}/o.onnx", "--json", "{tmp}"], "--json {tmp} is a folder"),
+        (["--out", "{tmp}/o.onnx", "--html", "{tmp}/none/p.html"], "its folder does not exist"),
+        (["--out", "{tmp}/o\x1b[2J.onnx/x"], "\\x1b"),
+    ],
+)
+def test_no_output_overwrites_an_input_or_another_output_and_each_is_checked_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture, outputs: list[str], fragment: str
+) -> None:
+    """Every file the command writes is checked before the model is read: a symlink or a hard link
+    to the model, the data file, another output or a folder is refused, and nothing is written."""
+    model = save(onnx.load(REPO / "examples" / "lenet5_3_9_4.onnx"), tmp_path / "m.onnx")
+    data = npz(tmp_path / "d.npz", (1, 28, 28), 10)
+    (tmp_path / "link.onnx").symlink_to(model)
+    (tmp_path / "hard.onnx").hardlink_to(model)
+    names = {
+        "tmp": tmp_path,
+        "model": model,
+        "data": data,
+        "link": tmp_path / "link.onnx",
+        "hard": tmp_path / "hard.onnx",
+    }
+    before = sorted(tmp_path.iterdir())
+    argv = [item.format(**names) for item in ["shrink", "{model}", "--data", "{data}", *outputs]]
+    cli_refused(capsys, main(argv), fragment.format(**names))
+    assert sorted(tmp_path.iterdir()) == before and load_model(model).proto.graph.node
+
+
+def test_a_model_with_no_layer_to_cut_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = save(mlp([4, 3]), tmp_path / "m.onnx")  # one Gemm: logits, no hidden activation
+    data = npz(tmp_path / "d.npz", (4,), 3)
+    cli_refused(
+        capsys, main(["shrink", str(model), "--data", str(data), "--out", str(tmp_path / "o.onnx")]), "no layers"
+    )
+    assert not (tmp_path / "o.onnx").exists()
 
 
 @pytest.mark.slow

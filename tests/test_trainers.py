@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -127,7 +128,8 @@ def test_l2_applies_to_kernels_only():
     [
         ("lenet-7", (2, 2), "none", "unknown architecture"),
         ("lenet-5", (2, 2), "none", "takes 3 widths"),
-        ("lenet-300-100", (2, 0), "none", "positive"),
+        ("lenet-300-100", (2, 0), "none", "whole numbers in 1..16384"),
+        ("mlp-5x500", (4, 4, 4, 4, 99999999999), "none", "whole numbers in 1..16384"),
         ("lenet-300-100", (2, 2), "maxout", "unknown variant"),
     ],
 )
@@ -667,13 +669,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, m
 
 
 TRAIN = ["train", "--arch", "lenet-5", "--widths", "2,2,2", "--out", "m.onnx"]
+GRID = ["grid", "--arch", "mlp-5x500", "--recipe", "cna", "--limit", "64", "--max-epochs", "1", "--out", "g"]
 
 
 @pytest.mark.parametrize(
     ("argv", "flag"),
     [
         *[([*TRAIN, "--dropout-p", v], "--dropout-p") for v in ("1", "-0.1", "nan", "inf", "x", "")],
-        *[([*TRAIN, "--lr", v], "--lr") for v in ("0", "-1", "nan", "1e999", "fast")],
+        *[([*TRAIN, "--lr", v], "--lr") for v in ("0", "-1", "nan", "1e999", "fast", "1e300", "1000001")],
         *[([*TRAIN, "--seed", v], "--seed") for v in ("-1", str(2**32), "1.5", "1e3", "")],
         *[
             ([*TRAIN, flag, v], flag)
@@ -682,6 +685,18 @@ TRAIN = ["train", "--arch", "lenet-5", "--widths", "2,2,2", "--out", "m.onnx"]
         ],
         *[(["report", ".", "--out", "r", "--beta", v], "--beta") for v in ("0", "-2", "nan", "inf")],
         *[(["report", ".", "--out", "r", "--top-k", v], "--top-k") for v in ("0", str(2**31))],
+        *[
+            (["report", ".", "--out", "r", "--bootstrap", v], "--bootstrap")
+            for v in ("-1", "nan", "100001", str(2**31))
+        ],
+        *[([*GRID, flag, v], flag) for flag in ("--jobs", "--threads", "--members") for v in ("0", "1025", "100000")],
+        *[
+            ([*GRID, "--widths", v], "--widths")
+            for v in ("0", "-4", "16385", "99999999999", "4,,8", "4,", ",4", "١", "4,nan", " , ")
+        ],
+        *[([*GRID, "--layer-widths", v], "--layer-widths") for v in ("4;99999999999", "4;,", "4;")],
+        *[([*GRID, "--randomize-labels", v], "--randomize-labels") for v in ("0.1,,0.2", "0.1,", "١", "nan", "-0.1")],
+        *[([*GRID, "--variant", v], "--variant") for v in ("none,,dropout", ",")],
     ],
 )
 def test_cli_numeric_flags_are_range_checked_in_one_line(argv, flag, capsys, tmp_path, monkeypatch):
@@ -692,6 +707,75 @@ def test_cli_numeric_flags_are_range_checked_in_one_line(argv, flag, capsys, tmp
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and err.count("\n") == 1 and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+def _npz(path, x, y):
+    np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+    return path
+
+
+MLP = ["train", "--arch", "mlp-5x500", "--recipe", "cna", "--limit", "16", "--max-epochs", "1", "--widths", "2,2,2,2,2"]
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "message"),
+    [
+        (np.full((8, 784), np.nan, np.float32), np.zeros(8, np.int64), "the images hold 6272 NaN/inf values"),
+        (
+            np.zeros((8, 784), np.float32),
+            np.full(8, 99),
+            "labels must be whole numbers in 0..9",
+        ),
+        (np.zeros((8, 784), np.float32), np.full(8, -3), "got -3..-3"),
+        (np.zeros((8, 784), np.float32), np.full(8, 1.5), "labels must be integers"),
+        (np.array([["a"] * 784] * 8), np.zeros(8, np.int64), "must be a numeric array"),
+    ],
+)
+def test_training_data_that_would_break_training_is_refused_in_one_line(tmp_path, capsys, x, y, message):
+    data = _npz(tmp_path / "d.npz", x, y)
+    code = main([*MLP, "--data", str(data), "--out", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["d.npz"]
+
+
+@pytest.mark.parametrize(("out", "message"), [("", "is a folder"), (".", "is a folder"), ("d.npz", "is --data too")])
+def test_train_checks_its_output_before_training(tmp_path, capsys, monkeypatch, out, message):
+    monkeypatch.chdir(tmp_path)
+    data = _npz(tmp_path / "d.npz", np.zeros((8, 784), np.float32), np.zeros(8, np.int64))
+    before = data.read_bytes()
+    code = main([*MLP, "--data", "d.npz", "--out", out])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err and "epoch" not in err, err
+    assert data.read_bytes() == before
+
+
+def test_weights_that_diverged_are_named_not_blamed_on_the_export():
+    """A learning rate too large leaves NaN or infinite weights: the refusal says so, rather than
+    that onnxruntime disagrees with PyTorch (NaN never equals NaN)."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("inf")
+    with pytest.raises(AuditError, match=r"^training diverged: the network's weights are NaN or infinite; lower --lr$"):
+        to_onnx(model, torch.zeros(3, 4), {})
+
+
+def test_an_unexpected_failure_is_one_line_exit_2_never_a_traceback(capsys, tmp_path, monkeypatch):
+    """torch failing to allocate, or any bug, reads as one ``internal error`` line with exit 2 (exit 1
+    would not be a refusal), and a library's warning adds no line of its own."""
+    import trainers.grid
+
+    def failing(*args, **kwargs):
+        warnings.warn("a library's warning", UserWarning, stacklevel=1)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory\nmore")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AUDITOR_DEBUG", raising=False)
+    monkeypatch.setattr(trainers.grid, "run_grid", failing)
+    code = main([*GRID[:-1], str(tmp_path / "g"), "--widths", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and "Warning" not in err
+    assert err.startswith("auditor-train: internal error: RuntimeError: ") and "can't allocate memory" in err
 
 
 def test_cli_report_names_the_network_it_cannot_audit(grid, tmp_path, capsys):

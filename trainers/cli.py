@@ -14,49 +14,65 @@ matplotlib, the auditor's engine) are imported by the subcommand that needs them
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from auditor.config import STATE_POINTS
-from auditor.errors import AuditError
+from auditor.errors import AuditError, first_line
 from auditor.flags import integer, number
+from auditor.outputs import check_outputs
+from auditor.sinks import for_terminal
 from auditor.usage import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Parser
+from trainers.records import MAX_WIDTH
 
 if TYPE_CHECKING:
     from trainers.records import Architecture, Recipe, TrainingJob
 
 PROG = "auditor-train"
 TRAIN_EXTRA = ("torch", "matplotlib")  # the modules of the 'train' extra
-MAX_COUNT = 2**31 - 1  # counts (threads, jobs, epochs, samples): beyond this torch and numpy overflow
+MAX_COUNT = 2**31 - 1  # counts (epochs, samples): beyond this torch and numpy overflow
+MAX_BOOTSTRAP = 100_000  # --bootstrap: resamples, each a pass over every network; 100 times the default
+MAX_LR = 1e6  # beyond any rate that trains, and within float32, which torch's optimizers use
+MAX_PARALLEL = 1024  # --jobs, --threads, --members: each is a process, a thread or a network held at once
+
+
+def _items(text: str, what: str) -> list[str]:
+    """The comma-separated items of ``text``, stripped; an empty item (``2,,4``, ``2,``) is refused,
+    since it is a typo more often than not and would otherwise drop a value silently."""
+    items = [part.strip() for part in text.split(",")]
+    if not any(items):
+        raise argparse.ArgumentTypeError(f"expected at least one {what}")
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated values with none empty, got {text!r}")
+    return items
 
 
 def _int_list(text: str) -> list[int]:
-    """``"2,4,8"`` -> ``[2, 4, 8]``."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
+    """``"2,4,8"`` -> ``[2, 4, 8]``, each a width in 1..``MAX_WIDTH``."""
+    width = integer(1, MAX_WIDTH)
+    values = []
+    for item in _items(text, "integer"):
+        try:
+            values.append(width(item))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers in 1..{MAX_WIDTH}, got {text!r}"
+            ) from None
     return values
 
 
 def _fractions(text: str) -> list[float]:
     """``"0,0.25,1"`` -> ``[0.0, 0.25, 1.0]``, each in [0, 1]."""
-    values = [_fraction(part) for part in text.split(",") if part.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number in [0, 1]")
-    return values
+    return [_fraction(part) for part in _items(text, "number in [0, 1]")]
 
 
 def _words(text: str) -> list[str]:
     """``"none,dropout"`` -> ``["none", "dropout"]`` (checked where they are used)."""
-    values = [part.strip() for part in text.split(",") if part.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one name")
-    return values
+    return _items(text, "name")
 
 
 def _layer_lists(text: str) -> list[list[int]]:
@@ -66,12 +82,9 @@ def _layer_lists(text: str) -> list[list[int]]:
 
 def _fraction(text: str) -> float:
     try:
-        value = float(text)
-    except ValueError:
+        return number(0, 1)(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
 
 
 def _positive(text: str) -> int:
@@ -132,7 +145,12 @@ def _add_network_args(parser: argparse.ArgumentParser, *, lists: bool) -> None:
         "--checkpoint-every", type=_positive, metavar="N", help="also export the network after every N-th epoch"
     )
     parser.add_argument("--limit", type=_positive, help="use only the first N samples of each split")
-    parser.add_argument("--threads", type=_positive, default=1, help="torch threads per training process (default 1)")
+    parser.add_argument(
+        "--threads",
+        type=integer(1, MAX_PARALLEL),
+        default=1,
+        help="torch threads per training process (default 1)",
+    )
     recipe = parser.add_argument_group("recipe (defaults are the --recipe preset's)")
     recipe.add_argument(
         "--recipe",
@@ -141,7 +159,7 @@ def _add_network_args(parser: argparse.ArgumentParser, *, lists: bool) -> None:
         help="lenet: the aIQ paper's (SGD Nesterov lr 0.001, L2, early stopping); cna: the CNA paper's MLP "
         "recipe (SGD lr 0.05 momentum 0.8, batch 128, 100 epochs, label-noise runs 200). Default lenet",
     )
-    recipe.add_argument("--lr", type=number(0, above=True))
+    recipe.add_argument("--lr", type=number(0, MAX_LR, above=True))
     recipe.add_argument("--batch-size", type=_positive)
     recipe.add_argument("--patience", type=_positive, help="early-stopping patience (cna: none)")
     recipe.add_argument("--max-epochs", type=_positive, help="cap on epochs (lenet: none; cna: 100)")
@@ -169,10 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     widths.add_argument("--widths", type=_int_list, help="values every layer takes, e.g. 2,4,8,16 (mlp-5x500: 500)")
     widths.add_argument("--layer-widths", type=_layer_lists, help='per-layer values, e.g. "2,4;8,16"')
     grid.add_argument("--replicates", type=_positive, default=1, help="seeds 0..R-1 (default 1)")
-    grid.add_argument("--jobs", type=_positive, default=1, help="parallel training processes")
+    grid.add_argument("--jobs", type=integer(1, MAX_PARALLEL), default=1, help="parallel training processes")
     grid.add_argument(
         "--members",
-        type=_positive,
+        type=integer(1, MAX_PARALLEL),
         default=8,
         help="networks trained at once as one batched model (mlp-5x500, lenet-300-100 variant none; default 8; "
         "1: one network per process)",
@@ -208,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--bootstrap",
-        type=_positive,
+        type=integer(1, MAX_BOOTSTRAP),
         default=1000,
         metavar="B",
         help="resamples of networks for the CNA study's 95%% intervals (default 1000)",
@@ -270,6 +288,8 @@ def _train(args: argparse.Namespace) -> int:
     from trainers.files import save_atomic
     from trainers.job import run_job
 
+    data_file = args.data if Path(args.data).is_file() else None
+    check_outputs({"--data": data_file}, {"--out": args.out}, make_folders=True)
     job = _job(args, args.widths or _default_widths(args.arch), args.seed, args.variant, args.randomize_labels)
 
     def on_epoch(epoch: int, accuracy: float) -> None:
@@ -349,22 +369,42 @@ def _report(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``auditor-train`` console script; returns the exit code."""
     handlers = {"train": _train, "grid": _grid, "report": _report}
+    args = build_parser().parse_args(argv)
     try:
-        args = build_parser().parse_args(argv)
-        return handlers[args.command](args)
+        with warnings.catch_warnings():
+            if not os.environ.get("AUDITOR_DEBUG"):
+                warnings.simplefilter("ignore")  # a library's warning is lines around the one line a refusal promises
+            return handlers[args.command](args)
     except ModuleNotFoundError as error:
         if error.name not in TRAIN_EXTRA:
-            raise
+            return _internal_error(error)
         hint = "install the trainer: pip install 'onnx-auditor[train]'"
         print(f"{PROG}: error: {error.name} is missing; {hint}", file=sys.stderr)
     except AuditError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {for_terminal(str(error))}", file=sys.stderr)
     except OSError as error:
         where = f": {error.filename}" if error.filename else ""
-        print(f"{PROG}: error: {error.strerror or error}{where}", file=sys.stderr)
+        print(f"{PROG}: error: {for_terminal(f'{error.strerror or error}{where}')}", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except MemoryError:
+        print(f"{PROG}: error: out of memory; train smaller networks (--widths) or fewer at once", file=sys.stderr)
+    except Exception as error:  # a bug, or torch failing (an allocation): one line, never exit 1
+        return _internal_error(error)
+    return EXIT_BAD_INPUT
+
+
+def _internal_error(error: BaseException) -> int:
+    """What the CLI prints for an exception it did not expect: one line, exit 2; the traceback
+    with ``AUDITOR_DEBUG=1``."""
+    if os.environ.get("AUDITOR_DEBUG"):
+        raise error
+    print(
+        f"{PROG}: internal error: {type(error).__name__}: {for_terminal(first_line(error))}; please report it "
+        "(set AUDITOR_DEBUG=1 for the traceback)",
+        file=sys.stderr,
+    )
     return EXIT_BAD_INPUT
 
 

@@ -31,9 +31,12 @@ def to_onnx(model: nn.Module, sample: torch.Tensor, metadata: dict[str, str]) ->
     """The verified ONNX bytes of ``model`` in inference form, carrying ``metadata`` as metadata_props.
 
     ``sample`` is a batch of real inputs used to trace and to check the export; ``model`` is not
-    modified (a CPU copy is exported). Raises ``AuditError`` if onnxruntime disagrees with PyTorch.
+    modified (a CPU copy is exported). Raises ``AuditError`` if training diverged (weights not
+    finite) or onnxruntime disagrees with PyTorch.
     """
     reference = copy.deepcopy(model).cpu().eval()
+    if not all(torch.isfinite(tensor).all() for tensor in reference.state_dict().values()):
+        raise AuditError("training diverged: the network's weights are NaN or infinite; lower --lr")
     sample = sample.cpu()
     buffer = io.BytesIO()
     with warnings.catch_warnings():

@@ -18,6 +18,7 @@ from typing import Any
 from auditor.errors import AuditError, require
 
 ARCHS = {"lenet-300-100": 2, "lenet-5": 3, "mlp-5x500": 5}  # architecture -> number of hidden widths
+MAX_WIDTH = 16384  # a hidden layer's neurons or channels: 32 times the widest network the papers train
 # Widths an architecture takes when none are given: the CNA paper's MLP is 5 hidden layers of 500.
 DEFAULT_WIDTHS = {"mlp-5x500": (500,) * 5}
 # What the label noise of a job does to the chosen fraction of training labels (SPEC §7, [C]):
@@ -51,7 +52,10 @@ class Architecture:
                     len(self.widths) == expected,
                     f"{self.arch} takes {expected} widths, got {len(self.widths)} ({self.widths_text})",
                 ),
-                (all(w >= 1 for w in self.widths), f"widths must be positive integers, got {self.widths_text}"),
+                (
+                    all(1 <= w <= MAX_WIDTH for w in self.widths),
+                    f"widths must be whole numbers in 1..{MAX_WIDTH}, got {self.widths_text}",
+                ),
                 (self.variant in VARIANTS, f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}"),
                 (0 <= self.dropout_p < 1, f"dropout p must be in [0, 1), got {self.dropout_p}"),
             ]

@@ -14,6 +14,7 @@ import torch
 
 from auditor.errors import AuditError
 from trainers.noise_data import dataset_arrays, is_noise
+from trainers.records import CLASSES
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,22 @@ def load_split(dataset: str, split: str, limit: int | None = None, *, any_shape:
             f"{dataset} {split}: the LeNets train on labelled 28x28 images, got samples shaped "
             f"{images.shape[1:]}{' without labels' if labels is None else ''}"
         )
+    _check_values(dataset, split, images, labels)
     scaled = np.asarray(images, dtype=np.float32) / (1.0 if is_noise(dataset) else 255.0)
     x = torch.from_numpy(scaled)
     x = x.reshape(-1, 1, 28, 28) if mnist_shaped else x
     return Split(x=x, y=torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+
+
+def _check_values(dataset: str, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Refuse, in one line, what training would turn into NaN weights or a torch error: images
+    that are not all finite, labels outside 0..CLASSES-1 (the loader has checked both are numbers)."""
+    bad = int(np.size(images) - np.count_nonzero(np.isfinite(images)))
+    if bad:
+        raise AuditError(f"{dataset} {split}: the images hold {bad} NaN/inf values; clean them before training")
+    labels = np.asarray(labels)  # whole numbers: the dataset loader refuses other labels
+    if labels.size and (labels.min() < 0 or labels.max() >= CLASSES):
+        raise AuditError(
+            f"{dataset} {split}: labels must be whole numbers in 0..{CLASSES - 1} (the networks have {CLASSES} "
+            f"outputs), got {labels.min()}..{labels.max()}"
+        )

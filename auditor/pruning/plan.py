@@ -48,20 +48,14 @@ from auditor.engine.find import ModelInput, describe
 from auditor.engine.modelfile import LoadedModel, external_tensors, load_model
 from auditor.engine.run import Session, ordered_map
 from auditor.errors import AuditError, DataError, ModelError, first_line
+from auditor.pruning import CRITERIA, MAX_ALIGN, MAX_DROP_PP
 from auditor.pruning.report import LayerShrink, ModelFigures, ShrinkReport, model_cost
 from auditor.pruning.surgery import Constants, Cut, Site, affine_rows, cut, find_sites
 from auditor.report import Report
 
-CRITERIA = {
-    "mean-replacement": "mean-replacement error: Var(output) × ‖outgoing weights‖²",
-    "layer-share": "mean-replacement error as a share of its layer's total",
-    "weight-norm": "‖outgoing weights‖² (data-free magnitude baseline)",
-}
 DEAD_ACTIVATIONS = frozenset({"Relu"})  # plus Clip with a lower bound of exactly 0 (ReLU6)
 HOMOGENEOUS = frozenset({"Relu", "LeakyRelu"})  # f(a·z) = a·f(z) for a > 0
 DUPLICATE_TOLERANCE = 1e-6  # relative: rows equal up to float32 rounding of a scaled copy
-MAX_DROP_PP = 100.0
-MAX_ALIGN = 1024
 
 
 @dataclass(frozen=True)

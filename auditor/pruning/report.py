@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from auditor.report import Report, format_table
+from auditor.report import SHRINK_SCHEMA, Report, format_table
 
-SCHEMA = "auditor.shrink/v1"
+SCHEMA = SHRINK_SCHEMA
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,9 @@ BASELINE_METRICS = {
     "max_cna_margin_rise": ("cna_margin_max", "rise"),
 }
 
+# Figures that lie in [0, 1]: a threshold outside it (95 meaning 95 %) could only pass always or fail always.
+UNIT_METRICS = frozenset({"aiq", "network_efficiency", "accuracy"})
+
 MARGIN_SPLIT = "train+test"  # CNA-Margin belongs to the pair of splits, not to one
 # A change is a difference of two floats: 0.80 − 0.78 is 0.020000000000000018, which must still
 # meet an allowed drop of 0.02. Far below any figure's printed precision.
@@ -139,10 +142,13 @@ def _checks(
 
 def threshold_problem(key: str, value: float) -> str | None:
     """Why the threshold ``key`` (a ``GATE_METRICS`` or ``BASELINE_METRICS`` key) cannot be ``value``,
-    or None: never NaN or infinite, and a largest allowed change is never negative."""
+    or None: never NaN or infinite, a figure in [0, 1] is held to a threshold in [0, 1], and a
+    largest allowed change is never negative."""
     option = "--" + key.replace("_", "-")
     if not math.isfinite(value):
         return f"{option} must be a finite number, got {value}"
+    if key in GATE_METRICS and GATE_METRICS[key][0] in UNIT_METRICS and not 0 <= value <= 1:
+        return f"{option} is a figure in [0, 1] (not a percentage), got {value:g}"
     if key in BASELINE_METRICS and value < 0:
         return f"{option} is the largest change allowed and must be >= 0, got {value:g}"
     return None

@@ -38,6 +38,7 @@ from auditor.report import Report
 from auditor.service import wire
 from auditor.service.options import Connection, add_connection_arguments, connection_from_args
 from auditor.service.transport import CHANNEL_OPTIONS, bearer_metadata, error_from_status, retryable
+from auditor.sinks import for_terminal
 from auditor.usage import Parser
 
 T = TypeVar("T")
@@ -45,12 +46,6 @@ UPLOAD_CHUNK = 1 << 20  # well under gRPC's 4 MB default message size
 RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 15.0
 RETRY_WINDOW_S = 60.0  # without --timeout: how long a run of failures is retried
-
-
-
-
-
-
 
 
 # ---- audits ---------------------------------------------------------------------------------
@@ -358,11 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         conn = connection_from_args(args)
-        if conn is None:
-            parser.error("health needs --server HOST:PORT")
+        if conn is not None and conn.tls_ca is not None:
+            _root_certificate(conn.tls_ca)
+    except AuditError as exc:  # bad input (a token or certificate file that cannot be read), not an unhealthy server
+        parser.error(str(exc))
+    if conn is None:
+        parser.error("health needs --server HOST:PORT")
+    try:
         serving = check_health(conn)
     except AuditError as exc:
-        print(f"unhealthy: {exc}", file=sys.stderr)
+        print(f"unhealthy: {for_terminal(str(exc))}", file=sys.stderr)
         return 1
     print("SERVING" if serving else "NOT_SERVING")
     return 0 if serving else 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from auditor.config import DEFAULT_MEMORY_BUDGET, DEVICES, MAX_MEMORY_BUDGET, MIN_MEMORY_BUDGET
 from auditor.errors import AuditError, require
-from auditor.flags import PORT_MAX, integer, number, port, size
+from auditor.flags import PORT_MAX, integer, number, port, server_address, size
 from auditor.raycluster import ADDRESS_FORMS, MAX_SHARDS
 from auditor.usage import format_size
 
@@ -183,7 +183,7 @@ class Connection:
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """``--server`` and its companions; without ``--server`` the command runs locally."""
     group = parser.add_argument_group("server (without --server, everything runs locally)")
-    group.add_argument("--server", metavar="HOST:PORT", help="audit on this auditor server")
+    group.add_argument("--server", type=server_address, metavar="HOST:PORT", help="audit on this auditor server")
     group.add_argument("--token-file", type=Path, metavar="PATH", help="file holding the server's bearer token")
     group.add_argument("--tls-ca", type=Path, metavar="PEM", help="root certificate: talk TLS to the server")
     group.add_argument(
