@@ -1,7 +1,8 @@
 """onnx-auditor: exact neural efficiency, aIQ, CNA and CNA-Margin for any ONNX model.
 
 The public surface is small: ``prepare`` and ``audit`` run an audit, ``find_layers`` shows what
-the auditor measures, ``Report`` is what comes back, ``AuditError`` is every refusal.
+the auditor measures, ``Report`` is what comes back, ``shrink`` turns an audit's advice into a
+smaller model, ``AuditError`` is every refusal.
 
 The package is laid out by role (docs/ARCHITECTURE.md): ``engine`` (find, expose, run, count,
 metrics), ``datasets``, ``service`` (the gRPC server and its client), ``reporting`` (page,
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from auditor.engine.find import find_layers
     from auditor.engine.prepare import Prepared, prepare
     from auditor.errors import AuditError
+    from auditor.pruning.plan import shrink
     from auditor.report import Report
 
 _PUBLIC = {
@@ -31,8 +33,9 @@ _PUBLIC = {
     "audit": "auditor.engine.audit",
     "find_layers": "auditor.engine.find",
     "prepare": "auditor.engine.prepare",
+    "shrink": "auditor.pruning.plan",
 }
-__all__ = ["AuditConfig", "AuditError", "Prepared", "Report", "audit", "find_layers", "prepare"]
+__all__ = ["AuditConfig", "AuditError", "Prepared", "Report", "audit", "find_layers", "prepare", "shrink"]
 __version__ = "0.1.0"
 
 

@@ -1,4 +1,5 @@
-"""The package's layout holds: no import cycles, and the client side imports nothing of the server.
+"""The package's layout holds: no import cycles, the client side imports nothing of the server,
+and ``import auditor`` loads nothing until a public name is used.
 
 Read from the source with ``ast``: module-level imports only (an import inside a function is a
 deliberate lazy edge, and ``if TYPE_CHECKING:`` blocks never run).
@@ -7,6 +8,9 @@ deliberate lazy edge, and ``if TYPE_CHECKING:`` blocks never run).
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +70,18 @@ def test_the_client_side_imports_no_server_side_module(graph: dict[str, set[str]
             todo.append(imported)
     assert not {name for name in reached if name.startswith(SERVER_SIDE)}
     assert not {name for name in reached if name.startswith("auditor.engine")}
+
+
+def test_the_public_names_are_the_functions_and_import_auditor_loads_none_of_them() -> None:
+    probe = (
+        "import json, sys, types\n"
+        "import auditor\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('auditor.', 'onnx')))\n"
+        "kinds = {n: isinstance(getattr(auditor, n), types.ModuleType) for n in auditor.__all__}\n"
+        "print(json.dumps([loaded, kinds]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    loaded, kinds = json.loads(result.stdout.splitlines()[-1])
+    assert loaded == []
+    public = ["AuditConfig", "AuditError", "Prepared", "Report", "audit", "find_layers", "prepare", "shrink"]
+    assert kinds == dict.fromkeys(public, False)
