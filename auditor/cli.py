@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobs.add_argument("--cancel", action="store_true", help="cancel the job (queued or running)")
     jobs.add_argument("--json", type=str, metavar="PATH", help="write the job's report as JSON ('-' = stdout)")
-    jobs.add_argument("--html", type=Path, metavar="PATH", help="write the job's report as one HTML page")
+    jobs.add_argument("--html", metavar="PATH", help="write the job's report as one HTML page ('-' = stdout)")
     options.add_connection_arguments(jobs)
     jobs.set_defaults(handler=run_jobs)
     return parser
@@ -299,7 +299,9 @@ def _add_audit_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --ray: cut each split into N contiguous shards (default: 1)",
     )
     run.add_argument("--json", type=str, metavar="PATH", help="write the report as JSON ('-' = stdout)")
-    run.add_argument("--html", type=Path, metavar="PATH", help="write the report as one self-contained HTML page")
+    run.add_argument(
+        "--html", metavar="PATH", help="write the report as one self-contained HTML page ('-' = stdout)"
+    )
     run.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     options.add_connection_arguments(parser)
 
@@ -345,7 +347,9 @@ def _add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, metavar="PATH", help="where to write the shrunk .onnx")
     parser.add_argument("--json", type=str, metavar="PATH", help="write the shrink report as JSON ('-' = stdout)")
-    parser.add_argument("--html", type=Path, metavar="PATH", help="write the shrunk model's audit page with the shrink")
+    parser.add_argument(
+        "--html", metavar="PATH", help="write the shrunk model's audit page with the shrink ('-' = stdout)"
+    )
     parser.add_argument(
         "--baseline-json",
         type=Path,
@@ -469,6 +473,11 @@ def _inputs(args: argparse.Namespace) -> dict[str, str | Path | None]:
     return {"the model": args.model, "--data": args.data if Path(args.data).is_file() else None}
 
 
+def _to_stdout(args: argparse.Namespace) -> bool:
+    """Whether a report file goes to stdout (``--json -`` or ``--html -``), so the table must not."""
+    return "-" in (args.json, getattr(args, "html", None))
+
+
 def _write(text: str, destination: str) -> None:
     if destination == "-":
         print(text)
@@ -482,7 +491,7 @@ def run_audit(args: argparse.Namespace) -> int:
     check_outputs(_inputs(args), {"--json": args.json, "--html": args.html})
     report = produce_report(args)
     _write_report(report, args)
-    if args.json != "-":
+    if not _to_stdout(args):
         _show(render_table(report))
     return EXIT_OK
 
@@ -494,7 +503,7 @@ def _write_report(report: Report, args: argparse.Namespace) -> None:
     if args.html:
         from auditor.reporting.page import render_page
 
-        args.html.write_text(render_page(report))
+        _write(render_page(report).rstrip("\n"), args.html)
 
 
 def run_gate(args: argparse.Namespace) -> int:
@@ -535,7 +544,7 @@ def run_gate(args: argparse.Namespace) -> int:
     if os.environ.get("GITHUB_STEP_SUMMARY"):
         with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as step_summary:
             step_summary.write(summary + "\n")
-    out = sys.stdout if args.json != "-" else sys.stderr
+    out = sys.stderr if _to_stdout(args) else sys.stdout
     for check in checks:
         _show(check.describe(), out)
     failed = [c for c in checks if not c.passed]
@@ -604,10 +613,10 @@ def run_shrink(args: argparse.Namespace) -> int:
     if args.json:
         _write(report.to_json(), args.json)
     if args.html:
-        args.html.write_text(render_page(report.after_report, sections=[html_section(report)]))
+        _write(render_page(report.after_report, sections=[html_section(report)]).rstrip("\n"), args.html)
     if args.baseline_json:
         args.baseline_json.write_text(report.before_report.to_json() + "\n")
-    if args.json != "-":
+    if not _to_stdout(args):
         print(render_text(report))
     return EXIT_OK
 
@@ -735,7 +744,7 @@ def run_jobs(args: argparse.Namespace) -> int:
         _show("\n".join(format_table(JOB_COLUMNS, [_job_row(job)])))
         return EXIT_OK
     _write_report(report, args)
-    if args.json != "-":
+    if not _to_stdout(args):
         _show(render_table(report))
     return EXIT_OK
 

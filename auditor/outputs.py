@@ -19,8 +19,12 @@ def check_outputs(
     """Refuse, before any work, an output that would overwrite an input (the model, a report, the
     data) or another output, or that cannot be written: a folder, a folder that does not exist
     (unless the command makes it: ``make_folders``), one that is not writable. A path is the same
-    file however it is named (symlinks, hard links). ``-`` (stdout, stdin) and flags not given
-    (None) are skipped, an empty name is refused; keys are how a refusal names them."""
+    file however it is named (symlinks, hard links). ``-`` (stdout, stdin) may stand for one
+    output only; flags not given (None) are skipped, an empty name is refused; keys are how a
+    refusal names them."""
+    to_stdout = [flag for flag, path in outputs.items() if path is not None and str(path) == "-"]
+    if len(to_stdout) > 1:
+        raise AuditError(f"{' and '.join(to_stdout)} both name '-' (stdout); give one of them a file")
     taken = {_file_key(Path(path)): name for name, path in inputs.items() if path and str(path) != "-"}
     for flag, path in outputs.items():
         if path is None or str(path) == "-":

@@ -196,6 +196,18 @@ def test_audit_json_to_stdout_prints_only_json(model: Path, capsys: pytest.Captu
     assert err == ""
 
 
+@pytest.mark.parametrize("command", ["audit", "gate"])
+def test_html_to_stdout_prints_only_the_page_and_one_stdout_is_all(
+    model: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    thresholds = ["--min-accuracy", "0"] if command == "gate" else []
+    assert main([command, str(model), "--data", "mnist", "--limit", "50", "--html", "-", *thresholds]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("<!doctype html>") and out.rstrip().endswith("</html>")  # no table mixed in
+    code = main([command, str(model), "--data", "mnist", "--limit", "50", "--json", "-", "--html", "-", *thresholds])
+    cli_refused(capsys, code, "--json and --html both name '-' (stdout)")
+
+
 # --- auditor gate -----------------------------------------------------------------------------
 
 

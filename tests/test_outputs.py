@@ -22,10 +22,13 @@ def test_an_output_may_not_name_an_input_however_linked(tmp_path: Path, name: st
     assert model.read_bytes() == b"model"
 
 
-def test_two_outputs_may_not_name_one_file_and_stdout_is_not_a_file(tmp_path: Path) -> None:
+def test_two_outputs_may_not_name_one_file_or_both_stdout(tmp_path: Path) -> None:
     both = {"--json": str(tmp_path / "r.json"), "--html": tmp_path / "r.json"}
     refused(AuditError, lambda: check_outputs({}, both), "--html", "is --json too")
-    check_outputs({"the report": "-"}, {"--json": "-", "--html": "-", "--junit": None})
+    check_outputs({"the report": "-"}, {"--json": "-", "--html": None, "--junit": None})
+    check_outputs({}, {"--json": str(tmp_path / "r.json"), "--html": "-"})
+    stdout_twice = {"--json": "-", "--html": "-"}
+    refused(AuditError, lambda: check_outputs({}, stdout_twice), "--json and --html both name '-' (stdout)")
     refused(AuditError, lambda: check_outputs({}, {"--json": ""}), "--json '' names no file")
 
 
