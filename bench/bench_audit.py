@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,9 +220,19 @@ def rounds(name: str, args: argparse.Namespace, folder: Path) -> None:
 
 def measure(name: str, mode: str, args: argparse.Namespace, folder: Path) -> dict[str, float]:
     """One fresh process running ``mode``; its own report of time and memory."""
-    command = [sys.executable, __file__, "--child", mode, "--workload", name, "--folder", str(folder)]
-    if args.images:
-        command += ["--images", str(args.images)]
+    return child_report(__file__, name, mode, args.images, folder)
+
+
+def child_report(
+    script: str, name: str, mode: str, images: int | None, folder: Path, extra: Sequence[str] = ()
+) -> dict:
+    """Run ``script --child mode`` on workload ``name`` in a fresh process; the JSON report it prints last.
+
+    A bench runs each mode in its own process so that its peak memory is its own; ``extra`` are
+    further flags of that bench's child (``bench_gpu.py``'s device and GPU math)."""
+    command = [sys.executable, script, "--child", mode, "--workload", name, "--folder", str(folder), *extra]
+    if images:
+        command += ["--images", str(images)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"{mode} on {name} failed:\n{done.stderr}")

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_audit import SHARED, Workload, preprocessor, workload
+from bench_audit import SHARED, Workload, child_report, preprocessor, workload
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 WORKLOADS = ("lenet5-16", "squeezenet", "resnet50")
@@ -181,14 +181,8 @@ def summarize_rounds(results: list[dict]) -> str:
 
 def measure(name: str, mode: str, args: argparse.Namespace, folder: Path) -> dict:
     """One fresh process running ``mode``; its own report."""
-    command = [sys.executable, __file__, "--child", mode, "--workload", name, "--folder", str(folder)]
-    command += ["--device", args.device, "--gpu-math", args.gpu_math]
-    if args.images:
-        command += ["--images", str(args.images)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        sys.exit(f"{mode} on {name} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    device = ["--device", args.device, "--gpu-math", args.gpu_math]
+    return child_report(__file__, name, mode, args.images, folder, device)
 
 
 # --- Parity -----------------------------------------------------------------------------------
